@@ -1,0 +1,255 @@
+//! The command line: parses arguments and maps results to exit codes.
+
+use std::io::Read as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use jsonwebtoken::Algorithm;
+use serde_json::{Map, Value};
+
+use crate::{config, ops, verify};
+
+/// Exit code for "the tool itself failed" (bad input, unreachable service).
+const EXIT_TOOL_ERROR: u8 = 2;
+
+/// tokengate: per-message JWT verification for Kafka and RabbitMQ.
+#[derive(Debug, Parser)]
+#[command(name = "tokengate", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate a config file: exit 0, or print every problem and exit 1.
+    CheckConfig {
+        /// The TOML config file.
+        file: PathBuf,
+    },
+    /// Token tools for producers and operators.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+/// `tokengate token ...`
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a signed token.
+    Mint(MintArgs),
+    /// Decode a token WITHOUT verifying it; prints header, claims, fingerprint, time left.
+    Inspect {
+        /// The token, or `-` to read it from stdin.
+        token: String,
+    },
+    /// Decide a token as a route would: prints JSON; exit 0 accept, 1 reject, 2 tool error.
+    Verify {
+        /// The TOML config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// The route whose token spec and policy apply (default: any issuer, no policy).
+        #[arg(long)]
+        route: Option<String>,
+        /// The token, or `-` to read it from stdin.
+        token: String,
+    },
+}
+
+/// Arguments of `token mint`.
+#[derive(Debug, Args)]
+pub struct MintArgs {
+    /// Algorithm: HS256/384/512, RS256/384/512, PS256/384/512, ES256, ES384, EdDSA.
+    #[arg(long, default_value = "HS256")]
+    pub alg: String,
+    /// HMAC secret from this environment variable.
+    #[arg(long, value_name = "VAR")]
+    pub secret_env: Option<String>,
+    /// HMAC secret from this file.
+    #[arg(long, value_name = "FILE")]
+    pub secret_file: Option<PathBuf>,
+    /// The HMAC secret is base64.
+    #[arg(long)]
+    pub secret_base64: bool,
+    /// PEM private key (PKCS#8 for EC and Ed25519) for RS*, PS*, ES*, EdDSA.
+    #[arg(long, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+    /// Header kid.
+    #[arg(long)]
+    pub kid: Option<String>,
+    /// Header typ, e.g. at+jwt.
+    #[arg(long)]
+    pub typ: Option<String>,
+    /// iss claim.
+    #[arg(long)]
+    pub iss: Option<String>,
+    /// aud claim (repeat for several).
+    #[arg(long)]
+    pub aud: Vec<String>,
+    /// sub claim.
+    #[arg(long)]
+    pub sub: Option<String>,
+    /// A role for the roles array (repeat or comma-separate).
+    #[arg(long, value_delimiter = ',')]
+    pub role: Vec<String>,
+    /// A scope for the space-delimited scope claim (repeat or comma-separate).
+    #[arg(long, value_delimiter = ',')]
+    pub scope: Vec<String>,
+    /// Extra claim NAME=VALUE; VALUE is JSON if it parses, else a string.
+    #[arg(long = "claim", value_name = "NAME=VALUE")]
+    pub claims: Vec<String>,
+    /// Lifetime, e.g. 15m, 1h; exp = now + ttl.
+    #[arg(long, default_value = "1h")]
+    pub ttl: humantime::Duration,
+    /// Leave exp out entirely.
+    #[arg(long)]
+    pub no_exp: bool,
+    /// Leave jti out.
+    #[arg(long)]
+    pub no_jti: bool,
+    /// Pretend the time is this unix second (for making expired or future tokens).
+    #[arg(long)]
+    pub now: Option<i64>,
+}
+
+/// Runs the command line and returns the process exit code.
+pub fn run(cli: Cli) -> ExitCode {
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_TOOL_ERROR);
+        }
+    };
+    match rt.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_TOOL_ERROR)
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::CheckConfig { file } => match config::load(&file, &config::process_env()) {
+            Ok(s) => {
+                println!(
+                    "{}: OK ({} issuer(s), {} route(s))",
+                    file.display(),
+                    s.issuers.len(),
+                    s.routes.len()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprint!("{e}");
+                Ok(ExitCode::FAILURE)
+            }
+        },
+        Command::Token(TokenCommand::Mint(args)) => {
+            println!("{}", mint(args)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token(TokenCommand::Inspect { token }) => {
+            let token = read_token(&token)?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&ops::inspect(&token, verify::unix_now())?)?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token(TokenCommand::Verify {
+            config,
+            route,
+            token,
+        }) => {
+            let token = read_token(&token)?;
+            let (accepted, out) =
+                ops::verify_token(&config, route.as_deref(), &token, verify::unix_now()).await?;
+            println!("{out}");
+            Ok(if accepted {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}
+
+/// Reads a token argument; `-` means stdin. Size-capped so a stray file cannot eat memory.
+fn read_token(arg: &str) -> anyhow::Result<String> {
+    const MAX_STDIN: u64 = 1 << 20;
+    if arg != "-" {
+        return Ok(arg.trim().to_owned());
+    }
+    let mut s = String::new();
+    std::io::stdin()
+        .take(MAX_STDIN)
+        .read_to_string(&mut s)
+        .context("reading the token from stdin")?;
+    Ok(s.trim().to_owned())
+}
+
+fn mint(a: MintArgs) -> anyhow::Result<String> {
+    let alg: Algorithm = a
+        .alg
+        .parse()
+        .map_err(|_| anyhow::anyhow!("unknown algorithm {:?}", a.alg))?;
+    let secret = match (&a.secret_env, &a.secret_file) {
+        (Some(v), None) => Some(config::Secret::Env(v.clone())),
+        (None, Some(f)) => Some(config::Secret::File(f.clone())),
+        (None, None) => None,
+        _ => anyhow::bail!("give --secret-env or --secret-file, not both"),
+    };
+    let secret = secret
+        .map(|s| s.resolve(std::path::Path::new(".")))
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let secret = match (secret, a.secret_base64) {
+        (Some(s), true) => {
+            use base64::Engine as _;
+            Some(
+                base64::engine::general_purpose::STANDARD
+                    .decode(s.trim_ascii())
+                    .context("secret is not base64")?,
+            )
+        }
+        (s, _) => s,
+    };
+    let pem = a
+        .key_file
+        .as_ref()
+        .map(|f| std::fs::read(f).with_context(|| format!("reading {}", f.display())))
+        .transpose()?;
+    let key = ops::signing_key(alg, secret.as_deref(), pem.as_deref())?;
+    let mut extra = Map::new();
+    for c in &a.claims {
+        let (k, v) = c
+            .split_once('=')
+            .with_context(|| format!("--claim {c:?} is not NAME=VALUE"))?;
+        anyhow::ensure!(!k.is_empty(), "--claim {c:?} has an empty name");
+        extra.insert(
+            k.to_owned(),
+            serde_json::from_str(v).unwrap_or_else(|_| Value::from(v)),
+        );
+    }
+    let req = ops::Mint {
+        alg,
+        kid: a.kid,
+        typ: a.typ,
+        iss: a.iss,
+        aud: a.aud,
+        sub: a.sub,
+        roles: a.role,
+        scopes: a.scope,
+        extra,
+        ttl: (!a.no_exp).then(|| Duration::from(a.ttl)),
+        jti: !a.no_jti,
+    };
+    req.sign(&key, a.now.unwrap_or_else(verify::unix_now))
+}

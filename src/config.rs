@@ -1,0 +1,820 @@
+//! The TOML config: parsed, overridden from the environment, then validated into typed settings
+//! before any network I/O. Every problem is reported at once, each with the path of its field.
+//!
+//! Environment overrides: `TOKENGATE__A__B=value` sets `a.b` (segments lowercased; a number
+//! indexes an array); the value is read as TOML (`30`, `true`, `["x"]`) or else as a string.
+//! Secrets are never inline: they are `{ env = "NAME" }` or `{ file = "/path" }`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use jsonwebtoken::Algorithm;
+use serde::Deserialize;
+
+use crate::verify::{self, ClaimPath, IssuerChecks, IssuerKeys, Policy, Requirement, TokenSpec};
+
+/// Prefix of environment variables that override config fields.
+pub const ENV_PREFIX: &str = "TOKENGATE__";
+
+/// One problem in a config file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    /// Dotted path of the bad field, e.g. `issuers.acme.keys.0.secret`.
+    pub path: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+/// Everything wrong with a config file.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    /// The file.
+    pub file: PathBuf,
+    /// Each problem found.
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{}: {} problem(s)",
+            self.file.display(),
+            self.problems.len()
+        )?;
+        for p in &self.problems {
+            writeln!(
+                f,
+                "  {}: {}",
+                if p.path.is_empty() { "(file)" } else { &p.path },
+                p.message
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// A secret value, read from the environment or a file, never written in the config itself.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Secret {
+    /// The value of this environment variable.
+    Env(String),
+    /// The contents of this file (one trailing newline removed).
+    File(PathBuf),
+}
+
+impl Secret {
+    /// Reads the secret.
+    pub fn resolve(&self, base: &Path) -> Result<Vec<u8>, String> {
+        match self {
+            Secret::Env(name) => std::env::var_os(name)
+                .map(|v| v.into_encoded_bytes())
+                .ok_or_else(|| format!("environment variable {name} is not set")),
+            Secret::File(p) => {
+                let p = base.join(p);
+                let mut v =
+                    std::fs::read(&p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+                if v.last() == Some(&b'\n') {
+                    v.pop();
+                }
+                Ok(v)
+            }
+        }
+    }
+}
+
+/// A duration written as `"30s"`, `"5m"`, `"1h 30m"` or a number of seconds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Secs(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Secs(s) => Ok(Dur(Duration::from_secs(s))),
+            Raw::Text(t) => humantime::parse_duration(&t)
+                .map(Dur)
+                .map_err(|e| serde::de::Error::custom(format!("bad duration {t:?}: {e}"))),
+        }
+    }
+}
+
+/// The whole config file.
+#[derive(Debug, Deserialize)]
+pub struct Config {
+    /// Trusted token issuers by name.
+    #[serde(default)]
+    pub issuers: BTreeMap<String, IssuerConfig>,
+    /// Routes by name.
+    #[serde(default)]
+    pub routes: BTreeMap<String, RouteConfig>,
+    /// The verified-token cache.
+    #[serde(default)]
+    pub cache: CacheConfig,
+}
+
+/// A trusted issuer (`[issuers.NAME]`).
+#[derive(Debug, Deserialize)]
+pub struct IssuerConfig {
+    /// The exact `iss` claim of its tokens.
+    pub iss: String,
+    /// Accepted `aud` values (any one matches); empty: `aud` not checked.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// Allowed algorithms, e.g. `["RS256"]`. `none` is never allowed.
+    pub algorithms: Vec<String>,
+    /// Clock skew tolerated on `exp`, `nbf`, `iat`.
+    #[serde(default = "default_leeway")]
+    pub leeway: Dur,
+    /// Refuse tokens without `exp`.
+    #[serde(default = "yes")]
+    pub require_exp: bool,
+    /// Refuse tokens whose `iat` is older than this.
+    pub max_age: Option<Dur>,
+    /// Required header `typ`, e.g. `at+jwt` (RFC 9068).
+    pub typ: Option<String>,
+    /// Claims every token must carry (dotted paths allowed).
+    #[serde(default)]
+    pub required_claims: Vec<String>,
+    /// Fixed keys: HMAC secrets, PEM public keys, JWKS files.
+    #[serde(default)]
+    pub keys: Vec<KeyConfig>,
+    /// A JWKS URL, fetched at start and refreshed.
+    pub jwks_url: Option<String>,
+    /// An OpenID Connect issuer URL; its discovery document gives the `jwks_uri`.
+    pub discovery_url: Option<String>,
+    /// How often the JWKS URL is refetched.
+    #[serde(default = "default_jwks_refresh")]
+    pub jwks_refresh: Dur,
+    /// Least time between fetches triggered by unknown kids.
+    #[serde(default = "default_jwks_min_refetch")]
+    pub jwks_min_refetch: Dur,
+    /// HTTP timeout of one JWKS fetch.
+    #[serde(default = "default_jwks_timeout")]
+    pub jwks_timeout: Dur,
+}
+
+/// A fixed key of an issuer (`[[issuers.NAME.keys]]`): exactly one of `secret`, `pem_file`, `jwks_file`.
+#[derive(Debug, Deserialize)]
+pub struct KeyConfig {
+    /// The kid tokens use to name this key; without one, tokens without a kid try it.
+    pub kid: Option<String>,
+    /// The algorithms this key may verify (pinned). Required for `secret` and `pem_file`.
+    #[serde(default)]
+    pub algorithms: Vec<String>,
+    /// An HMAC secret.
+    pub secret: Option<Secret>,
+    /// How the secret is written: `raw` bytes or `base64`.
+    #[serde(default)]
+    pub secret_encoding: SecretEncoding,
+    /// A PEM public key file (RSA, EC P-256/P-384, Ed25519).
+    pub pem_file: Option<PathBuf>,
+    /// A JWKS file.
+    pub jwks_file: Option<PathBuf>,
+}
+
+/// How an HMAC secret is written.
+#[derive(Debug, Default, Clone, Copy, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum SecretEncoding {
+    /// The bytes as they are.
+    #[default]
+    Raw,
+    /// Standard or URL-safe base64.
+    Base64,
+}
+
+/// A route (`[routes.NAME]`): where messages come from, which tokens pass, where they go.
+#[derive(Debug, Deserialize)]
+pub struct RouteConfig {
+    /// Issuer names accepted on this route; empty: all.
+    #[serde(default)]
+    pub issuers: Vec<String>,
+    /// Where the token is.
+    #[serde(default)]
+    pub token: TokenConfig,
+    /// Role and scope requirements, all of which must hold.
+    #[serde(default)]
+    pub require: Vec<RequireConfig>,
+    /// Claims that must equal these values (`tenant = "acme"`, `"org.id" = 7`).
+    #[serde(default)]
+    pub claims: BTreeMap<String, toml::Value>,
+}
+
+/// Where a route's token is (`[routes.NAME.token]`).
+#[derive(Debug, Deserialize)]
+pub struct TokenConfig {
+    /// Header name (case-insensitive).
+    #[serde(default = "default_header")]
+    pub header: String,
+    /// Refuse tokens without the `Bearer ` scheme.
+    #[serde(default)]
+    pub require_bearer: bool,
+    /// Largest token header, in bytes.
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: usize,
+    /// Remove the token header from republished messages, so bearer tokens do not leak downstream.
+    #[serde(default = "yes")]
+    pub strip: bool,
+}
+
+impl Default for TokenConfig {
+    fn default() -> Self {
+        let d = TokenSpec::default();
+        TokenConfig {
+            header: d.header,
+            require_bearer: d.require_bearer,
+            max_bytes: d.max_bytes,
+            strip: true,
+        }
+    }
+}
+
+/// A role or scope requirement: exactly one of `any_of`, `all_of`.
+#[derive(Debug, Deserialize)]
+pub struct RequireConfig {
+    /// Claim path holding granted values (`scope`, `roles`, `realm_access.roles`).
+    pub claim: String,
+    /// Any one of these values is enough.
+    #[serde(default)]
+    pub any_of: Vec<String>,
+    /// Every one of these values is needed.
+    #[serde(default)]
+    pub all_of: Vec<String>,
+}
+
+/// The verified-token cache (`[cache]`).
+#[derive(Debug, Deserialize)]
+pub struct CacheConfig {
+    /// Most tokens kept.
+    #[serde(default = "default_cache_entries")]
+    pub max_entries: u64,
+    /// How long a token without `exp` stays cached.
+    #[serde(default = "default_ttl_without_exp")]
+    pub ttl_without_exp: Dur,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            max_entries: default_cache_entries(),
+            ttl_without_exp: default_ttl_without_exp(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_leeway() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+fn default_jwks_refresh() -> Dur {
+    Dur(Duration::from_secs(300))
+}
+fn default_jwks_min_refetch() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+fn default_jwks_timeout() -> Dur {
+    Dur(Duration::from_secs(5))
+}
+fn default_header() -> String {
+    TokenSpec::default().header
+}
+fn default_max_bytes() -> usize {
+    TokenSpec::default().max_bytes
+}
+fn default_cache_entries() -> u64 {
+    verify::CacheSettings::default().max_entries
+}
+fn default_ttl_without_exp() -> Dur {
+    Dur(verify::CacheSettings::default().ttl_without_exp)
+}
+
+/// A validated route's verification settings.
+#[derive(Debug, Clone)]
+pub struct RouteRules {
+    /// Route name.
+    pub name: String,
+    /// Where the token is.
+    pub token: TokenSpec,
+    /// Whether to strip the token header on republish.
+    pub strip_token: bool,
+    /// Issuer, role, scope and claim rules.
+    pub policy: Policy,
+}
+
+/// The typed, validated result of a config file.
+pub struct Settings {
+    /// Issuers with their keys loaded (remote ones not yet fetched).
+    pub issuers: Vec<verify::Issuer>,
+    /// Cache sizes.
+    pub cache: verify::CacheSettings,
+    /// Route rules, by name order.
+    pub routes: Vec<RouteRules>,
+    /// The raw config, for the parts later stages read.
+    pub raw: Config,
+}
+
+impl Settings {
+    /// The rules of the route `name`.
+    pub fn route(&self, name: &str) -> Option<&RouteRules> {
+        self.routes.iter().find(|r| r.name == name)
+    }
+}
+
+/// Reads, overrides from `env`, and validates a config file.
+pub fn load(path: &Path, env: &[(String, String)]) -> Result<Settings, ConfigError> {
+    let fail = |problems| ConfigError {
+        file: path.to_owned(),
+        problems,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        fail(vec![Problem {
+            path: String::new(),
+            message: format!("cannot read: {e}"),
+        }])
+    })?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    parse(&text, env, base).map_err(fail)
+}
+
+/// The `TOKENGATE__*` variables of this process.
+pub fn process_env() -> Vec<(String, String)> {
+    std::env::vars()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+        .collect()
+}
+
+/// Parses and validates config text; relative file paths are resolved against `base`.
+pub fn parse(text: &str, env: &[(String, String)], base: &Path) -> Result<Settings, Vec<Problem>> {
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        vec![Problem {
+            path: String::new(),
+            message: e.to_string().trim().replace('\n', " "),
+        }]
+    })?;
+    let mut problems = Vec::new();
+    let mut de = toml::Value::Table(table);
+    for (k, v) in env {
+        if let Err(m) = apply_override(&mut de, k, v) {
+            problems.push(Problem {
+                path: k.clone(),
+                message: m,
+            });
+        }
+    }
+    let mut unknown = Vec::new();
+    let raw: Result<Config, _> = serde_ignored::deserialize(de, |p| unknown.push(p.to_string()));
+    for p in unknown {
+        problems.push(Problem {
+            path: p,
+            message: "unknown field".into(),
+        });
+    }
+    let raw = match raw {
+        Ok(raw) => raw,
+        Err(e) => {
+            problems.push(Problem {
+                path: String::new(),
+                message: e.to_string().trim().replace('\n', " "),
+            });
+            return Err(problems);
+        }
+    };
+    let settings = validate(raw, base, &mut problems);
+    if problems.is_empty() {
+        Ok(settings)
+    } else {
+        Err(problems)
+    }
+}
+
+fn apply_override(root: &mut toml::Value, key: &str, raw: &str) -> Result<(), String> {
+    let path: Vec<String> = key[ENV_PREFIX.len()..]
+        .split("__")
+        .map(str::to_ascii_lowercase)
+        .collect();
+    if path.iter().any(String::is_empty) {
+        return Err("empty path segment".into());
+    }
+    let value = match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").expect("just parsed"),
+        Err(_) => toml::Value::String(raw.to_owned()),
+    };
+    let mut cur = root;
+    for seg in &path {
+        cur = match cur {
+            toml::Value::Table(t) => t
+                .entry(seg.clone())
+                .or_insert_with(|| toml::Value::Table(Default::default())),
+            toml::Value::Array(a) => {
+                let i = path_index(seg, a.len())?;
+                &mut a[i]
+            }
+            _ => {
+                return Err(format!(
+                    "cannot set {seg} inside a value that is not a table"
+                ));
+            }
+        };
+    }
+    *cur = value;
+    Ok(())
+}
+
+fn path_index(seg: &str, len: usize) -> Result<usize, String> {
+    seg.parse::<usize>()
+        .ok()
+        .filter(|i| *i < len)
+        .ok_or_else(|| format!("{seg} is not an index below {len}"))
+}
+
+/// Collects problems into `problems` while building typed settings.
+struct Check<'p> {
+    problems: &'p mut Vec<Problem>,
+}
+
+impl Check<'_> {
+    fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    fn algorithms(&mut self, path: &str, names: &[String]) -> Vec<Algorithm> {
+        let mut out = Vec::new();
+        for (i, n) in names.iter().enumerate() {
+            if n.eq_ignore_ascii_case("none") {
+                self.add(format!("{path}.{i}"), "alg none is never allowed");
+            } else {
+                match n.parse::<Algorithm>() {
+                    Ok(a) => out.push(a),
+                    Err(_) => self.add(format!("{path}.{i}"), format!("unknown algorithm {n:?} (HS256, RS256, PS256, ES256, ES384, EdDSA, ...)")),
+                }
+            }
+        }
+        out
+    }
+}
+
+fn validate(raw: Config, base: &Path, problems: &mut Vec<Problem>) -> Settings {
+    let mut c = Check { problems };
+    let mut issuers = Vec::new();
+    let mut seen_iss = BTreeMap::new();
+    for (name, ic) in &raw.issuers {
+        let p = format!("issuers.{name}");
+        if let Some(other) = seen_iss.insert(ic.iss.clone(), name.clone()) {
+            c.add(format!("{p}.iss"), format!("same iss as issuers.{other}"));
+        }
+        if ic.iss.is_empty() {
+            c.add(format!("{p}.iss"), "must not be empty");
+        }
+        let algorithms = c.algorithms(&format!("{p}.algorithms"), &ic.algorithms);
+        if ic.algorithms.is_empty() {
+            c.add(format!("{p}.algorithms"), "list at least one algorithm");
+        }
+        let mut keys = Vec::new();
+        for (i, kc) in ic.keys.iter().enumerate() {
+            let kp = format!("{p}.keys.{i}");
+            match load_key(&mut c, &kp, kc, &algorithms, base) {
+                Ok(mut k) => keys.append(&mut k),
+                Err(m) => c.add(kp, m),
+            }
+        }
+        let remote = match (&ic.jwks_url, &ic.discovery_url) {
+            (Some(_), Some(_)) => {
+                c.add(
+                    format!("{p}.discovery_url"),
+                    "set jwks_url or discovery_url, not both",
+                );
+                None
+            }
+            (Some(u), None) => Some(verify::jwks::Location::Jwks(u.clone())),
+            (None, Some(u)) => Some(verify::jwks::Location::Discovery(u.clone())),
+            (None, None) => None,
+        };
+        for (field, url) in [
+            ("jwks_url", &ic.jwks_url),
+            ("discovery_url", &ic.discovery_url),
+        ] {
+            if let Some(u) = url {
+                if !(u.starts_with("https://") || u.starts_with("http://")) {
+                    c.add(format!("{p}.{field}"), "must be an http(s) URL");
+                }
+            }
+        }
+        if keys.is_empty() && remote.is_none() && ic.keys.is_empty() {
+            c.add(&p, "has no keys: add [[keys]], jwks_url or discovery_url");
+        }
+        if ic.jwks_min_refetch.0 < Duration::from_secs(1) {
+            c.add(
+                format!("{p}.jwks_min_refetch"),
+                "must be at least 1s (it bounds fetches caused by unknown kids)",
+            );
+        }
+        let remote = remote.map(|location| verify::jwks::RemoteSettings {
+            location,
+            refresh: ic.jwks_refresh.0.max(Duration::from_secs(1)),
+            min_refetch: ic.jwks_min_refetch.0.max(Duration::from_secs(1)),
+            timeout: ic.jwks_timeout.0,
+        });
+        issuers.push(verify::Issuer {
+            name: Arc::from(name.as_str()),
+            checks: IssuerChecks {
+                iss: ic.iss.clone(),
+                audiences: ic.audiences.clone(),
+                algorithms: algorithms.clone(),
+                leeway: ic.leeway.0.as_secs() as i64,
+                require_exp: ic.require_exp,
+                max_age: ic.max_age.map(|d| d.0.as_secs() as i64),
+                typ: ic.typ.clone(),
+                required_claims: ic
+                    .required_claims
+                    .iter()
+                    .map(|s| ClaimPath(s.clone()))
+                    .collect(),
+            },
+            keys: IssuerKeys::new(name, algorithms, keys, remote),
+        });
+    }
+    let mut routes = Vec::new();
+    for (name, rc) in &raw.routes {
+        let p = format!("routes.{name}");
+        for (i, iss) in rc.issuers.iter().enumerate() {
+            if !raw.issuers.contains_key(iss) {
+                c.add(
+                    format!("{p}.issuers.{i}"),
+                    format!("no issuer named {iss:?}"),
+                );
+            }
+        }
+        if rc.token.header.is_empty() {
+            c.add(format!("{p}.token.header"), "must not be empty");
+        }
+        if rc.token.max_bytes == 0 {
+            c.add(format!("{p}.token.max_bytes"), "must be positive");
+        }
+        let mut require = Vec::new();
+        for (i, r) in rc.require.iter().enumerate() {
+            let (values, all) = match (r.any_of.is_empty(), r.all_of.is_empty()) {
+                (false, true) => (r.any_of.clone(), false),
+                (true, false) => (r.all_of.clone(), true),
+                _ => {
+                    c.add(
+                        format!("{p}.require.{i}"),
+                        "set exactly one of any_of, all_of",
+                    );
+                    continue;
+                }
+            };
+            require.push(Requirement {
+                claim: ClaimPath(r.claim.clone()),
+                values,
+                all,
+            });
+        }
+        let mut equals = Vec::new();
+        for (k, v) in &rc.claims {
+            match serde_json::to_value(v) {
+                Ok(j) => equals.push((ClaimPath(k.clone()), j)),
+                Err(e) => c.add(format!("{p}.claims.{k}"), e.to_string()),
+            }
+        }
+        routes.push(RouteRules {
+            name: name.clone(),
+            token: TokenSpec {
+                header: rc.token.header.clone(),
+                require_bearer: rc.token.require_bearer,
+                max_bytes: rc.token.max_bytes,
+            },
+            strip_token: rc.token.strip,
+            policy: Policy {
+                issuers: rc.issuers.clone(),
+                require,
+                equals,
+            },
+        });
+    }
+    if raw.cache.max_entries == 0 {
+        c.add("cache.max_entries", "must be positive");
+    }
+    let cache = verify::CacheSettings {
+        max_entries: raw.cache.max_entries,
+        ttl_without_exp: raw.cache.ttl_without_exp.0,
+    };
+    Settings {
+        issuers,
+        cache,
+        routes,
+        raw,
+    }
+}
+
+fn load_key(
+    c: &mut Check,
+    path: &str,
+    kc: &KeyConfig,
+    issuer_algs: &[Algorithm],
+    base: &Path,
+) -> Result<Vec<verify::keys::Key>, String> {
+    let sources = [
+        kc.secret.is_some(),
+        kc.pem_file.is_some(),
+        kc.jwks_file.is_some(),
+    ];
+    if sources.iter().filter(|s| **s).count() != 1 {
+        return Err("set exactly one of secret, pem_file, jwks_file".into());
+    }
+    let pinned = c.algorithms(&format!("{path}.algorithms"), &kc.algorithms);
+    for a in &pinned {
+        if !issuer_algs.contains(a) {
+            c.add(
+                format!("{path}.algorithms"),
+                format!("{a:?} is not in the issuer's algorithms"),
+            );
+        }
+    }
+    if kc.jwks_file.is_none() && kc.algorithms.is_empty() {
+        return Err("list the algorithms this key may verify (keys are pinned)".into());
+    }
+    let allowed: Vec<Algorithm> = if pinned.is_empty() {
+        issuer_algs.to_vec()
+    } else {
+        pinned
+    };
+    if let Some(secret) = &kc.secret {
+        let bytes = secret.resolve(base)?;
+        let bytes = match kc.secret_encoding {
+            SecretEncoding::Raw => bytes,
+            SecretEncoding::Base64 => decode_base64(&bytes)?,
+        };
+        return verify::keys::hmac(kc.kid.clone(), &bytes, &allowed).map(|k| vec![k]);
+    }
+    if let Some(f) = &kc.pem_file {
+        let f = base.join(f);
+        let pem = std::fs::read(&f).map_err(|e| format!("cannot read {}: {e}", f.display()))?;
+        return verify::keys::pem(kc.kid.clone(), &pem, &allowed).map(|k| vec![k]);
+    }
+    let f = base.join(kc.jwks_file.as_ref().expect("one source is set"));
+    let doc = std::fs::read(&f).map_err(|e| format!("cannot read {}: {e}", f.display()))?;
+    let (keys, skipped) = verify::keys::jwks(&doc, &allowed, true)?;
+    for s in skipped {
+        tracing::warn!(file = %f.display(), skipped = %s, "JWKS key skipped");
+    }
+    if keys.is_empty() {
+        return Err(format!("{} has no usable key", f.display()));
+    }
+    Ok(keys)
+}
+
+fn decode_base64(b: &[u8]) -> Result<Vec<u8>, String> {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+    let t: Vec<u8> = b
+        .iter()
+        .copied()
+        .filter(|c| !c.is_ascii_whitespace())
+        .collect();
+    STANDARD
+        .decode(&t)
+        .or_else(|_| URL_SAFE_NO_PAD.decode(t.strip_suffix(b"=").unwrap_or(&t)))
+        .map_err(|e| format!("secret is not base64: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str, env: &[(&str, &str)]) -> Vec<Problem> {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        match parse(text, &env, Path::new(".")) {
+            Ok(_) => vec![],
+            Err(p) => p,
+        }
+    }
+
+    const GOOD: &str = r#"
+        [issuers.local]
+        iss = "https://idp.example"
+        algorithms = ["HS256"]
+        [[issuers.local.keys]]
+        algorithms = ["HS256"]
+        secret = { env = "TG_TEST_SECRET_CFG" }
+        [routes.orders]
+        issuers = ["local"]
+        require = [{ claim = "scope", any_of = ["orders:write"] }]
+        claims = { tenant = "acme" }
+    "#;
+
+    #[test]
+    fn a_good_config_validates() {
+        // SAFETY: tests in this module are the only readers of this variable.
+        unsafe { std::env::set_var("TG_TEST_SECRET_CFG", "0123456789abcdef0123456789abcdef") };
+        assert_eq!(problems(GOOD, &[]), vec![]);
+        let s = parse(GOOD, &[], Path::new(".")).ok().unwrap();
+        assert_eq!(s.routes[0].policy.equals[0].1, serde_json::json!("acme"));
+        assert_eq!(s.issuers[0].checks.leeway, 30);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_path() {
+        let text = r#"
+            colour = "blue"
+            [issuers.a]
+            iss = "x"
+            algorithms = ["none", "HS999"]
+            surprise = 1
+            [[issuers.a.keys]]
+            algorithms = ["HS256"]
+            [[issuers.a.keys]]
+            pem_file = "/nonexistent.pem"
+            algorithms = ["RS256"]
+            [issuers.b]
+            iss = "x"
+            algorithms = ["RS256"]
+            jwks_url = "ftp://nope"
+            [routes.r]
+            issuers = ["ghost"]
+            require = [{ claim = "scope" }]
+            [cache]
+            max_entries = 0
+        "#;
+        let got = problems(text, &[]);
+        let paths: Vec<&str> = got.iter().map(|p| p.path.as_str()).collect();
+        for want in [
+            "colour",
+            "issuers.a.surprise",
+            "issuers.a.algorithms.0",
+            "issuers.a.algorithms.1",
+            "issuers.a.keys.0",
+            "issuers.a.keys.1",
+            "issuers.b.iss",
+            "issuers.b.jwks_url",
+            "routes.r.issuers.0",
+            "routes.r.require.0",
+            "cache.max_entries",
+        ] {
+            assert!(paths.contains(&want), "{want} missing from {got:#?}");
+        }
+    }
+
+    #[test]
+    fn type_errors_name_the_field() {
+        let got = problems("[issuers.a]\niss = 5\nalgorithms = []\n", &[]);
+        assert_eq!(got.len(), 1);
+        assert!(got[0].message.contains("iss"), "{got:?}");
+        let got = problems("[issuers.a\n", &[]);
+        assert!(got[0].message.contains("line 1"), "{got:?}");
+    }
+
+    #[test]
+    fn env_overrides_apply_and_report() {
+        unsafe { std::env::set_var("TG_TEST_SECRET_CFG", "0123456789abcdef0123456789abcdef") };
+        let env = [
+            (
+                "TOKENGATE__ROUTES__ORDERS__TOKEN__HEADER".to_string(),
+                "x-token".to_string(),
+            ),
+            (
+                "TOKENGATE__ISSUERS__LOCAL__LEEWAY".to_string(),
+                "5".to_string(),
+            ),
+            (
+                "TOKENGATE__ISSUERS__LOCAL__KEYS__0__KID".to_string(),
+                "k9".to_string(),
+            ),
+        ];
+        let s = parse(GOOD, &env, Path::new(".")).unwrap_or_else(|p| panic!("{p:?}"));
+        assert_eq!(s.routes[0].token.header, "x-token");
+        assert_eq!(s.issuers[0].checks.leeway, 5);
+        assert_eq!(
+            s.issuers[0].keys.current().keys[0].kid.as_deref(),
+            Some("k9")
+        );
+        let got = problems(GOOD, &[("TOKENGATE__ISSUERS__LOCAL__KEYS__7__KID", "k")]);
+        assert_eq!(got[0].path, "TOKENGATE__ISSUERS__LOCAL__KEYS__7__KID");
+    }
+
+    #[test]
+    fn missing_secret_is_a_problem_not_a_panic() {
+        let text = GOOD.replace("TG_TEST_SECRET_CFG", "TG_TEST_SECRET_UNSET_XYZ");
+        let got = problems(&text, &[]);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].path, "issuers.local.keys.0");
+        assert!(got[0].message.contains("TG_TEST_SECRET_UNSET_XYZ"));
+    }
+}

@@ -1,0 +1,23 @@
+//! tokengate: a per-message token authenticator for Kafka and RabbitMQ.
+//!
+//! # Architecture
+//! Producers attach a JWT to each message on an untrusted topic or queue. For each message a
+//! route extracts the token ([`verify::TokenSpec`]), the [`verify::Verifier`] decides it
+//! (signature with pinned keys, registered claims, the route's [`verify::Policy`]), and the
+//! message is republished to a trusted destination or dead-lettered with a reason code.
+//! A rejected token is data ([`verify::Rejection`]); an infrastructure failure is an `Err`
+//! that holds the message and is retried, never accepted.
+//!
+//! # Layout
+//! - [`config`]: TOML file -> env overrides -> validated [`config::Settings`].
+//! - [`verify`]: the decision; [`verify::jwt`] parsing, [`verify::keys`] pinned keys,
+//!   [`verify::jwks`] rotating key sets, [`verify::policy`] route rules.
+//! - [`ops`]: the token tools (mint, inspect, verify).
+//! - [`telemetry`]: logs and metric names.
+//! - [`cli`]: the command line.
+
+pub mod cli;
+pub mod config;
+pub mod ops;
+pub mod telemetry;
+pub mod verify;

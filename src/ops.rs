@@ -1,0 +1,202 @@
+//! The library side of the token tools: mint, inspect and verify a token.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Map, Value, json};
+
+use crate::config;
+use crate::verify::{self, HeaderValue, Policy, Verifier};
+
+/// What to put in a minted token.
+#[derive(Debug, Clone)]
+pub struct Mint {
+    /// Signing algorithm.
+    pub alg: Algorithm,
+    /// Header `kid`.
+    pub kid: Option<String>,
+    /// Header `typ` (default `JWT`).
+    pub typ: Option<String>,
+    /// `iss`.
+    pub iss: Option<String>,
+    /// `aud` (a string if one, an array if several).
+    pub aud: Vec<String>,
+    /// `sub`.
+    pub sub: Option<String>,
+    /// `roles` array, if any.
+    pub roles: Vec<String>,
+    /// `scope`, space-delimited, if any.
+    pub scopes: Vec<String>,
+    /// Further claims; they win over the ones above.
+    pub extra: Map<String, Value>,
+    /// Lifetime from `now` (`exp = now + ttl`); `None` leaves `exp` out.
+    pub ttl: Option<Duration>,
+    /// Add a random `jti`.
+    pub jti: bool,
+}
+
+impl Mint {
+    /// A token request with only an algorithm and a one-hour lifetime.
+    pub fn new(alg: Algorithm) -> Mint {
+        Mint {
+            alg,
+            kid: None,
+            typ: None,
+            iss: None,
+            aud: vec![],
+            sub: None,
+            roles: vec![],
+            scopes: vec![],
+            extra: Map::new(),
+            ttl: Some(Duration::from_secs(3600)),
+            jti: true,
+        }
+    }
+
+    /// The claims this request produces at unix time `now`.
+    pub fn claims(&self, now: i64) -> Map<String, Value> {
+        let mut c = Map::new();
+        let mut put = |k: &str, v: Option<Value>| {
+            if let Some(v) = v {
+                c.insert(k.to_owned(), v);
+            }
+        };
+        put("iss", self.iss.clone().map(Value::from));
+        put("sub", self.sub.clone().map(Value::from));
+        put(
+            "aud",
+            match self.aud.as_slice() {
+                [] => None,
+                [one] => Some(Value::from(one.clone())),
+                many => Some(Value::from(many.to_vec())),
+            },
+        );
+        put("iat", Some(Value::from(now)));
+        put(
+            "exp",
+            self.ttl.map(|t| Value::from(now + t.as_secs() as i64)),
+        );
+        put("jti", self.jti.then(|| Value::from(random_id())));
+        put(
+            "roles",
+            (!self.roles.is_empty()).then(|| Value::from(self.roles.clone())),
+        );
+        put(
+            "scope",
+            (!self.scopes.is_empty()).then(|| Value::from(self.scopes.join(" "))),
+        );
+        for (k, v) in &self.extra {
+            c.insert(k.clone(), v.clone());
+        }
+        c
+    }
+
+    /// Signs the token with `key` at unix time `now`.
+    pub fn sign(&self, key: &EncodingKey, now: i64) -> anyhow::Result<String> {
+        let mut header = Header::new(self.alg);
+        header.kid = self.kid.clone();
+        if let Some(t) = &self.typ {
+            header.typ = Some(t.clone());
+        }
+        jsonwebtoken::encode(&header, &self.claims(now), key).context("signing failed")
+    }
+}
+
+fn random_id() -> String {
+    let mut b = [0u8; 16];
+    aws_lc_rs::rand::fill(&mut b).expect("the system RNG works");
+    hex::encode(b)
+}
+
+/// Loads a signing key: an HMAC secret for HS*, a PEM private key otherwise.
+pub fn signing_key(
+    alg: Algorithm,
+    secret: Option<&[u8]>,
+    pem: Option<&[u8]>,
+) -> anyhow::Result<EncodingKey> {
+    use jsonwebtoken::AlgorithmFamily as F;
+    Ok(match (alg.family(), secret, pem) {
+        (F::Hmac, Some(s), None) => EncodingKey::from_secret(s),
+        (F::Rsa, None, Some(p)) => {
+            EncodingKey::from_rsa_pem(p).context("not an RSA private key PEM")?
+        }
+        (F::Ec, None, Some(p)) => {
+            EncodingKey::from_ec_pem(p).context("not an EC private key PEM (PKCS#8)")?
+        }
+        (F::Ed, None, Some(p)) => {
+            EncodingKey::from_ed_pem(p).context("not an Ed25519 private key PEM")?
+        }
+        (F::Hmac, _, _) => bail!("{alg:?} needs a secret (--secret-env or --secret-file)"),
+        _ => bail!("{alg:?} needs a PEM private key (--key-file)"),
+    })
+}
+
+/// Decodes a token without verifying it, for `token inspect`.
+pub fn inspect(token: &str, now: i64) -> anyhow::Result<Value> {
+    let (header, claims) = verify::jwt::decode_unverified(token)
+        .map_err(|r| anyhow::anyhow!("{}: {}", r.reason, r.detail))?;
+    let exp = claims.get("exp").and_then(Value::as_i64);
+    Ok(json!({
+        "warning": "UNVERIFIED: decoded only; the signature and claims were not checked",
+        "header": header,
+        "claims": claims,
+        "fingerprint": verify::fingerprint(token),
+        "expires_in_secs": exp.map(|e| e - now),
+        "expired": exp.map(|e| e <= now),
+    }))
+}
+
+/// Verifies `token` as route `route` of `config_file` would, printing-ready as JSON.
+/// `Ok((accepted, json))`; `Err` is a failure of the tool itself (bad config, keys unreachable).
+pub async fn verify_token(
+    config_file: &Path,
+    route: Option<&str>,
+    token: &str,
+    now: i64,
+) -> anyhow::Result<(bool, Value)> {
+    let settings = config::load(config_file, &config::process_env())?;
+    let (spec, policy) = match route {
+        Some(name) => {
+            let r = settings
+                .route(name)
+                .with_context(|| format!("no route named {name:?}"))?;
+            (r.token.clone(), r.policy.clone())
+        }
+        None => (verify::TokenSpec::default(), Policy::default()),
+    };
+    let verifier = Verifier::new(settings.issuers, &settings.cache);
+    for e in verifier.start().await {
+        tracing::warn!(issuer = %e.issuer, detail = %e.detail, "key fetch failed at start");
+    }
+    let token = token.trim();
+    let headers = [(spec.header.as_str(), HeaderValue::Bytes(token.as_bytes()))];
+    let verdict = match spec.extract(headers) {
+        Ok(t) => verifier.verify(&policy, t, now).await?,
+        Err(r) => Err(r),
+    };
+    Ok(match verdict {
+        Ok(v) => (
+            true,
+            json!({
+                "decision": "accept",
+                "issuer": &*v.issuer,
+                "kid": v.kid,
+                "alg": format!("{:?}", v.alg),
+                "sub": v.std.sub,
+                "fingerprint": v.fingerprint,
+                "expires_in_secs": v.std.exp.map(|e| e - now),
+            }),
+        ),
+        Err(r) => (
+            false,
+            json!({
+                "decision": "reject",
+                "reason": r.reason.code(),
+                "detail": r.detail,
+                "fingerprint": verify::fingerprint(token),
+            }),
+        ),
+    })
+}

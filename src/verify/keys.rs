@@ -1,0 +1,289 @@
+//! Verification keys: each one pinned to the algorithms it may verify, grouped in key sets.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
+use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey};
+use serde_json::Value;
+
+/// The shape of a key, which decides which algorithms can ever be used with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    /// A shared secret (HS256/384/512).
+    Hmac,
+    /// An RSA public key (RS* and PS*).
+    Rsa,
+    /// An EC P-256 public key (ES256).
+    P256,
+    /// An EC P-384 public key (ES384).
+    P384,
+    /// An Ed25519 public key (EdDSA).
+    Ed25519,
+}
+
+impl KeyKind {
+    /// Whether `alg` is defined for this kind of key: the guard against key confusion.
+    pub fn fits(self, alg: Algorithm) -> bool {
+        match self {
+            KeyKind::Hmac => alg.family() == AlgorithmFamily::Hmac,
+            KeyKind::Rsa => alg.family() == AlgorithmFamily::Rsa,
+            KeyKind::P256 => alg == Algorithm::ES256,
+            KeyKind::P384 => alg == Algorithm::ES384,
+            KeyKind::Ed25519 => alg == Algorithm::EdDSA,
+        }
+    }
+}
+
+/// One verification key.
+pub struct Key {
+    /// The key id tokens name in their `kid` header, if the key has one.
+    pub kid: Option<String>,
+    /// What kind of key material this is.
+    pub kind: KeyKind,
+    /// The algorithms this key may verify: never empty, each one fits `kind`.
+    pub algorithms: Vec<Algorithm>,
+    /// The key material.
+    pub material: DecodingKey,
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Key")
+            .field("kid", &self.kid)
+            .field("kind", &self.kind)
+            .field("algorithms", &self.algorithms)
+            .finish()
+    }
+}
+
+impl Key {
+    /// Builds a key pinned to `allowed` (intersected with what fits its kind).
+    pub fn new(
+        kid: Option<String>,
+        kind: KeyKind,
+        material: DecodingKey,
+        allowed: &[Algorithm],
+    ) -> Result<Key, String> {
+        let algorithms: Vec<Algorithm> =
+            allowed.iter().copied().filter(|a| kind.fits(*a)).collect();
+        if algorithms.is_empty() {
+            return Err(format!("a {kind:?} key cannot verify any of {allowed:?}"));
+        }
+        Ok(Key {
+            kid,
+            kind,
+            algorithms,
+            material,
+        })
+    }
+
+    /// Checks `signature` (base64url) over `message` with `alg`, which must be pinned to this key.
+    pub fn verify(&self, alg: Algorithm, message: &[u8], signature: &str) -> bool {
+        self.algorithms.contains(&alg)
+            && jsonwebtoken::crypto::verify(signature, message, &self.material, alg)
+                .unwrap_or(false)
+    }
+}
+
+/// Loads an HMAC secret.
+pub fn hmac(kid: Option<String>, secret: &[u8], allowed: &[Algorithm]) -> Result<Key, String> {
+    // RFC 7518 3.2: a key shorter than the hash output weakens HS256 to a guessable secret.
+    if secret.len() < 32 {
+        return Err(format!(
+            "HMAC secret is {} bytes; at least 32 are required",
+            secret.len()
+        ));
+    }
+    Key::new(
+        kid,
+        KeyKind::Hmac,
+        DecodingKey::from_secret(secret),
+        allowed,
+    )
+}
+
+/// Loads a PEM public key (RSA, EC P-256/P-384 or Ed25519), pinned to `allowed`.
+pub fn pem(kid: Option<String>, pem: &[u8], allowed: &[Algorithm]) -> Result<Key, String> {
+    if let Ok(k) = DecodingKey::from_rsa_pem(pem) {
+        return Key::new(kid, KeyKind::Rsa, k, allowed);
+    }
+    if let Ok(k) = DecodingKey::from_ec_pem(pem) {
+        // An uncompressed point is 0x04 || x || y: 65 bytes on P-256, 97 on P-384.
+        let kind = match k.try_get_as_bytes().map(<[u8]>::len) {
+            Ok(65) => KeyKind::P256,
+            Ok(97) => KeyKind::P384,
+            _ => return Err("unsupported EC curve (P-256 and P-384 are)".into()),
+        };
+        return Key::new(kid, kind, k, allowed);
+    }
+    if let Ok(k) = DecodingKey::from_ed_pem(pem) {
+        return Key::new(kid, KeyKind::Ed25519, k, allowed);
+    }
+    Err("not a PEM public key (RSA, EC or Ed25519)".into())
+}
+
+/// Parses a JWKS document. Keys that cannot be used are skipped and reported, never fatal,
+/// because identity providers publish encryption keys and new key types beside signing keys.
+/// `allow_secrets` admits `oct` keys (only from files the operator controls).
+pub fn jwks(
+    doc: &[u8],
+    allowed: &[Algorithm],
+    allow_secrets: bool,
+) -> Result<(Vec<Key>, Vec<String>), String> {
+    let doc: Value = serde_json::from_slice(doc).map_err(|e| format!("JWKS is not JSON: {e}"))?;
+    let Some(items) = doc.get("keys").and_then(Value::as_array) else {
+        return Err("JWKS has no keys array".into());
+    };
+    let mut keys = Vec::new();
+    let mut skipped = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        match jwk(item, allowed, allow_secrets) {
+            Ok(k) => keys.push(k),
+            Err(e) => skipped.push(format!("key {i}: {e}")),
+        }
+    }
+    Ok((keys, skipped))
+}
+
+fn jwk(item: &Value, allowed: &[Algorithm], allow_secrets: bool) -> Result<Key, String> {
+    let jwk: Jwk = serde_json::from_value(item.clone()).map_err(|e| format!("not a JWK: {e}"))?;
+    if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)) {
+        return Err("use is enc".into());
+    }
+    let kind = match &jwk.algorithm {
+        AlgorithmParameters::RSA(_) => KeyKind::Rsa,
+        AlgorithmParameters::EllipticCurve(p) => match p.curve {
+            EllipticCurve::P256 => KeyKind::P256,
+            EllipticCurve::P384 => KeyKind::P384,
+            _ => return Err("unsupported curve".into()),
+        },
+        AlgorithmParameters::OctetKeyPair(p) if p.curve == EllipticCurve::Ed25519 => {
+            KeyKind::Ed25519
+        }
+        AlgorithmParameters::OctetKey(_) if allow_secrets => KeyKind::Hmac,
+        AlgorithmParameters::OctetKey(_) => {
+            return Err("oct (secret) keys are not taken from URLs".into());
+        }
+        _ => return Err("unsupported key type".into()),
+    };
+    // A JWK's own alg pins it further; without one, the issuer's allowlist applies.
+    let pinned: Vec<Algorithm> = match jwk.common.key_algorithm {
+        Some(a) => {
+            let a: Algorithm = a
+                .to_string()
+                .parse()
+                .map_err(|_| format!("unsupported alg {a}"))?;
+            allowed.iter().copied().filter(|x| *x == a).collect()
+        }
+        None => allowed.to_vec(),
+    };
+    let material = DecodingKey::from_jwk(&jwk).map_err(|e| format!("bad key material: {e}"))?;
+    if kind == KeyKind::Hmac && material.try_get_as_bytes().map_or(0, <[u8]>::len) < 32 {
+        return Err("oct key shorter than 32 bytes".into());
+    }
+    Key::new(jwk.common.key_id.clone(), kind, material, &pinned)
+}
+
+/// Source of key set generations: a new number whenever any key set changes, so that a cached
+/// verification made under an older set is never reused.
+static GENERATION: AtomicU64 = AtomicU64::new(1);
+
+/// An immutable set of keys, swapped whole when it changes.
+#[derive(Debug, Default)]
+pub struct KeySet {
+    /// Changes whenever the keys change.
+    pub generation: u64,
+    /// The keys.
+    pub keys: Vec<Arc<Key>>,
+}
+
+/// What a key lookup found.
+pub enum Lookup<'a> {
+    /// Keys to try, in order.
+    Found(Vec<&'a Key>),
+    /// Keys with that kid exist but none is pinned to the token's alg.
+    AlgNotPinned,
+    /// No key has that kid (or, without a kid, none takes the alg).
+    NoKey,
+}
+
+impl KeySet {
+    /// A set with a fresh generation number.
+    pub fn new(keys: Vec<Arc<Key>>) -> KeySet {
+        KeySet {
+            generation: GENERATION.fetch_add(1, Ordering::Relaxed),
+            keys,
+        }
+    }
+
+    /// Finds the keys that may verify a token with this `kid` and `alg`.
+    pub fn lookup(&self, kid: Option<&str>, alg: Algorithm) -> Lookup<'_> {
+        let mut named = false;
+        let mut found = Vec::new();
+        for k in &self.keys {
+            if let Some(kid) = kid {
+                if k.kid.as_deref() != Some(kid) {
+                    continue;
+                }
+                named = true;
+            }
+            if k.algorithms.contains(&alg) {
+                found.push(k.as_ref());
+            }
+        }
+        match (found.is_empty(), named) {
+            (false, _) => Lookup::Found(found),
+            (true, true) => Lookup::AlgNotPinned,
+            (true, false) => Lookup::NoKey,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_kinds_only_fit_their_own_algorithms() {
+        use Algorithm::*;
+        let table = [
+            (KeyKind::Hmac, vec![HS256, HS384, HS512]),
+            (KeyKind::Rsa, vec![RS256, RS384, RS512, PS256, PS384, PS512]),
+            (KeyKind::P256, vec![ES256]),
+            (KeyKind::P384, vec![ES384]),
+            (KeyKind::Ed25519, vec![EdDSA]),
+        ];
+        let all = [
+            HS256, HS384, HS512, RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA,
+        ];
+        for (kind, fits) in table {
+            for alg in all {
+                assert_eq!(kind.fits(alg), fits.contains(&alg), "{kind:?} {alg:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn short_hmac_secrets_are_refused() {
+        assert!(hmac(None, b"short", &[Algorithm::HS256]).is_err());
+        assert!(hmac(None, &[7; 32], &[Algorithm::RS256]).is_err());
+        assert!(hmac(None, &[7; 32], &[Algorithm::HS256]).is_ok());
+    }
+
+    #[test]
+    fn jwks_skips_unusable_keys_and_pins_algs() {
+        let doc = br#"{"keys":[
+            {"kty":"oct","k":"c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0MTI","kid":"s"},
+            {"kty":"EC","crv":"P-256","use":"enc","kid":"e","x":"AA","y":"AA"},
+            {"kty":"XYZ","kid":"x"}
+        ]}"#;
+        let (keys, skipped) = jwks(doc, &[Algorithm::HS256], false).unwrap();
+        assert!(keys.is_empty());
+        assert_eq!(skipped.len(), 3, "{skipped:?}");
+        let (keys, _) = jwks(doc, &[Algorithm::HS256], true).unwrap();
+        assert_eq!(keys.len(), 1);
+        assert!(jwks(b"{}", &[Algorithm::HS256], true).is_err());
+        assert!(jwks(b"nope", &[Algorithm::HS256], true).is_err());
+    }
+}

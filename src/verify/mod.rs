@@ -1,0 +1,636 @@
+//! The token decision: may this token pass on this route?
+//!
+//! `Verifier::verify` parses the token strictly ([`jwt`]), finds its issuer by `iss` and its key
+//! by `kid` ([`keys`], [`jwks`]), checks the signature with an algorithm pinned to that key, then
+//! the registered claims, and finally the route's [`policy`]. Verified tokens are cached by their
+//! bytes; a hit skips the signature but still checks time and policy.
+
+pub mod jwks;
+pub mod jwt;
+pub mod keys;
+pub mod policy;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jsonwebtoken::Algorithm;
+use serde_json::{Map, Value};
+use tokio_util::sync::CancellationToken;
+
+pub use jwks::{IssuerKeys, KeyHealth, KeysUnavailable};
+pub use jwt::StdClaims;
+pub use policy::{ClaimPath, HeaderValue, Policy, Requirement, TokenSpec};
+
+/// Why a token was refused. The codes are a stable contract: metric labels and dead-letter
+/// headers carry them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// No token header.
+    MissingToken,
+    /// The token header is present but empty.
+    EmptyToken,
+    /// More than one token header (header smuggling).
+    DuplicateToken,
+    /// The token header is not UTF-8.
+    NonUtf8Token,
+    /// The token header is over the size limit.
+    TokenTooLarge,
+    /// Not a well-formed compact JWS, or a hostile header form.
+    Malformed,
+    /// `alg` is `none`, unknown, or not allowed for this issuer or key.
+    UnsupportedAlg,
+    /// `iss` names no configured issuer.
+    UnknownIssuer,
+    /// The issuer is configured but not accepted on this route.
+    WrongIssuer,
+    /// No key of the issuer has the token's `kid`.
+    UnknownKid,
+    /// The signature does not verify.
+    BadSignature,
+    /// `exp` has passed (beyond the leeway).
+    Expired,
+    /// `nbf` is in the future (beyond the leeway).
+    NotYetValid,
+    /// `iat` is in the future (beyond the leeway).
+    IssuedInFuture,
+    /// `iat` is older than the issuer's maximum token age.
+    TooOld,
+    /// `aud` names none of the issuer's audiences.
+    WrongAudience,
+    /// The header `typ` is not the one the issuer requires.
+    WrongType,
+    /// A required claim is absent.
+    MissingClaim,
+    /// A registered claim has the wrong JSON type.
+    InvalidClaim,
+    /// The route's role, scope or claim rules refuse the token.
+    Forbidden,
+    /// The token is on the revocation list.
+    Revoked,
+}
+
+impl Reason {
+    /// Every reason, for documentation and metric pre-registration.
+    pub const ALL: [Reason; 21] = [
+        Reason::MissingToken,
+        Reason::EmptyToken,
+        Reason::DuplicateToken,
+        Reason::NonUtf8Token,
+        Reason::TokenTooLarge,
+        Reason::Malformed,
+        Reason::UnsupportedAlg,
+        Reason::UnknownIssuer,
+        Reason::WrongIssuer,
+        Reason::UnknownKid,
+        Reason::BadSignature,
+        Reason::Expired,
+        Reason::NotYetValid,
+        Reason::IssuedInFuture,
+        Reason::TooOld,
+        Reason::WrongAudience,
+        Reason::WrongType,
+        Reason::MissingClaim,
+        Reason::InvalidClaim,
+        Reason::Forbidden,
+        Reason::Revoked,
+    ];
+
+    /// The stable snake_case code.
+    pub fn code(self) -> &'static str {
+        match self {
+            Reason::MissingToken => "missing_token",
+            Reason::EmptyToken => "empty_token",
+            Reason::DuplicateToken => "duplicate_token",
+            Reason::NonUtf8Token => "non_utf8_token",
+            Reason::TokenTooLarge => "token_too_large",
+            Reason::Malformed => "malformed",
+            Reason::UnsupportedAlg => "unsupported_alg",
+            Reason::UnknownIssuer => "unknown_issuer",
+            Reason::WrongIssuer => "wrong_issuer",
+            Reason::UnknownKid => "unknown_kid",
+            Reason::BadSignature => "bad_signature",
+            Reason::Expired => "expired",
+            Reason::NotYetValid => "not_yet_valid",
+            Reason::IssuedInFuture => "issued_in_future",
+            Reason::TooOld => "too_old",
+            Reason::WrongAudience => "wrong_audience",
+            Reason::WrongType => "wrong_type",
+            Reason::MissingClaim => "missing_claim",
+            Reason::InvalidClaim => "invalid_claim",
+            Reason::Forbidden => "forbidden",
+            Reason::Revoked => "revoked",
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.code())
+    }
+}
+
+/// A refused token: a normal outcome, routed to the dead-letter destination.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejection {
+    /// The stable code.
+    pub reason: Reason,
+    /// A short human explanation; never holds the token.
+    pub detail: String,
+}
+
+impl Rejection {
+    /// A rejection with a detail.
+    pub fn new(reason: Reason, detail: impl Into<String>) -> Rejection {
+        Rejection {
+            reason,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// A token whose signature and issuer-level claims checked out.
+#[derive(Debug)]
+pub struct Verified {
+    /// The issuer's config name.
+    pub issuer: Arc<str>,
+    /// The `kid` of the key that verified it, if the key has one.
+    pub kid: Option<String>,
+    /// The algorithm it was verified with.
+    pub alg: Algorithm,
+    /// SHA-256 (hex) of the signing input, see [`fingerprint`].
+    pub fingerprint: String,
+    /// Registered claims, typed.
+    pub std: StdClaims,
+    /// All claims.
+    pub claims: Map<String, Value>,
+    issuer_index: usize,
+    generation: u64,
+    cache_ttl: Duration,
+}
+
+/// The fingerprint of a token: SHA-256 of `header.payload`, so a re-encoded signature (ECDSA
+/// malleability) keeps the fingerprint. Safe to log and to use as a revocation key.
+pub fn fingerprint(token: &str) -> String {
+    let signing_input = token.rsplit_once('.').map_or(token, |(si, _)| si);
+    hex::encode(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        signing_input.as_bytes(),
+    ))
+}
+
+/// The result of a decision: the verified token or why not.
+pub type Verdict = Result<Arc<Verified>, Rejection>;
+
+/// Issuer-level checks, from the config.
+#[derive(Debug, Clone)]
+pub struct IssuerChecks {
+    /// The `iss` value tokens of this issuer carry.
+    pub iss: String,
+    /// Acceptable `aud` values (any one); empty means `aud` is not checked.
+    pub audiences: Vec<String>,
+    /// Algorithms this issuer may use; keys narrow this further.
+    pub algorithms: Vec<Algorithm>,
+    /// Clock skew allowed on `exp`, `nbf` and `iat`, in seconds.
+    pub leeway: i64,
+    /// Whether a token without `exp` is refused.
+    pub require_exp: bool,
+    /// Largest allowed `now - iat`, in seconds.
+    pub max_age: Option<i64>,
+    /// Required header `typ` (e.g. `at+jwt`), compared case-insensitively.
+    pub typ: Option<String>,
+    /// Claims that must be present (paths allowed).
+    pub required_claims: Vec<ClaimPath>,
+}
+
+/// A trusted token issuer: its checks and its keys.
+pub struct Issuer {
+    /// Config name.
+    pub name: Arc<str>,
+    /// Claim checks.
+    pub checks: IssuerChecks,
+    /// Keys.
+    pub keys: IssuerKeys,
+}
+
+/// Sizes of the verified-token cache.
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    /// Most tokens kept; each costs about 1-2 KB.
+    pub max_entries: u64,
+    /// How long a token without `exp` stays cached.
+    pub ttl_without_exp: Duration,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        CacheSettings {
+            max_entries: 100_000,
+            ttl_without_exp: Duration::from_secs(300),
+        }
+    }
+}
+
+struct UntilExpiry;
+
+impl moka::Expiry<Box<str>, Arc<Verified>> for UntilExpiry {
+    fn expire_after_create(
+        &self,
+        _: &Box<str>,
+        v: &Arc<Verified>,
+        _: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(v.cache_ttl)
+    }
+}
+
+/// The verification engine shared by every route.
+pub struct Verifier {
+    issuers: Vec<Issuer>,
+    by_iss: HashMap<String, usize>,
+    cache: moka::sync::Cache<Box<str>, Arc<Verified>>,
+    ttl_without_exp: Duration,
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+impl Verifier {
+    /// An engine over `issuers`; remote keys are not fetched until [`Verifier::start`].
+    pub fn new(issuers: Vec<Issuer>, cache: &CacheSettings) -> Verifier {
+        let by_iss = issuers
+            .iter()
+            .enumerate()
+            .map(|(i, is)| (is.checks.iss.clone(), i))
+            .collect();
+        Verifier {
+            issuers,
+            by_iss,
+            cache: moka::sync::Cache::builder()
+                .max_capacity(cache.max_entries)
+                .expire_after(UntilExpiry)
+                .build(),
+            ttl_without_exp: cache.ttl_without_exp,
+        }
+    }
+
+    /// Fetches every remote key set once; returns the failures (those issuers hold until fixed).
+    pub async fn start(&self) -> Vec<KeysUnavailable> {
+        let mut failed = Vec::new();
+        for i in &self.issuers {
+            if let Err(e) = i.keys.refresh().await {
+                failed.push(e);
+            }
+        }
+        failed
+    }
+
+    /// Refreshes remote key sets periodically until `cancel`.
+    pub fn spawn_refresh(self: &Arc<Self>, cancel: CancellationToken) {
+        for idx in 0..self.issuers.len() {
+            let Some(every) = self.issuers[idx].keys.refresh_interval() else {
+                continue;
+            };
+            let this = Arc::clone(self);
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.tick().await; // the first tick is immediate; start() already fetched
+                loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tick.tick() => { let _ = this.issuers[idx].keys.refresh().await; }
+                    }
+                }
+            });
+        }
+    }
+
+    /// Freshness of every remote key set.
+    pub async fn health(&self) -> Vec<KeyHealth> {
+        let mut out = Vec::new();
+        for i in &self.issuers {
+            out.extend(i.keys.health().await);
+        }
+        out
+    }
+
+    /// The configured issuer names.
+    pub fn issuer_names(&self) -> impl Iterator<Item = &str> {
+        self.issuers.iter().map(|i| &*i.name)
+    }
+
+    /// Decides `token` for a route with `policy` at unix time `now`. `Err` means the decision
+    /// could not be made (keys unavailable): hold and retry, never accept.
+    pub async fn verify(
+        &self,
+        policy: &Policy,
+        token: &str,
+        now: i64,
+    ) -> Result<Verdict, KeysUnavailable> {
+        if let Some(v) = self.cache.get(token) {
+            if self.issuers[v.issuer_index].keys.current().generation == v.generation {
+                return Ok(self.admit(policy, v, now));
+            }
+            self.cache.invalidate(token);
+        }
+        let verified = match self.verify_uncached(token, now).await? {
+            Ok(v) => Arc::new(v),
+            Err(r) => return Ok(Err(r)),
+        };
+        let verdict = self.admit(policy, Arc::clone(&verified), now);
+        let timely = !matches!(&verdict, Err(r) if matches!(r.reason, Reason::Expired | Reason::NotYetValid | Reason::IssuedInFuture | Reason::TooOld | Reason::MissingClaim));
+        if timely {
+            self.cache.insert(token.into(), verified);
+        }
+        Ok(verdict)
+    }
+
+    /// Checks what can change between two uses of the same verified token: time and route policy.
+    fn admit(&self, policy: &Policy, v: Arc<Verified>, now: i64) -> Verdict {
+        let checks = &self.issuers[v.issuer_index].checks;
+        check_time(checks, &v.std, now)?;
+        policy.check(&v.issuer, &v.claims)?;
+        Ok(v)
+    }
+
+    async fn verify_uncached(
+        &self,
+        token: &str,
+        now: i64,
+    ) -> Result<Result<Verified, Rejection>, KeysUnavailable> {
+        let p = match jwt::parse(token) {
+            Ok(p) => p,
+            Err(r) => return Ok(Err(r)),
+        };
+        let std = match jwt::std_claims(&p.claims) {
+            Ok(s) => s,
+            Err(r) => return Ok(Err(r)),
+        };
+        let Some(iss) = std.iss.as_deref() else {
+            return Ok(Err(Rejection::new(Reason::MissingClaim, "no iss claim")));
+        };
+        let Some(&idx) = self.by_iss.get(iss) else {
+            return Ok(Err(Rejection::new(
+                Reason::UnknownIssuer,
+                format!("iss {} is not configured", jwt::shorten(iss)),
+            )));
+        };
+        let issuer = &self.issuers[idx];
+        if !issuer.checks.algorithms.contains(&p.alg) {
+            return Ok(Err(Rejection::new(
+                Reason::UnsupportedAlg,
+                format!("{:?} is not allowed for issuer {}", p.alg, issuer.name),
+            )));
+        }
+        let mut refetched = false;
+        let (kid, generation) = loop {
+            let set = issuer.keys.current_full();
+            match set.lookup(p.kid.as_deref(), p.alg) {
+                keys::Lookup::Found(candidates) => {
+                    let Some(key) = candidates
+                        .iter()
+                        .find(|k| k.verify(p.alg, p.signing_input.as_bytes(), p.signature))
+                    else {
+                        return Ok(Err(Rejection::new(
+                            Reason::BadSignature,
+                            "signature does not verify",
+                        )));
+                    };
+                    break (key.kid.clone(), set.generation);
+                }
+                keys::Lookup::AlgNotPinned => {
+                    return Ok(Err(Rejection::new(
+                        Reason::UnsupportedAlg,
+                        format!(
+                            "key {} is not pinned to {:?}",
+                            jwt::shorten(p.kid.as_deref().unwrap_or("")),
+                            p.alg
+                        ),
+                    )));
+                }
+                keys::Lookup::NoKey => match p.kid.as_deref() {
+                    Some(kid) if !refetched && issuer.keys.is_remote() => {
+                        let seen = set.generation;
+                        drop(set);
+                        issuer.keys.on_unknown_kid(kid, seen).await?;
+                        refetched = true;
+                    }
+                    Some(kid) => {
+                        return Ok(Err(Rejection::new(
+                            Reason::UnknownKid,
+                            format!("no key with kid {}", jwt::shorten(kid)),
+                        )));
+                    }
+                    None => {
+                        return Ok(Err(Rejection::new(
+                            Reason::UnknownKid,
+                            format!("token has no kid and no key takes {:?}", p.alg),
+                        )));
+                    }
+                },
+            }
+        };
+        if let Err(r) = check_claims(&issuer.checks, p.typ.as_deref(), &std, &p.claims) {
+            return Ok(Err(r));
+        }
+        let cache_ttl = match std.exp {
+            Some(exp) => Duration::from_secs(
+                (exp.saturating_add(issuer.checks.leeway).saturating_sub(now)).max(0) as u64,
+            ),
+            None => self.ttl_without_exp,
+        };
+        Ok(Ok(Verified {
+            issuer: Arc::clone(&issuer.name),
+            kid,
+            alg: p.alg,
+            fingerprint: fingerprint(token),
+            std,
+            claims: p.claims,
+            issuer_index: idx,
+            generation,
+            cache_ttl,
+        }))
+    }
+}
+
+impl IssuerKeys {
+    fn current_full(&self) -> Arc<keys::KeySet> {
+        arc_swap::Guard::into_inner(self.current())
+    }
+}
+
+/// Checks that do not depend on time: type, audience, required claims.
+fn check_claims(
+    c: &IssuerChecks,
+    typ: Option<&str>,
+    std: &StdClaims,
+    claims: &Map<String, Value>,
+) -> Result<(), Rejection> {
+    if let Some(want) = &c.typ {
+        let got = typ.unwrap_or("");
+        let got = got.strip_prefix("application/").unwrap_or(got);
+        if !got.eq_ignore_ascii_case(want) {
+            return Err(Rejection::new(
+                Reason::WrongType,
+                format!("typ is {}, expected {want}", jwt::shorten(got)),
+            ));
+        }
+    }
+    if !c.audiences.is_empty() {
+        if std.aud.is_empty() {
+            return Err(Rejection::new(Reason::MissingClaim, "no aud claim"));
+        }
+        if !std.aud.iter().any(|a| c.audiences.contains(a)) {
+            return Err(Rejection::new(
+                Reason::WrongAudience,
+                format!(
+                    "aud {:?} is not one of {:?}",
+                    std.aud.iter().map(|a| jwt::shorten(a)).collect::<Vec<_>>(),
+                    c.audiences
+                ),
+            ));
+        }
+    }
+    for path in &c.required_claims {
+        if path.get(claims).is_none() {
+            return Err(Rejection::new(
+                Reason::MissingClaim,
+                format!("no {} claim", path.0),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Time checks, run on every use of a token (cached or not).
+pub fn check_time(c: &IssuerChecks, s: &StdClaims, now: i64) -> Result<(), Rejection> {
+    let leeway = c.leeway;
+    match s.exp {
+        Some(exp) if now >= exp.saturating_add(leeway) => {
+            return Err(Rejection::new(
+                Reason::Expired,
+                format!("expired {}s ago", now.saturating_sub(exp)),
+            ));
+        }
+        None if c.require_exp => return Err(Rejection::new(Reason::MissingClaim, "no exp claim")),
+        _ => {}
+    }
+    if let Some(nbf) = s.nbf {
+        if nbf > now.saturating_add(leeway) {
+            return Err(Rejection::new(
+                Reason::NotYetValid,
+                format!("valid in {}s", nbf.saturating_sub(now)),
+            ));
+        }
+    }
+    if let Some(iat) = s.iat {
+        if iat > now.saturating_add(leeway) {
+            return Err(Rejection::new(
+                Reason::IssuedInFuture,
+                format!("issued {}s in the future", iat.saturating_sub(now)),
+            ));
+        }
+    }
+    if let Some(max) = c.max_age {
+        let Some(iat) = s.iat else {
+            return Err(Rejection::new(
+                Reason::MissingClaim,
+                "no iat claim (a maximum age is set)",
+            ));
+        };
+        if now.saturating_sub(iat) > max.saturating_add(leeway) {
+            return Err(Rejection::new(
+                Reason::TooOld,
+                format!("issued {}s ago, limit {max}s", now.saturating_sub(iat)),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reason_codes_are_unique_snake_case() {
+        let codes: std::collections::HashSet<_> = Reason::ALL.iter().map(|r| r.code()).collect();
+        assert_eq!(codes.len(), Reason::ALL.len());
+        assert!(codes.iter().all(|c| {
+            c.chars()
+                .all(|ch| ch.is_ascii_lowercase() || ch == '_' || ch.is_ascii_digit())
+        }));
+    }
+
+    #[test]
+    fn time_table() {
+        let checks = IssuerChecks {
+            iss: "i".into(),
+            audiences: vec![],
+            algorithms: vec![],
+            leeway: 30,
+            require_exp: true,
+            max_age: Some(3600),
+            typ: None,
+            required_claims: vec![],
+        };
+        let now = 1_000_000;
+        let c = |exp: Option<i64>, nbf: Option<i64>, iat: Option<i64>| StdClaims {
+            exp,
+            nbf,
+            iat,
+            ..Default::default()
+        };
+        let cases = [
+            (c(Some(now + 10), None, Some(now)), None),
+            (c(Some(now - 29), None, Some(now)), None),
+            (c(Some(now - 30), None, Some(now)), Some(Reason::Expired)),
+            (c(None, None, Some(now)), Some(Reason::MissingClaim)),
+            (c(Some(now + 10), Some(now + 30), Some(now)), None),
+            (
+                c(Some(now + 10), Some(now + 31), Some(now)),
+                Some(Reason::NotYetValid),
+            ),
+            (
+                c(Some(now + 100), None, Some(now + 31)),
+                Some(Reason::IssuedInFuture),
+            ),
+            (c(Some(now + 10), None, None), Some(Reason::MissingClaim)),
+            (c(Some(now + 10), None, Some(now - 3630)), None),
+            (
+                c(Some(now + 10), None, Some(now - 3631)),
+                Some(Reason::TooOld),
+            ),
+            (
+                c(Some(i64::MAX), Some(i64::MIN), Some(i64::MIN)),
+                Some(Reason::TooOld),
+            ),
+        ];
+        for (claims, want) in cases {
+            assert_eq!(
+                check_time(&checks, &claims, now).err().map(|r| r.reason),
+                want,
+                "{claims:?}"
+            );
+        }
+        let lax = IssuerChecks {
+            require_exp: false,
+            max_age: None,
+            ..checks
+        };
+        assert!(check_time(&lax, &StdClaims::default(), now).is_ok());
+    }
+
+    #[test]
+    fn fingerprint_ignores_the_signature() {
+        assert_eq!(fingerprint("a.b.sig1"), fingerprint("a.b.sig2"));
+        assert_ne!(fingerprint("a.b.sig1"), fingerprint("a.c.sig1"));
+        assert_eq!(fingerprint("a.b.x").len(), 64);
+    }
+}
