@@ -74,11 +74,14 @@ pub fn parse(token: &str) -> Result<Parsed<'_>, Rejection> {
             }
         )));
     };
-    if h.is_empty() || p.is_empty() || s.is_empty() {
+    if h.is_empty() || p.is_empty() {
         return Err(malformed("empty segment"));
     }
     let header = decode_object(h, "header")?;
     let (alg, kid, typ) = check_header(&header)?;
+    if s.is_empty() {
+        return Err(malformed("empty signature"));
+    }
     // The signature is checked by the crypto later; reject bad base64 here so that its detail is clear.
     if !is_base64url(s) {
         return Err(malformed("signature is not base64url"));
@@ -388,7 +391,8 @@ mod tests {
             ("abc", "segments"),
             ("a.b", "segments"),
             ("a.b.c.d.e", "JWE"),
-            (&format!("{h}.{p}."), "empty segment"),
+            (&format!("{h}.{p}."), "empty signature"),
+            (&format!(".{p}.c2ln"), "empty segment"),
             (&format!("{h}.{p}.sig.extra"), "segments"),
             (&format!("{h}==.{p}.c2ln"), "header is not base64url"),
             (&format!("{h}.{p}!.c2ln"), "payload is not base64url"),

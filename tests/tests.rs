@@ -1,0 +1,7 @@
+//! Integration tests: one binary, shared helpers in `util`.
+
+mod util;
+
+mod cli;
+mod jwks;
+mod verify;

@@ -1,0 +1,178 @@
+//! Shared test helpers: fixtures, token signing, engines from config text.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::{Algorithm, EncodingKey};
+use serde_json::Value;
+use tokengate::config;
+use tokengate::verify::{Policy, TokenSpec, Verifier};
+
+/// A fixed "now" inside every fixture token's lifetime.
+pub const NOW: i64 = 1_800_000_000;
+
+/// The HMAC secret used by test configs.
+pub const SECRET: &str = "test-secret-0123456789abcdef-0123456789";
+
+pub fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
+}
+
+/// The test private key for an algorithm (HMAC: `SECRET`).
+pub fn signing_key(alg: Algorithm) -> EncodingKey {
+    let pem = |name: &str| std::fs::read(fixture(&format!("keys/{name}.key.pem"))).unwrap();
+    match alg {
+        Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => {
+            EncodingKey::from_secret(SECRET.as_bytes())
+        }
+        Algorithm::RS256
+        | Algorithm::RS384
+        | Algorithm::RS512
+        | Algorithm::PS256
+        | Algorithm::PS384
+        | Algorithm::PS512 => EncodingKey::from_rsa_pem(&pem("rsa")).unwrap(),
+        Algorithm::ES256 => EncodingKey::from_ec_pem(&pem("p256")).unwrap(),
+        Algorithm::ES384 => EncodingKey::from_ec_pem(&pem("p384")).unwrap(),
+        Algorithm::EdDSA => EncodingKey::from_ed_pem(&pem("ed25519")).unwrap(),
+        other => panic!("no test key for {other:?}"),
+    }
+}
+
+/// The kid the test config gives each algorithm's key.
+pub fn kid_for(alg: Algorithm) -> &'static str {
+    match alg {
+        Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => "hs",
+        Algorithm::ES256 => "p256",
+        Algorithm::ES384 => "p384",
+        Algorithm::EdDSA => "ed25519",
+        _ => "rsa",
+    }
+}
+
+pub fn b64(s: &str) -> String {
+    URL_SAFE_NO_PAD.encode(s)
+}
+
+/// Signs arbitrary header and claims JSON text (to make hostile tokens with valid signatures).
+pub fn sign_raw(header: &str, claims: &str, alg: Algorithm, key: &EncodingKey) -> String {
+    let input = format!("{}.{}", b64(header), b64(claims));
+    let sig = jsonwebtoken::crypto::sign(input.as_bytes(), key, alg).unwrap();
+    format!("{input}.{sig}")
+}
+
+/// Standard claims of the test issuer, valid at `NOW`, merged with `extra`.
+pub fn claims(extra: Value) -> Value {
+    let mut c = serde_json::json!({
+        "iss": "https://idp.test", "aud": "tokengate", "sub": "alice",
+        "iat": NOW - 10, "exp": NOW + 600, "scope": "orders:write orders:read",
+        "tenant": "acme", "realm_access": {"roles": ["publisher"]},
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        if v.is_null() {
+            c.as_object_mut().unwrap().remove(k);
+        } else {
+            c[k] = v.clone();
+        }
+    }
+    c
+}
+
+/// A token from the test issuer with its standard key for `alg`.
+pub fn token(alg: Algorithm, extra: Value) -> String {
+    let header = serde_json::json!({"alg": format!("{alg:?}"), "kid": kid_for(alg), "typ": "JWT"});
+    sign_raw(
+        &header.to_string(),
+        &claims(extra).to_string(),
+        alg,
+        &signing_key(alg),
+    )
+}
+
+/// Config text of the test issuers: `idp` (every key kind) and `pyjwt` (fixture tokens).
+pub fn issuers_toml() -> String {
+    let k = |n: &str| fixture(&format!("keys/{n}")).display().to_string();
+    format!(
+        r#"
+[issuers.idp]
+iss = "https://idp.test"
+audiences = ["tokengate", "other"]
+algorithms = ["HS256", "RS256", "PS256", "ES256", "ES384", "EdDSA"]
+required_claims = ["sub"]
+[[issuers.idp.keys]]
+kid = "hs"
+algorithms = ["HS256"]
+secret = {{ env = "TG_TEST_SECRET" }}
+[[issuers.idp.keys]]
+kid = "rsa"
+algorithms = ["RS256", "PS256"]
+pem_file = "{rsa}"
+[[issuers.idp.keys]]
+kid = "p256"
+algorithms = ["ES256"]
+pem_file = "{p256}"
+[[issuers.idp.keys]]
+kid = "p384"
+algorithms = ["ES384"]
+pem_file = "{p384}"
+[[issuers.idp.keys]]
+kid = "ed25519"
+algorithms = ["EdDSA"]
+pem_file = "{ed}"
+
+[issuers.pyjwt]
+iss = "https://pyjwt.example"
+audiences = ["tokengate"]
+algorithms = ["HS256", "RS256", "PS256", "ES256", "ES384", "EdDSA"]
+[[issuers.pyjwt.keys]]
+kid = "hs"
+algorithms = ["HS256"]
+secret = {{ file = "{hmac}" }}
+[[issuers.pyjwt.keys]]
+jwks_file = "{jwks}"
+
+[issuers.other]
+iss = "https://other.test"
+algorithms = ["HS256"]
+[[issuers.other.keys]]
+algorithms = ["HS256"]
+secret = {{ env = "TG_TEST_SECRET" }}
+"#,
+        rsa = k("rsa.pub.pem"),
+        p256 = k("p256.pub.pem"),
+        p384 = k("p384.pub.pem"),
+        ed = k("ed25519.pub.pem"),
+        hmac = k("hmac.secret"),
+        jwks = fixture("jwks.json").display(),
+    )
+}
+
+pub fn set_secret_env() {
+    // SAFETY: every test sets the same value; nothing reads it concurrently with a different one.
+    unsafe { std::env::set_var("TG_TEST_SECRET", SECRET) };
+}
+
+/// Settings from config text (panics with every problem if invalid).
+pub fn settings(text: &str) -> config::Settings {
+    set_secret_env();
+    config::parse(text, &[], Path::new(".")).unwrap_or_else(|p| panic!("config problems: {p:#?}"))
+}
+
+/// The engine and the route rules of config text.
+pub fn engine(text: &str) -> (Arc<Verifier>, Vec<config::RouteRules>) {
+    let s = settings(text);
+    (Arc::new(Verifier::new(s.issuers, &s.cache)), s.routes)
+}
+
+/// Runs a future that never awaits anything real to completion.
+pub fn now_or_never<F: std::future::Future>(f: F) -> F::Output {
+    futures_util::FutureExt::now_or_never(f).expect("future completed without I/O")
+}
+
+pub fn open_policy() -> (TokenSpec, Policy) {
+    (TokenSpec::default(), Policy::default())
+}
