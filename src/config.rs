@@ -255,7 +255,7 @@ pub struct RequireConfig {
 /// The verified-token cache (`[cache]`).
 #[derive(Debug, Deserialize)]
 pub struct CacheConfig {
-    /// Most tokens kept.
+    /// Most tokens kept; 0 disables the cache.
     #[serde(default = "default_cache_entries")]
     pub max_entries: u64,
     /// How long a token without `exp` stays cached.
@@ -606,9 +606,6 @@ fn validate(raw: Config, base: &Path, problems: &mut Vec<Problem>) -> Settings {
             },
         });
     }
-    if raw.cache.max_entries == 0 {
-        c.add("cache.max_entries", "must be positive");
-    }
     let cache = verify::CacheSettings {
         max_entries: raw.cache.max_entries,
         ttl_without_exp: raw.cache.ttl_without_exp.0,
@@ -750,8 +747,6 @@ mod tests {
             [routes.r]
             issuers = ["ghost"]
             require = [{ claim = "scope" }]
-            [cache]
-            max_entries = 0
         "#;
         let got = problems(text, &[]);
         let paths: Vec<&str> = got.iter().map(|p| p.path.as_str()).collect();
@@ -766,7 +761,6 @@ mod tests {
             "issuers.b.jwks_url",
             "routes.r.issuers.0",
             "routes.r.require.0",
-            "cache.max_entries",
         ] {
             assert!(paths.contains(&want), "{want} missing from {got:#?}");
         }

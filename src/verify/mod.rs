@@ -217,7 +217,7 @@ pub struct Issuer {
 /// Sizes of the verified-token cache.
 #[derive(Debug, Clone)]
 pub struct CacheSettings {
-    /// Most tokens kept; each costs about 1-2 KB.
+    /// Most tokens kept; each costs about 1-2 KB. Zero disables the cache.
     pub max_entries: u64,
     /// How long a token without `exp` stays cached.
     pub ttl_without_exp: Duration,
@@ -249,7 +249,7 @@ impl moka::Expiry<Box<str>, Arc<Verified>> for UntilExpiry {
 pub struct Verifier {
     issuers: Vec<Issuer>,
     by_iss: HashMap<String, usize>,
-    cache: moka::sync::Cache<Box<str>, Arc<Verified>>,
+    cache: Option<moka::sync::Cache<Box<str>, Arc<Verified>>>,
     ttl_without_exp: Duration,
 }
 
@@ -271,10 +271,9 @@ impl Verifier {
         Verifier {
             issuers,
             by_iss,
-            cache: moka::sync::Cache::builder()
-                .max_capacity(cache.max_entries)
-                .expire_after(UntilExpiry)
-                .build(),
+            cache: (cache.max_entries > 0).then(|| {
+                moka::sync::Cache::builder().max_capacity(cache.max_entries).expire_after(UntilExpiry).build()
+            }),
             ttl_without_exp: cache.ttl_without_exp,
         }
     }
@@ -333,11 +332,13 @@ impl Verifier {
         token: &str,
         now: i64,
     ) -> Result<Verdict, KeysUnavailable> {
-        if let Some(v) = self.cache.get(token) {
+        if let Some(v) = self.cache.as_ref().and_then(|c| c.get(token)) {
             if self.issuers[v.issuer_index].keys.current().generation == v.generation {
                 return Ok(self.admit(policy, v, now));
             }
-            self.cache.invalidate(token);
+            if let Some(c) = &self.cache {
+                c.invalidate(token);
+            }
         }
         let verified = match self.verify_uncached(token, now).await? {
             Ok(v) => Arc::new(v),
@@ -345,8 +346,8 @@ impl Verifier {
         };
         let verdict = self.admit(policy, Arc::clone(&verified), now);
         let timely = !matches!(&verdict, Err(r) if matches!(r.reason, Reason::Expired | Reason::NotYetValid | Reason::IssuedInFuture | Reason::TooOld | Reason::MissingClaim));
-        if timely {
-            self.cache.insert(token.into(), verified);
+        if let (true, Some(c)) = (timely, &self.cache) {
+            c.insert(token.into(), verified);
         }
         Ok(verdict)
     }
