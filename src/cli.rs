@@ -35,6 +35,115 @@ pub enum Command {
     /// Token tools for producers and operators.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Revoke a token, a subject's tokens or a signing key, in Redis (all instances obey at once).
+    Revoke {
+        /// What to revoke.
+        #[command(flatten)]
+        selector: SelectorArgs,
+        /// With --sub: revoke tokens issued at or before this time (unix seconds, RFC 3339, now).
+        #[arg(long, requires = "sub")]
+        before: Option<String>,
+        /// Why (stored as the value; shown in dead-letter details).
+        #[arg(long, default_value = "revoked by operator")]
+        reason: String,
+        /// Drop the entry after this long (e.g. 2h). Default: a token's remaining lifetime,
+        /// 24h for a bare --jti/--fp, forever for --sub and --kid.
+        #[arg(long, conflicts_with = "until")]
+        ttl: Option<humantime::Duration>,
+        /// Drop the entry at this time (unix seconds or RFC 3339).
+        #[arg(long)]
+        until: Option<String>,
+        /// Redis connection.
+        #[command(flatten)]
+        redis: RedisArgs,
+    },
+    /// Remove a revocation (same selectors as revoke).
+    Unrevoke {
+        /// What to unrevoke.
+        #[command(flatten)]
+        selector: SelectorArgs,
+        /// Redis connection.
+        #[command(flatten)]
+        redis: RedisArgs,
+    },
+    /// List or check revocations.
+    #[command(subcommand)]
+    Revocations(RevocationsCommand),
+}
+
+/// Which revocation entry (exactly one).
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct SelectorArgs {
+    /// A token's jti.
+    #[arg(long)]
+    pub jti: Option<String>,
+    /// A subject (sub claim): all its tokens issued at or before --before (default now).
+    #[arg(long)]
+    pub sub: Option<String>,
+    /// A signing key id: every token it signed.
+    #[arg(long)]
+    pub kid: Option<String>,
+    /// A token fingerprint (64 hex digits, as in logs and dead-letter headers).
+    #[arg(long)]
+    pub fp: Option<String>,
+    /// A whole token (or - for stdin): its jti, or its fingerprint if it has none.
+    #[arg(long)]
+    pub token: Option<String>,
+}
+
+impl SelectorArgs {
+    fn selector(self) -> anyhow::Result<ops::Selector> {
+        Ok(match self {
+            SelectorArgs { jti: Some(j), .. } => ops::Selector::Jti(j),
+            SelectorArgs { sub: Some(s), .. } => ops::Selector::Sub(s),
+            SelectorArgs { kid: Some(k), .. } => ops::Selector::Kid(k),
+            SelectorArgs { fp: Some(f), .. } => ops::Selector::Fp(f),
+            SelectorArgs { token: Some(t), .. } => ops::Selector::Token(read_token(&t)?),
+            _ => anyhow::bail!("give one of --jti, --sub, --kid, --fp, --token"),
+        })
+    }
+}
+
+/// Where the revocation list is.
+#[derive(Debug, Args)]
+pub struct RedisArgs {
+    /// Redis URL: redis://[user:password@]host:port/db, rediss:// for TLS.
+    #[arg(
+        long = "redis",
+        env = "TOKENGATE_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379",
+        hide_env_values = true
+    )]
+    pub url: String,
+    /// Key prefix.
+    #[arg(long, env = "TOKENGATE_REDIS_PREFIX", default_value = crate::revocation::DEFAULT_PREFIX)]
+    pub prefix: String,
+}
+
+/// `tokengate revocations ...`
+#[derive(Debug, Subcommand)]
+pub enum RevocationsCommand {
+    /// List revocations (SCAN, never KEYS).
+    List {
+        /// Only this kind: jti, sub, kid or fp.
+        #[arg(long)]
+        kind: Option<String>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        /// Redis connection.
+        #[command(flatten)]
+        redis: RedisArgs,
+    },
+    /// Say whether and why a token is revoked: exit 0 not revoked, 1 revoked, 2 error.
+    Check {
+        /// The token, or - for stdin.
+        token: String,
+        /// Redis connection.
+        #[command(flatten)]
+        redis: RedisArgs,
+    },
 }
 
 /// `tokengate token ...`
@@ -151,6 +260,96 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         },
+        Command::Revoke {
+            selector,
+            before,
+            reason,
+            ttl,
+            until,
+            redis,
+        } => {
+            let now = verify::unix_now();
+            let before = before.map(|b| ops::parse_time(&b, now)).transpose()?;
+            let expiry = match (ttl, until) {
+                (Some(t), _) => ops::Expiry::Ttl(t.into()),
+                (None, Some(u)) => ops::Expiry::Until(ops::parse_time(&u, now)?),
+                (None, None) => ops::Expiry::Default,
+            };
+            let selector = selector.selector()?;
+            let mut conn = ops::redis_connect(&redis.url).await?;
+            for w in ops::revoke(
+                &mut conn,
+                &redis.prefix,
+                &selector,
+                before,
+                &reason,
+                expiry,
+                now,
+            )
+            .await?
+            {
+                let ttl = w
+                    .ttl_secs
+                    .map_or("no expiry".to_owned(), |t| format!("expires in {t}s"));
+                println!(
+                    "revoked {} {:?} ({ttl}): {}",
+                    w.kind.name(),
+                    w.id,
+                    w.key.escape_debug()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Unrevoke { selector, redis } => {
+            let selector = selector.selector()?;
+            let mut conn = ops::redis_connect(&redis.url).await?;
+            let removed =
+                ops::unrevoke(&mut conn, &redis.prefix, &selector, verify::unix_now()).await?;
+            if removed.is_empty() {
+                println!("nothing to unrevoke");
+            }
+            for k in removed {
+                println!("unrevoked {}", k.escape_debug());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Revocations(RevocationsCommand::List { kind, json, redis }) => {
+            let kind = kind
+                .map(|k| {
+                    crate::revocation::Kind::parse(&k)
+                        .with_context(|| format!("unknown kind {k:?} (jti, sub, kid, fp)"))
+                })
+                .transpose()?;
+            let mut conn = ops::redis_connect(&redis.url).await?;
+            let all = ops::list(&mut conn, &redis.prefix, kind).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                println!("{:<4} {:<40} {:>8}  VALUE", "KIND", "ID", "TTL");
+                for w in all {
+                    let ttl = w.ttl_secs.map_or("-".to_owned(), |t| t.to_string());
+                    println!(
+                        "{:<4} {:<40} {:>8}  {}",
+                        w.kind.name(),
+                        w.id.escape_debug().to_string(),
+                        ttl,
+                        w.value.escape_debug()
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Revocations(RevocationsCommand::Check { token, redis }) => {
+            let token = read_token(&token)?;
+            let mut conn = ops::redis_connect(&redis.url).await?;
+            let (revoked, out) = ops::check_revoked(&mut conn, &redis.prefix, &token).await?;
+            println!("{out}");
+            Ok(if revoked {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
         Command::Token(TokenCommand::Mint(args)) => {
             println!("{}", mint(args)?);
             Ok(ExitCode::SUCCESS)

@@ -12,12 +12,14 @@
 //! - [`config`]: TOML file -> env overrides -> validated [`config::Settings`].
 //! - [`verify`]: the decision; [`verify::jwt`] parsing, [`verify::keys`] pinned keys,
 //!   [`verify::jwks`] rotating key sets, [`verify::policy`] route rules.
-//! - [`ops`]: the token tools (mint, inspect, verify).
+//! - [`revocation`]: the Redis revocation list, its key schema and invalidated local cache.
+//! - [`ops`]: the token and revocation tools (mint, inspect, verify, revoke, list).
 //! - [`telemetry`]: logs and metric names.
 //! - [`cli`]: the command line.
 
 pub mod cli;
 pub mod config;
 pub mod ops;
+pub mod revocation;
 pub mod telemetry;
 pub mod verify;

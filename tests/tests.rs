@@ -4,4 +4,5 @@ mod util;
 
 mod cli;
 mod jwks;
+mod revocation;
 mod verify;

@@ -176,3 +176,99 @@ pub fn now_or_never<F: std::future::Future>(f: F) -> F::Output {
 pub fn open_policy() -> (TokenSpec, Policy) {
     (TokenSpec::default(), Policy::default())
 }
+
+/// The test Redis URL (scripts/test starts one).
+pub fn redis_url() -> String {
+    std::env::var("TOKENGATE_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A connection to the test Redis, or a failure that says what is missing.
+pub async fn redis_conn() -> redis::aio::MultiplexedConnection {
+    let url = redis_url();
+    tokengate::ops::redis_connect(&url)
+        .await
+        .unwrap_or_else(|e| {
+            panic!("Redis is required at {url} ({e:#}); scripts/test installs and starts it")
+        })
+}
+
+/// A key prefix no other test uses.
+pub fn unique_prefix(test: &str) -> String {
+    format!("tgtest:{test}:{}:", uuid::Uuid::new_v4().simple())
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A redis-server of the test's own (to stop and restart without disturbing other tests).
+pub struct OwnRedis {
+    pub port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl OwnRedis {
+    pub fn start(port: u16) -> OwnRedis {
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is required (scripts/setup installs it)");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return OwnRedis {
+                    port,
+                    child: Some(child),
+                };
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("redis-server on port {port} did not start");
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Runs the tokengate binary with args; returns (exit code, stdout, stderr).
+pub fn run_cli(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tokengate"))
+        .args(args)
+        .env("TG_TEST_SECRET", SECRET)
+        .env_remove("TOKENGATE_REDIS_URL")
+        .output()
+        .expect("the tokengate binary runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

@@ -272,7 +272,10 @@ impl Verifier {
             issuers,
             by_iss,
             cache: (cache.max_entries > 0).then(|| {
-                moka::sync::Cache::builder().max_capacity(cache.max_entries).expire_after(UntilExpiry).build()
+                moka::sync::Cache::builder()
+                    .max_capacity(cache.max_entries)
+                    .expire_after(UntilExpiry)
+                    .build()
             }),
             ttl_without_exp: cache.ttl_without_exp,
         }

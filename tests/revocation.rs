@@ -1,0 +1,418 @@
+//! The Redis revocation list against the real Redis: CLI and raw redis-cli writes, the key
+//! schema and TTLs, live effect through the tracked cache, hostile ids, and Redis going away.
+
+use std::time::Duration;
+
+use redis::AsyncCommands as _;
+use serde_json::Value;
+use tokengate::revocation::{Kind, Revocations, TokenIds, key};
+use tokio_util::sync::CancellationToken;
+
+use crate::util::*;
+
+fn ids(jti: &str, sub: &str, iat: Option<i64>) -> TokenIds {
+    TokenIds {
+        jti: Some(jti.into()),
+        sub: Some(sub.into()),
+        iat,
+        kid: Some("k1".into()),
+        fingerprint: "ab".repeat(32),
+    }
+}
+
+async fn tracked(url: &str, prefix: &str) -> (Revocations, CancellationToken) {
+    let cancel = CancellationToken::new();
+    let r = Revocations::redis(url, prefix, cancel.clone()).unwrap();
+    assert!(
+        r.wait_up(Duration::from_secs(10)).await,
+        "Redis is required at {url}; scripts/test starts it"
+    );
+    (r, cancel)
+}
+
+/// Polls `check_ids` until it reports a revocation (liveness, not a latency assertion).
+async fn until_revoked(r: &Revocations, t: &TokenIds) -> String {
+    for _ in 0..500 {
+        if let Some(rej) = r.check_ids(t).await.unwrap() {
+            return rej.detail;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("revocation never took effect");
+}
+
+fn redis_cli(args: &[&str]) {
+    let url = redis_url();
+    let out = std::process::Command::new("redis-cli")
+        .arg("-u")
+        .arg(&url)
+        .args(args)
+        .output()
+        .expect("redis-cli is required");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn every_selector_via_the_cli_writes_the_documented_key() {
+    let prefix = unique_prefix("cli");
+    let url = redis_url();
+    let mut conn = redis_conn().await;
+    let base = ["--redis", &url, "--prefix", &prefix];
+    let cli = |extra: &[&str]| {
+        let mut a: Vec<&str> = extra.to_vec();
+        a.extend_from_slice(&base);
+        run_cli(&a)
+    };
+
+    let (code, out, err) = cli(&["revoke", "--jti", "j-1", "--reason", "stolen laptop"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("revoked jti"), "{out}");
+    let k = key(&prefix, Kind::Jti, "j-1");
+    assert_eq!(conn.get::<_, String>(&k).await.unwrap(), "stolen laptop");
+    let ttl: i64 = conn.ttl(&k).await.unwrap();
+    assert!(
+        (86_000..=86_400).contains(&ttl),
+        "default jti TTL is a day, got {ttl}"
+    );
+
+    let (code, _, err) = cli(&["revoke", "--sub", "alice", "--before", "1700000000"]);
+    assert_eq!(code, 0, "{err}");
+    let k = key(&prefix, Kind::Sub, "alice");
+    assert_eq!(conn.get::<_, String>(&k).await.unwrap(), "1700000000");
+    assert_eq!(
+        conn.ttl::<_, i64>(&k).await.unwrap(),
+        -1,
+        "sub revocations persist by default"
+    );
+
+    let (code, _, _) = cli(&["revoke", "--kid", "leaked-key", "--ttl", "2h"]);
+    assert_eq!(code, 0);
+    let ttl: i64 = conn
+        .ttl(key(&prefix, Kind::Kid, "leaked-key"))
+        .await
+        .unwrap();
+    assert!((7100..=7200).contains(&ttl), "{ttl}");
+
+    // --token with jti: the jti key, TTL = remaining lifetime + leeway.
+    let now = tokengate::verify::unix_now();
+    let with_jti = token(
+        jsonwebtoken::Algorithm::HS256,
+        serde_json::json!({"jti": "tok-jti", "exp": now + 600, "iat": now}),
+    );
+    let (code, _, err) = cli(&["revoke", "--token", &with_jti]);
+    assert_eq!(code, 0, "{err}");
+    let ttl: i64 = conn.ttl(key(&prefix, Kind::Jti, "tok-jti")).await.unwrap();
+    assert!((600..=630).contains(&ttl), "{ttl}");
+
+    // --token without jti: the fingerprint key.
+    let no_jti = token(
+        jsonwebtoken::Algorithm::HS256,
+        serde_json::json!({"jti": null, "exp": now + 600, "iat": now}),
+    );
+    let (code, _, _) = cli(&[
+        "revoke",
+        "--token",
+        &no_jti,
+        "--until",
+        &(now + 100).to_string(),
+    ]);
+    assert_eq!(code, 0);
+    let fp = tokengate::verify::fingerprint(&no_jti);
+    let ttl: i64 = conn.ttl(key(&prefix, Kind::Fp, &fp)).await.unwrap();
+    assert!((90..=100).contains(&ttl), "{ttl}");
+
+    // check says which kind matched; exit 1 when revoked.
+    let (code, out, _) = cli(&["revocations", "check", &no_jti]);
+    assert_eq!(code, 1, "{out}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["matches"][0]["kind"], "fp");
+
+    // list (SCAN) shows them all, filterable by kind.
+    let (code, out, _) = cli(&["revocations", "list", "--json"]);
+    assert_eq!(code, 0);
+    let all: Vec<Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(all.len(), 5, "{out}");
+    let (_, out, _) = cli(&["revocations", "list", "--kind", "sub", "--json"]);
+    let subs: Vec<Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(subs.len(), 1);
+    assert_eq!(subs[0]["id"], "alice");
+    let (_, table, _) = cli(&["revocations", "list"]);
+    assert!(table.contains("leaked-key"), "{table}");
+
+    // unrevoke removes, and says so.
+    let (code, out, _) = cli(&["unrevoke", "--token", &no_jti]);
+    assert_eq!(code, 0);
+    assert!(out.contains("unrevoked"), "{out}");
+    let (code, _, _) = cli(&["revocations", "check", &no_jti]);
+    assert_eq!(code, 0);
+    let (_, out, _) = cli(&["unrevoke", "--kid", "never-revoked"]);
+    assert!(out.contains("nothing to unrevoke"));
+}
+
+#[tokio::test]
+async fn bad_input_is_a_clear_error() {
+    let url = redis_url();
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["revoke", "--jti", "", "--redis", &url],
+            "--jti must not be empty",
+        ),
+        (
+            &[
+                "revoke",
+                "--sub",
+                "a",
+                "--before",
+                "last tuesday",
+                "--redis",
+                &url,
+            ],
+            "cannot read time",
+        ),
+        (&["revoke", "--fp", "xyz", "--redis", &url], "64 hex digits"),
+        (
+            &["revoke", "--jti", "a", "--until", "1000", "--redis", &url],
+            "end in the past",
+        ),
+        (
+            &["revoke", "--jti", "a", "--redis", "redis://127.0.0.1:1"],
+            "cannot reach Redis",
+        ),
+        (
+            &[
+                "revoke",
+                "--jti",
+                "a",
+                "--redis",
+                "redis://u:hunter2@127.0.0.1:1",
+            ],
+            "u:***@",
+        ),
+        (
+            &["revocations", "list", "--kind", "nope", "--redis", &url],
+            "unknown kind",
+        ),
+    ];
+    for (args, want) in cases {
+        let (code, _, err) = run_cli(args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!err.contains("hunter2"), "password leaked: {err}");
+    }
+    // Two selectors at once is a usage error too.
+    let (code, _, _) = run_cli(&["revoke", "--jti", "a", "--kid", "b"]);
+    assert_eq!(code, 2);
+}
+
+#[tokio::test]
+async fn raw_redis_cli_writes_take_effect_through_the_cache() {
+    let prefix = unique_prefix("raw");
+    let (r, _cancel) = tracked(&redis_url(), &prefix).await;
+    let t = ids("raw-jti", "bob", Some(1000));
+    // Prime the cache with "not revoked", then prove hits make no round trip.
+    assert!(r.check_ids(&t).await.unwrap().is_none());
+    let before = r.round_trips();
+    for _ in 0..1000 {
+        assert!(r.check_ids(&t).await.unwrap().is_none());
+    }
+    assert_eq!(
+        r.round_trips(),
+        before,
+        "cached lookups must not go to Redis"
+    );
+
+    for (kind, id, value) in [
+        (Kind::Jti, "raw-jti", "x"),
+        (Kind::Kid, "k1", "leak"),
+        (Kind::Fp, &"ab".repeat(32)[..], "y"),
+        (Kind::Sub, "bob", "1000"),
+    ] {
+        let k = key(&prefix, kind, id);
+        redis_cli(&["SET", &k, value]);
+        let detail = until_revoked(&r, &t).await;
+        assert!(detail.contains(kind.name()), "{detail}");
+        redis_cli(&["DEL", &k]);
+        for _ in 0..500 {
+            if r.check_ids(&t).await.unwrap().is_none() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            r.check_ids(&t).await.unwrap().is_none(),
+            "{kind:?} unrevoke took effect"
+        );
+    }
+}
+
+#[tokio::test]
+async fn sub_before_is_inclusive_and_tokens_without_iat_are_revoked() {
+    let prefix = unique_prefix("before");
+    let (r, _cancel) = tracked(&redis_url(), &prefix).await;
+    let (code, _, err) = run_cli(&[
+        "revoke",
+        "--sub",
+        "carol",
+        "--before",
+        "2000",
+        "--redis",
+        &redis_url(),
+        "--prefix",
+        &prefix,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        r.check_ids(&ids("a", "carol", Some(1999)))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        r.check_ids(&ids("b", "carol", Some(2000)))
+            .await
+            .unwrap()
+            .is_some(),
+        "at the boundary: revoked"
+    );
+    assert!(
+        r.check_ids(&ids("c", "carol", Some(2001)))
+            .await
+            .unwrap()
+            .is_none(),
+        "issued after: valid"
+    );
+    assert!(
+        r.check_ids(&ids("d", "carol", None))
+            .await
+            .unwrap()
+            .is_some(),
+        "no iat: revoked"
+    );
+    assert!(
+        r.check_ids(&ids("e", "dave", Some(1)))
+            .await
+            .unwrap()
+            .is_none(),
+        "other subject"
+    );
+}
+
+#[tokio::test]
+async fn hostile_ids_and_values() {
+    let prefix = unique_prefix("hostile");
+    let url = redis_url();
+    let (r, _cancel) = tracked(&url, &prefix).await;
+    let long = "x".repeat(10 * 1024);
+    for id in [
+        "with space",
+        "new\nline",
+        "ünï©ødé ✓",
+        "*glob?[x]",
+        long.as_str(),
+    ] {
+        let (code, _, err) =
+            run_cli(&["revoke", "--jti", id, "--redis", &url, "--prefix", &prefix]);
+        assert_eq!(code, 0, "{err}");
+        let detail = until_revoked(&r, &ids(id, "nobody", Some(1))).await;
+        assert!(detail.contains("jti"));
+        assert!(
+            r.check_ids(&ids(&format!("{id}-other"), "nobody", Some(1)))
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+    let (_, out, _) = run_cli(&[
+        "revocations",
+        "list",
+        "--json",
+        "--redis",
+        &url,
+        "--prefix",
+        &prefix,
+    ]);
+    let all: Vec<Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(all.len(), 5);
+
+    let mut conn = redis_conn().await;
+    // A sub value that is not a number: fail closed (every token of the subject).
+    let _: () = conn
+        .set(key(&prefix, Kind::Sub, "eve"), "yesterday")
+        .await
+        .unwrap();
+    assert!(
+        r.check_ids(&ids("z", "eve", Some(i64::MAX)))
+            .await
+            .unwrap()
+            .unwrap()
+            .detail
+            .contains("unparsable")
+    );
+    // Keys of an unexpected type: fail closed.
+    let _: () = conn
+        .hset(key(&prefix, Kind::Jti, "hash-jti"), "f", "v")
+        .await
+        .unwrap();
+    assert!(
+        r.check_ids(&ids("hash-jti", "x", Some(1)))
+            .await
+            .unwrap()
+            .unwrap()
+            .detail
+            .contains("unexpected type")
+    );
+    let _: () = conn
+        .rpush(key(&prefix, Kind::Sub, "listy"), "1")
+        .await
+        .unwrap();
+    assert!(
+        r.check_ids(&ids("q", "listy", Some(1)))
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
+
+#[tokio::test]
+async fn redis_down_fails_closed_and_recovers_by_itself() {
+    let port = free_port();
+    let mut server = OwnRedis::start(port);
+    let prefix = unique_prefix("down");
+    let (r, _cancel) = tracked(&server.url(), &prefix).await;
+    let t = ids("down-jti", "frank", Some(1));
+    assert!(r.check_ids(&t).await.unwrap().is_none());
+
+    server.stop();
+    // Once the loss is noticed, nothing is answered "not revoked": every lookup is an error.
+    for _ in 0..500 {
+        if !r.is_up() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!r.is_up(), "the outage was noticed");
+    for _ in 0..20 {
+        assert!(
+            r.check_ids(&t).await.is_err(),
+            "no answer while Redis is down"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Restarted (empty) Redis on the same port: the checker reconnects by itself.
+    let _server = OwnRedis::start(port);
+    assert!(r.wait_up(Duration::from_secs(15)).await, "reconnected");
+    let mut conn = tokengate::ops::redis_connect(&format!("redis://127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    let _: () = conn
+        .set(key(&prefix, Kind::Jti, "down-jti"), "after restart")
+        .await
+        .unwrap();
+    let detail = until_revoked(&r, &t).await;
+    assert!(detail.contains("after restart"), "{detail}");
+}
