@@ -16,12 +16,7 @@ use tokengate::verify::{self, Verifier};
 const SECRET: &str = "bench-secret-0123456789abcdef-0123456789";
 
 fn fixture(rel: &str) -> Vec<u8> {
-    std::fs::read(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/keys")
-            .join(rel),
-    )
-    .unwrap()
+    std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/keys").join(rel)).unwrap()
 }
 
 fn config_text() -> String {
@@ -60,8 +55,7 @@ require = [{{ claim = "scope", any_of = ["orders:write"] }}]
 
 fn engine(cache_entries: u64) -> (Verifier, verify::Policy) {
     unsafe { std::env::set_var("TG_BENCH_SECRET", SECRET) };
-    let mut s =
-        config::parse(&config_text(), &[], Path::new(".")).unwrap_or_else(|p| panic!("{p:?}"));
+    let mut s = config::parse(&config_text(), &[], Path::new(".")).unwrap_or_else(|p| panic!("{p:?}"));
     s.cache.max_entries = cache_entries;
     let policy = s.routes[0].policy.clone();
     (Verifier::new(s.issuers, &s.cache), policy)
@@ -69,11 +63,9 @@ fn engine(cache_entries: u64) -> (Verifier, verify::Policy) {
 
 fn keys(alg: Algorithm) -> (EncodingKey, DecodingKey, &'static str) {
     match alg {
-        Algorithm::HS256 => (
-            EncodingKey::from_secret(SECRET.as_bytes()),
-            DecodingKey::from_secret(SECRET.as_bytes()),
-            "hs",
-        ),
+        Algorithm::HS256 => {
+            (EncodingKey::from_secret(SECRET.as_bytes()), DecodingKey::from_secret(SECRET.as_bytes()), "hs")
+        }
         Algorithm::RS256 => (
             EncodingKey::from_rsa_pem(&fixture("rsa.key.pem")).unwrap(),
             DecodingKey::from_rsa_pem(&fixture("rsa.pub.pem")).unwrap(),
@@ -96,12 +88,7 @@ fn bench(c: &mut Criterion) {
     let now = verify::unix_now();
     let (cached, policy) = engine(100_000);
     let (uncached, _) = engine(0);
-    for alg in [
-        Algorithm::HS256,
-        Algorithm::RS256,
-        Algorithm::ES256,
-        Algorithm::EdDSA,
-    ] {
+    for alg in [Algorithm::HS256, Algorithm::RS256, Algorithm::ES256, Algorithm::EdDSA] {
         let (enc, dec, kid) = keys(alg);
         let mut header = jsonwebtoken::Header::new(alg);
         header.kid = Some(kid.into());
@@ -117,30 +104,13 @@ fn bench(c: &mut Criterion) {
 
         let mut g = c.benchmark_group(format!("{alg:?}"));
         g.bench_function("jsonwebtoken_decode", |b| {
-            b.iter(|| {
-                jsonwebtoken::decode::<serde_json::Value>(black_box(&token), &dec, &validation)
-                    .unwrap()
-            })
+            b.iter(|| jsonwebtoken::decode::<serde_json::Value>(black_box(&token), &dec, &validation).unwrap())
         });
         g.bench_function("tokengate_uncached", |b| {
-            b.iter(|| {
-                uncached
-                    .verify(&policy, black_box(&token), now)
-                    .now_or_never()
-                    .unwrap()
-                    .unwrap()
-                    .unwrap()
-            })
+            b.iter(|| uncached.verify(&policy, black_box(&token), now).now_or_never().unwrap().unwrap().unwrap())
         });
         g.bench_function("tokengate_cached", |b| {
-            b.iter(|| {
-                cached
-                    .verify(&policy, black_box(&token), now)
-                    .now_or_never()
-                    .unwrap()
-                    .unwrap()
-                    .unwrap()
-            })
+            b.iter(|| cached.verify(&policy, black_box(&token), now).now_or_never().unwrap().unwrap().unwrap())
         });
         g.finish();
     }

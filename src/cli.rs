@@ -27,6 +27,14 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the gate: consume every route's source, verify, republish; stop on SIGINT/SIGTERM.
+    Run {
+        /// The TOML config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Show the gate working on an embedded Kafka (nothing needs to be running).
+    Demo,
     /// Validate a config file: exit 0, or print every problem and exit 1.
     CheckConfig {
         /// The TOML config file.
@@ -245,14 +253,25 @@ pub fn run(cli: Cli) -> ExitCode {
 
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
+        Command::Run { config } => {
+            let settings = match config::load(&config, &config::process_env()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprint!("{e}");
+                    // EX_CONFIG from sysexits.h: the config is wrong, restarting will not help.
+                    return Ok(ExitCode::from(78));
+                }
+            };
+            crate::app::run(settings).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo => {
+            crate::demo::run().await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::CheckConfig { file } => match config::load(&file, &config::process_env()) {
             Ok(s) => {
-                println!(
-                    "{}: OK ({} issuer(s), {} route(s))",
-                    file.display(),
-                    s.issuers.len(),
-                    s.routes.len()
-                );
+                println!("{}: OK ({} issuer(s), {} route(s))", file.display(), s.issuers.len(), s.routes.len());
                 Ok(ExitCode::SUCCESS)
             }
             Err(e) => {
@@ -260,14 +279,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         },
-        Command::Revoke {
-            selector,
-            before,
-            reason,
-            ttl,
-            until,
-            redis,
-        } => {
+        Command::Revoke { selector, before, reason, ttl, until, redis } => {
             let now = verify::unix_now();
             let before = before.map(|b| ops::parse_time(&b, now)).transpose()?;
             let expiry = match (ttl, until) {
@@ -277,34 +289,16 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             };
             let selector = selector.selector()?;
             let mut conn = ops::redis_connect(&redis.url).await?;
-            for w in ops::revoke(
-                &mut conn,
-                &redis.prefix,
-                &selector,
-                before,
-                &reason,
-                expiry,
-                now,
-            )
-            .await?
-            {
-                let ttl = w
-                    .ttl_secs
-                    .map_or("no expiry".to_owned(), |t| format!("expires in {t}s"));
-                println!(
-                    "revoked {} {:?} ({ttl}): {}",
-                    w.kind.name(),
-                    w.id,
-                    w.key.escape_debug()
-                );
+            for w in ops::revoke(&mut conn, &redis.prefix, &selector, before, &reason, expiry, now).await? {
+                let ttl = w.ttl_secs.map_or("no expiry".to_owned(), |t| format!("expires in {t}s"));
+                println!("revoked {} {:?} ({ttl}): {}", w.kind.name(), w.id, w.key.escape_debug());
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::Unrevoke { selector, redis } => {
             let selector = selector.selector()?;
             let mut conn = ops::redis_connect(&redis.url).await?;
-            let removed =
-                ops::unrevoke(&mut conn, &redis.prefix, &selector, verify::unix_now()).await?;
+            let removed = ops::unrevoke(&mut conn, &redis.prefix, &selector, verify::unix_now()).await?;
             if removed.is_empty() {
                 println!("nothing to unrevoke");
             }
@@ -344,11 +338,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let mut conn = ops::redis_connect(&redis.url).await?;
             let (revoked, out) = ops::check_revoked(&mut conn, &redis.prefix, &token).await?;
             println!("{out}");
-            Ok(if revoked {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            })
+            Ok(if revoked { ExitCode::FAILURE } else { ExitCode::SUCCESS })
         }
         Command::Token(TokenCommand::Mint(args)) => {
             println!("{}", mint(args)?);
@@ -356,26 +346,14 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Token(TokenCommand::Inspect { token }) => {
             let token = read_token(&token)?;
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&ops::inspect(&token, verify::unix_now())?)?
-            );
+            println!("{}", serde_json::to_string_pretty(&ops::inspect(&token, verify::unix_now())?)?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Token(TokenCommand::Verify {
-            config,
-            route,
-            token,
-        }) => {
+        Command::Token(TokenCommand::Verify { config, route, token }) => {
             let token = read_token(&token)?;
-            let (accepted, out) =
-                ops::verify_token(&config, route.as_deref(), &token, verify::unix_now()).await?;
+            let (accepted, out) = ops::verify_token(&config, route.as_deref(), &token, verify::unix_now()).await?;
             println!("{out}");
-            Ok(if accepted {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            Ok(if accepted { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
     }
 }
@@ -387,36 +365,23 @@ fn read_token(arg: &str) -> anyhow::Result<String> {
         return Ok(arg.trim().to_owned());
     }
     let mut s = String::new();
-    std::io::stdin()
-        .take(MAX_STDIN)
-        .read_to_string(&mut s)
-        .context("reading the token from stdin")?;
+    std::io::stdin().take(MAX_STDIN).read_to_string(&mut s).context("reading the token from stdin")?;
     Ok(s.trim().to_owned())
 }
 
 fn mint(a: MintArgs) -> anyhow::Result<String> {
-    let alg: Algorithm = a
-        .alg
-        .parse()
-        .map_err(|_| anyhow::anyhow!("unknown algorithm {:?}", a.alg))?;
+    let alg: Algorithm = a.alg.parse().map_err(|_| anyhow::anyhow!("unknown algorithm {:?}", a.alg))?;
     let secret = match (&a.secret_env, &a.secret_file) {
         (Some(v), None) => Some(config::Secret::Env(v.clone())),
         (None, Some(f)) => Some(config::Secret::File(f.clone())),
         (None, None) => None,
         _ => anyhow::bail!("give --secret-env or --secret-file, not both"),
     };
-    let secret = secret
-        .map(|s| s.resolve(std::path::Path::new(".")))
-        .transpose()
-        .map_err(anyhow::Error::msg)?;
+    let secret = secret.map(|s| s.resolve(std::path::Path::new("."))).transpose().map_err(anyhow::Error::msg)?;
     let secret = match (secret, a.secret_base64) {
         (Some(s), true) => {
             use base64::Engine as _;
-            Some(
-                base64::engine::general_purpose::STANDARD
-                    .decode(s.trim_ascii())
-                    .context("secret is not base64")?,
-            )
+            Some(base64::engine::general_purpose::STANDARD.decode(s.trim_ascii()).context("secret is not base64")?)
         }
         (s, _) => s,
     };
@@ -428,14 +393,9 @@ fn mint(a: MintArgs) -> anyhow::Result<String> {
     let key = ops::signing_key(alg, secret.as_deref(), pem.as_deref())?;
     let mut extra = Map::new();
     for c in &a.claims {
-        let (k, v) = c
-            .split_once('=')
-            .with_context(|| format!("--claim {c:?} is not NAME=VALUE"))?;
+        let (k, v) = c.split_once('=').with_context(|| format!("--claim {c:?} is not NAME=VALUE"))?;
         anyhow::ensure!(!k.is_empty(), "--claim {c:?} has an empty name");
-        extra.insert(
-            k.to_owned(),
-            serde_json::from_str(v).unwrap_or_else(|_| Value::from(v)),
-        );
+        extra.insert(k.to_owned(), serde_json::from_str(v).unwrap_or_else(|_| Value::from(v)));
     }
     let req = ops::Mint {
         alg,

@@ -39,19 +39,9 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
-            f,
-            "{}: {} problem(s)",
-            self.file.display(),
-            self.problems.len()
-        )?;
+        writeln!(f, "{}: {} problem(s)", self.file.display(), self.problems.len())?;
         for p in &self.problems {
-            writeln!(
-                f,
-                "  {}: {}",
-                if p.path.is_empty() { "(file)" } else { &p.path },
-                p.message
-            )?;
+            writeln!(f, "  {}: {}", if p.path.is_empty() { "(file)" } else { &p.path }, p.message)?;
         }
         Ok(())
     }
@@ -76,8 +66,7 @@ impl Secret {
                 .ok_or_else(|| format!("environment variable {name} is not set")),
             Secret::File(p) => {
                 let p = base.join(p);
-                let mut v =
-                    std::fs::read(&p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+                let mut v = std::fs::read(&p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
                 if v.last() == Some(&b'\n') {
                     v.pop();
                 }
@@ -120,6 +109,161 @@ pub struct Config {
     /// The verified-token cache.
     #[serde(default)]
     pub cache: CacheConfig,
+    /// Kafka clusters by name.
+    #[serde(default)]
+    pub kafka: BTreeMap<String, KafkaCluster>,
+    /// AMQP (RabbitMQ) brokers by name.
+    #[serde(default)]
+    pub amqp: BTreeMap<String, AmqpBroker>,
+    /// The revocation list; without it tokens are not checked for revocation (a warning at start).
+    pub redis: Option<RedisConfig>,
+    /// Health, readiness and metrics HTTP endpoint.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// How long shutdown may take to drain in-flight messages and commit.
+    #[serde(default = "default_shutdown_timeout")]
+    pub shutdown_timeout: Dur,
+}
+
+/// A Kafka cluster (`[kafka.NAME]`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct KafkaCluster {
+    /// `host:port,host:port`.
+    pub bootstrap_servers: String,
+    /// librdkafka properties for every client of this cluster (SASL, SSL, ...).
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+    /// librdkafka properties whose values are secrets (`"sasl.password" = { env = "X" }`).
+    #[serde(default)]
+    pub secret_properties: BTreeMap<String, Secret>,
+}
+
+/// An AMQP broker (`[amqp.NAME]`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct AmqpBroker {
+    /// `amqp://user@host:5672/vhost` or `amqps://...`; put the password in `password`.
+    pub url: String,
+    /// The password, if the URL needs one.
+    pub password: Option<Secret>,
+}
+
+/// The revocation list (`[redis]`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct RedisConfig {
+    /// `redis://[user@]host:port/db` or `rediss://` for TLS; put the password in `password`.
+    pub url: String,
+    /// The password (or ACL user's password).
+    pub password: Option<Secret>,
+    /// Key prefix.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    /// When Redis is unreachable: `hold` (default: no ack, retry) or `dead_letter`
+    /// (reason `revocation_unavailable`). Never accept.
+    #[serde(default)]
+    pub on_unavailable: OnUnavailable,
+}
+
+/// What to do with a message whose revocation status cannot be read.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum OnUnavailable {
+    /// Keep it unacknowledged and retry with backoff.
+    #[default]
+    Hold,
+    /// Dead-letter it with reason `revocation_unavailable`.
+    DeadLetter,
+}
+
+/// The admin endpoint (`[admin]`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct AdminConfig {
+    /// Listen address for `/health`, `/ready`, `/metrics`; empty disables it.
+    #[serde(default = "default_admin_listen")]
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig { listen: default_admin_listen() }
+    }
+}
+
+/// Where a route's messages come from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceConfig {
+    /// Kafka topics.
+    Kafka(KafkaSource),
+    /// An AMQP queue.
+    Amqp(AmqpSource),
+}
+
+/// A Kafka source (`[routes.NAME.source.kafka]`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct KafkaSource {
+    /// Cluster name.
+    pub cluster: String,
+    /// Topic names (or use `topic_regex`).
+    #[serde(default)]
+    pub topics: Vec<String>,
+    /// A regex of topic names, e.g. `^orders\\..*\\.untrusted$`.
+    pub topic_regex: Option<String>,
+    /// Consumer group: instances with the same group share the partitions.
+    pub group: String,
+    /// Extra librdkafka consumer properties (e.g. `auto.offset.reset`).
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+/// An AMQP source (`[routes.NAME.source.amqp]`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct AmqpSource {
+    /// Broker name.
+    pub broker: String,
+    /// Queue name.
+    pub queue: String,
+    /// Declare the queue (durable) with `arguments`; false: it must exist (passive).
+    #[serde(default)]
+    pub declare: bool,
+    /// Queue arguments when declaring (`"x-queue-type" = "quorum"`).
+    #[serde(default)]
+    pub arguments: BTreeMap<String, toml::Value>,
+    /// Unacknowledged deliveries at most (the channel prefetch).
+    #[serde(default = "default_prefetch")]
+    pub prefetch: u16,
+}
+
+/// Where a route publishes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkConfig {
+    /// A Kafka topic.
+    Kafka(KafkaSink),
+    /// An AMQP exchange.
+    Amqp(AmqpSink),
+}
+
+/// A Kafka destination.
+#[derive(Debug, Clone, Deserialize)]
+pub struct KafkaSink {
+    /// Cluster name.
+    pub cluster: String,
+    /// Topic.
+    pub topic: String,
+    /// Extra librdkafka producer properties.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+/// An AMQP destination.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AmqpSink {
+    /// Broker name.
+    pub broker: String,
+    /// Exchange ("" is the default exchange).
+    pub exchange: String,
+    /// Routing key: absent keeps the source's; may use `{routing_key}`, `{topic}`, `{queue}`.
+    pub routing_key: Option<String>,
 }
 
 /// A trusted issuer (`[issuers.NAME]`).
@@ -208,6 +352,51 @@ pub struct RouteConfig {
     /// Claims that must equal these values (`tenant = "acme"`, `"org.id" = 7`).
     #[serde(default)]
     pub claims: BTreeMap<String, toml::Value>,
+    /// Where messages come from.
+    pub source: Option<SourceConfig>,
+    /// Where accepted messages go.
+    pub trusted: Option<SinkConfig>,
+    /// Where rejected messages go.
+    pub dead_letter: Option<SinkConfig>,
+    /// Claim path -> header name, added to accepted messages (`sub = "x-tokengate-sub"`).
+    #[serde(default = "default_identity_headers")]
+    pub identity_headers: BTreeMap<String, String>,
+    /// Prefix of the headers tokengate adds; incoming headers with it are removed (anti-spoofing).
+    #[serde(default = "default_header_prefix")]
+    pub header_prefix: String,
+    /// Most messages published but not yet confirmed, per route.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// Guard against dead-lettering everything (a wrong key, say).
+    #[serde(default)]
+    pub dead_letter_guard: GuardConfig,
+}
+
+/// The runaway dead-letter guard (`[routes.NAME.dead_letter_guard]`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct GuardConfig {
+    /// Trip when more than this share of a window's messages is dead-lettered.
+    #[serde(default = "default_guard_ratio")]
+    pub max_ratio: f64,
+    /// Only judge windows with at least this many messages.
+    #[serde(default = "default_guard_min")]
+    pub min_messages: u64,
+    /// Window length.
+    #[serde(default = "default_guard_window")]
+    pub window: Dur,
+    /// Pause consumption this long when tripped; absent: only alert (metric and log).
+    pub pause: Option<Dur>,
+}
+
+impl Default for GuardConfig {
+    fn default() -> Self {
+        GuardConfig {
+            max_ratio: default_guard_ratio(),
+            min_messages: default_guard_min(),
+            window: default_guard_window(),
+            pause: None,
+        }
+    }
 }
 
 /// Where a route's token is (`[routes.NAME.token]`).
@@ -230,12 +419,7 @@ pub struct TokenConfig {
 impl Default for TokenConfig {
     fn default() -> Self {
         let d = TokenSpec::default();
-        TokenConfig {
-            header: d.header,
-            require_bearer: d.require_bearer,
-            max_bytes: d.max_bytes,
-            strip: true,
-        }
+        TokenConfig { header: d.header, require_bearer: d.require_bearer, max_bytes: d.max_bytes, strip: true }
     }
 }
 
@@ -265,13 +449,42 @@ pub struct CacheConfig {
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        CacheConfig {
-            max_entries: default_cache_entries(),
-            ttl_without_exp: default_ttl_without_exp(),
-        }
+        CacheConfig { max_entries: default_cache_entries(), ttl_without_exp: default_ttl_without_exp() }
     }
 }
 
+fn default_shutdown_timeout() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+fn default_prefix() -> String {
+    crate::revocation::DEFAULT_PREFIX.to_owned()
+}
+fn default_admin_listen() -> String {
+    "127.0.0.1:9900".to_owned()
+}
+fn default_prefetch() -> u16 {
+    // Enough to keep confirms pipelined, small enough that a crash redelivers little.
+    256
+}
+fn default_identity_headers() -> BTreeMap<String, String> {
+    BTreeMap::from([("sub".to_owned(), "x-tokengate-sub".to_owned())])
+}
+fn default_header_prefix() -> String {
+    "x-tokengate-".to_owned()
+}
+fn default_max_in_flight() -> usize {
+    // Enough to hide a broker round trip at 100k msg/s; bounded so memory stays small.
+    10_000
+}
+fn default_guard_ratio() -> f64 {
+    0.9
+}
+fn default_guard_min() -> u64 {
+    100
+}
+fn default_guard_window() -> Dur {
+    Dur(Duration::from_secs(60))
+}
 fn yes() -> bool {
     true
 }
@@ -300,7 +513,7 @@ fn default_ttl_without_exp() -> Dur {
     Dur(verify::CacheSettings::default().ttl_without_exp)
 }
 
-/// A validated route's verification settings.
+/// A validated route's verification and header settings.
 #[derive(Debug, Clone)]
 pub struct RouteRules {
     /// Route name.
@@ -311,6 +524,10 @@ pub struct RouteRules {
     pub strip_token: bool,
     /// Issuer, role, scope and claim rules.
     pub policy: Policy,
+    /// Claim path -> header name for accepted messages.
+    pub identity_headers: Vec<(ClaimPath, String)>,
+    /// Prefix of the gate's own headers.
+    pub header_prefix: String,
 }
 
 /// The typed, validated result of a config file.
@@ -323,6 +540,8 @@ pub struct Settings {
     pub routes: Vec<RouteRules>,
     /// The raw config, for the parts later stages read.
     pub raw: Config,
+    /// Directory relative file paths are resolved against.
+    pub base: PathBuf,
 }
 
 impl Settings {
@@ -334,76 +553,48 @@ impl Settings {
 
 /// Reads, overrides from `env`, and validates a config file.
 pub fn load(path: &Path, env: &[(String, String)]) -> Result<Settings, ConfigError> {
-    let fail = |problems| ConfigError {
-        file: path.to_owned(),
-        problems,
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        fail(vec![Problem {
-            path: String::new(),
-            message: format!("cannot read: {e}"),
-        }])
-    })?;
+    let fail = |problems| ConfigError { file: path.to_owned(), problems };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| fail(vec![Problem { path: String::new(), message: format!("cannot read: {e}") }]))?;
     let base = path.parent().unwrap_or(Path::new("."));
     parse(&text, env, base).map_err(fail)
 }
 
 /// The `TOKENGATE__*` variables of this process.
 pub fn process_env() -> Vec<(String, String)> {
-    std::env::vars()
-        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
-        .collect()
+    std::env::vars().filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect()
 }
 
 /// Parses and validates config text; relative file paths are resolved against `base`.
 pub fn parse(text: &str, env: &[(String, String)], base: &Path) -> Result<Settings, Vec<Problem>> {
     let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-        vec![Problem {
-            path: String::new(),
-            message: e.to_string().trim().replace('\n', " "),
-        }]
+        vec![Problem { path: String::new(), message: e.to_string().trim().replace('\n', " ") }]
     })?;
     let mut problems = Vec::new();
     let mut de = toml::Value::Table(table);
     for (k, v) in env {
         if let Err(m) = apply_override(&mut de, k, v) {
-            problems.push(Problem {
-                path: k.clone(),
-                message: m,
-            });
+            problems.push(Problem { path: k.clone(), message: m });
         }
     }
     let mut unknown = Vec::new();
     let raw: Result<Config, _> = serde_ignored::deserialize(de, |p| unknown.push(p.to_string()));
     for p in unknown {
-        problems.push(Problem {
-            path: p,
-            message: "unknown field".into(),
-        });
+        problems.push(Problem { path: p, message: "unknown field".into() });
     }
     let raw = match raw {
         Ok(raw) => raw,
         Err(e) => {
-            problems.push(Problem {
-                path: String::new(),
-                message: e.to_string().trim().replace('\n', " "),
-            });
+            problems.push(Problem { path: String::new(), message: e.to_string().trim().replace('\n', " ") });
             return Err(problems);
         }
     };
     let settings = validate(raw, base, &mut problems);
-    if problems.is_empty() {
-        Ok(settings)
-    } else {
-        Err(problems)
-    }
+    if problems.is_empty() { Ok(settings) } else { Err(problems) }
 }
 
 fn apply_override(root: &mut toml::Value, key: &str, raw: &str) -> Result<(), String> {
-    let path: Vec<String> = key[ENV_PREFIX.len()..]
-        .split("__")
-        .map(str::to_ascii_lowercase)
-        .collect();
+    let path: Vec<String> = key[ENV_PREFIX.len()..].split("__").map(str::to_ascii_lowercase).collect();
     if path.iter().any(String::is_empty) {
         return Err("empty path segment".into());
     }
@@ -414,17 +605,13 @@ fn apply_override(root: &mut toml::Value, key: &str, raw: &str) -> Result<(), St
     let mut cur = root;
     for seg in &path {
         cur = match cur {
-            toml::Value::Table(t) => t
-                .entry(seg.clone())
-                .or_insert_with(|| toml::Value::Table(Default::default())),
+            toml::Value::Table(t) => t.entry(seg.clone()).or_insert_with(|| toml::Value::Table(Default::default())),
             toml::Value::Array(a) => {
                 let i = path_index(seg, a.len())?;
                 &mut a[i]
             }
             _ => {
-                return Err(format!(
-                    "cannot set {seg} inside a value that is not a table"
-                ));
+                return Err(format!("cannot set {seg} inside a value that is not a table"));
             }
         };
     }
@@ -433,10 +620,7 @@ fn apply_override(root: &mut toml::Value, key: &str, raw: &str) -> Result<(), St
 }
 
 fn path_index(seg: &str, len: usize) -> Result<usize, String> {
-    seg.parse::<usize>()
-        .ok()
-        .filter(|i| *i < len)
-        .ok_or_else(|| format!("{seg} is not an index below {len}"))
+    seg.parse::<usize>().ok().filter(|i| *i < len).ok_or_else(|| format!("{seg} is not an index below {len}"))
 }
 
 /// Collects problems into `problems` while building typed settings.
@@ -446,10 +630,7 @@ struct Check<'p> {
 
 impl Check<'_> {
     fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.problems.push(Problem {
-            path: path.into(),
-            message: message.into(),
-        });
+        self.problems.push(Problem { path: path.into(), message: message.into() });
     }
 
     fn algorithms(&mut self, path: &str, names: &[String]) -> Vec<Algorithm> {
@@ -460,7 +641,10 @@ impl Check<'_> {
             } else {
                 match n.parse::<Algorithm>() {
                     Ok(a) => out.push(a),
-                    Err(_) => self.add(format!("{path}.{i}"), format!("unknown algorithm {n:?} (HS256, RS256, PS256, ES256, ES384, EdDSA, ...)")),
+                    Err(_) => self.add(
+                        format!("{path}.{i}"),
+                        format!("unknown algorithm {n:?} (HS256, RS256, PS256, ES256, ES384, EdDSA, ...)"),
+                    ),
                 }
             }
         }
@@ -494,20 +678,14 @@ fn validate(raw: Config, base: &Path, problems: &mut Vec<Problem>) -> Settings {
         }
         let remote = match (&ic.jwks_url, &ic.discovery_url) {
             (Some(_), Some(_)) => {
-                c.add(
-                    format!("{p}.discovery_url"),
-                    "set jwks_url or discovery_url, not both",
-                );
+                c.add(format!("{p}.discovery_url"), "set jwks_url or discovery_url, not both");
                 None
             }
             (Some(u), None) => Some(verify::jwks::Location::Jwks(u.clone())),
             (None, Some(u)) => Some(verify::jwks::Location::Discovery(u.clone())),
             (None, None) => None,
         };
-        for (field, url) in [
-            ("jwks_url", &ic.jwks_url),
-            ("discovery_url", &ic.discovery_url),
-        ] {
+        for (field, url) in [("jwks_url", &ic.jwks_url), ("discovery_url", &ic.discovery_url)] {
             if let Some(u) = url {
                 if !(u.starts_with("https://") || u.starts_with("http://")) {
                     c.add(format!("{p}.{field}"), "must be an http(s) URL");
@@ -518,10 +696,7 @@ fn validate(raw: Config, base: &Path, problems: &mut Vec<Problem>) -> Settings {
             c.add(&p, "has no keys: add [[keys]], jwks_url or discovery_url");
         }
         if ic.jwks_min_refetch.0 < Duration::from_secs(1) {
-            c.add(
-                format!("{p}.jwks_min_refetch"),
-                "must be at least 1s (it bounds fetches caused by unknown kids)",
-            );
+            c.add(format!("{p}.jwks_min_refetch"), "must be at least 1s (it bounds fetches caused by unknown kids)");
         }
         let remote = remote.map(|location| verify::jwks::RemoteSettings {
             location,
@@ -539,11 +714,7 @@ fn validate(raw: Config, base: &Path, problems: &mut Vec<Problem>) -> Settings {
                 require_exp: ic.require_exp,
                 max_age: ic.max_age.map(|d| d.0.as_secs() as i64),
                 typ: ic.typ.clone(),
-                required_claims: ic
-                    .required_claims
-                    .iter()
-                    .map(|s| ClaimPath(s.clone()))
-                    .collect(),
+                required_claims: ic.required_claims.iter().map(|s| ClaimPath(s.clone())).collect(),
             },
             keys: IssuerKeys::new(name, algorithms, keys, remote),
         });
@@ -553,10 +724,7 @@ fn validate(raw: Config, base: &Path, problems: &mut Vec<Problem>) -> Settings {
         let p = format!("routes.{name}");
         for (i, iss) in rc.issuers.iter().enumerate() {
             if !raw.issuers.contains_key(iss) {
-                c.add(
-                    format!("{p}.issuers.{i}"),
-                    format!("no issuer named {iss:?}"),
-                );
+                c.add(format!("{p}.issuers.{i}"), format!("no issuer named {iss:?}"));
             }
         }
         if rc.token.header.is_empty() {
@@ -571,18 +739,11 @@ fn validate(raw: Config, base: &Path, problems: &mut Vec<Problem>) -> Settings {
                 (false, true) => (r.any_of.clone(), false),
                 (true, false) => (r.all_of.clone(), true),
                 _ => {
-                    c.add(
-                        format!("{p}.require.{i}"),
-                        "set exactly one of any_of, all_of",
-                    );
+                    c.add(format!("{p}.require.{i}"), "set exactly one of any_of, all_of");
                     continue;
                 }
             };
-            require.push(Requirement {
-                claim: ClaimPath(r.claim.clone()),
-                values,
-                all,
-            });
+            require.push(Requirement { claim: ClaimPath(r.claim.clone()), values, all });
         }
         let mut equals = Vec::new();
         for (k, v) in &rc.claims {
@@ -591,6 +752,7 @@ fn validate(raw: Config, base: &Path, problems: &mut Vec<Problem>) -> Settings {
                 Err(e) => c.add(format!("{p}.claims.{k}"), e.to_string()),
             }
         }
+        check_route_io(&mut c, &p, rc, &raw);
         routes.push(RouteRules {
             name: name.clone(),
             token: TokenSpec {
@@ -599,22 +761,134 @@ fn validate(raw: Config, base: &Path, problems: &mut Vec<Problem>) -> Settings {
                 max_bytes: rc.token.max_bytes,
             },
             strip_token: rc.token.strip,
-            policy: Policy {
-                issuers: rc.issuers.clone(),
-                require,
-                equals,
-            },
+            policy: Policy { issuers: rc.issuers.clone(), require, equals },
+            identity_headers: rc
+                .identity_headers
+                .iter()
+                .map(|(k, v)| (ClaimPath(k.clone()), v.to_ascii_lowercase()))
+                .collect(),
+            header_prefix: rc.header_prefix.to_ascii_lowercase(),
         });
     }
-    let cache = verify::CacheSettings {
-        max_entries: raw.cache.max_entries,
-        ttl_without_exp: raw.cache.ttl_without_exp.0,
-    };
-    Settings {
-        issuers,
-        cache,
-        routes,
-        raw,
+    for (name, k) in &raw.kafka {
+        if k.bootstrap_servers.is_empty() {
+            c.add(format!("kafka.{name}.bootstrap_servers"), "must not be empty");
+        }
+        for (prop, secret) in &k.secret_properties {
+            if let Err(m) = secret.resolve(base) {
+                c.add(format!("kafka.{name}.secret_properties.{prop}"), m);
+            }
+        }
+        for prop in k.properties.keys() {
+            if prop.contains("password") || prop.contains("secret") {
+                c.add(format!("kafka.{name}.properties.{prop}"), "secrets belong in secret_properties (env or file)");
+            }
+        }
+    }
+    for (name, a) in &raw.amqp {
+        if !(a.url.starts_with("amqp://") || a.url.starts_with("amqps://")) {
+            c.add(format!("amqp.{name}.url"), "must start with amqp:// or amqps://");
+        }
+        if let Some(Err(m)) = a.password.as_ref().map(|s| s.resolve(base)) {
+            c.add(format!("amqp.{name}.password"), m);
+        }
+    }
+    if let Some(r) = &raw.redis {
+        if !(r.url.starts_with("redis://") || r.url.starts_with("rediss://") || r.url.starts_with("unix://")) {
+            c.add("redis.url", "must start with redis://, rediss:// or unix://");
+        }
+        if let Some(Err(m)) = r.password.as_ref().map(|s| s.resolve(base)) {
+            c.add("redis.password", m);
+        }
+    }
+    if !raw.admin.listen.is_empty() && raw.admin.listen.parse::<std::net::SocketAddr>().is_err() {
+        c.add("admin.listen", "must be host:port, e.g. 127.0.0.1:9900 (empty disables)");
+    }
+    let cache =
+        verify::CacheSettings { max_entries: raw.cache.max_entries, ttl_without_exp: raw.cache.ttl_without_exp.0 };
+    Settings { issuers, cache, routes, raw, base: base.to_owned() }
+}
+
+fn check_route_io(c: &mut Check, p: &str, rc: &RouteConfig, raw: &Config) {
+    let io =
+        [("source", rc.source.is_some()), ("trusted", rc.trusted.is_some()), ("dead_letter", rc.dead_letter.is_some())];
+    if io.iter().any(|(_, set)| *set) {
+        for (field, set) in io {
+            if !set {
+                c.add(format!("{p}.{field}"), "a route with a source needs source, trusted and dead_letter");
+            }
+        }
+    }
+    match &rc.source {
+        Some(SourceConfig::Kafka(k)) => {
+            if !raw.kafka.contains_key(&k.cluster) {
+                c.add(format!("{p}.source.kafka.cluster"), format!("no [kafka.{}] cluster", k.cluster));
+            }
+            match (k.topics.is_empty(), &k.topic_regex) {
+                (true, None) | (false, Some(_)) => {
+                    c.add(format!("{p}.source.kafka"), "set topics or topic_regex (one of them)")
+                }
+                (_, Some(re)) => {
+                    if let Err(e) = regex::Regex::new(re) {
+                        c.add(format!("{p}.source.kafka.topic_regex"), e.to_string());
+                    }
+                }
+                _ => {}
+            }
+            if k.group.is_empty() {
+                c.add(format!("{p}.source.kafka.group"), "must not be empty");
+            }
+        }
+        Some(SourceConfig::Amqp(a)) => {
+            if !raw.amqp.contains_key(&a.broker) {
+                c.add(format!("{p}.source.amqp.broker"), format!("no [amqp.{}] broker", a.broker));
+            }
+            if a.queue.is_empty() {
+                c.add(format!("{p}.source.amqp.queue"), "must not be empty");
+            }
+            if a.prefetch == 0 {
+                c.add(format!("{p}.source.amqp.prefetch"), "must be positive (0 would mean unbounded)");
+            }
+        }
+        None => {}
+    }
+    for (field, sink) in [("trusted", &rc.trusted), ("dead_letter", &rc.dead_letter)] {
+        match sink {
+            Some(SinkConfig::Kafka(k)) => {
+                if !raw.kafka.contains_key(&k.cluster) {
+                    c.add(format!("{p}.{field}.kafka.cluster"), format!("no [kafka.{}] cluster", k.cluster));
+                }
+                if k.topic.is_empty() {
+                    c.add(format!("{p}.{field}.kafka.topic"), "must not be empty");
+                }
+            }
+            Some(SinkConfig::Amqp(a)) => {
+                if !raw.amqp.contains_key(&a.broker) {
+                    c.add(format!("{p}.{field}.amqp.broker"), format!("no [amqp.{}] broker", a.broker));
+                }
+            }
+            None => {}
+        }
+    }
+    if let (Some(SourceConfig::Kafka(s)), Some(SinkConfig::Kafka(t))) = (&rc.source, &rc.trusted) {
+        if s.cluster == t.cluster && s.topics.contains(&t.topic) {
+            c.add(format!("{p}.trusted.kafka.topic"), "the trusted topic is also a source topic (a loop)");
+        }
+    }
+    if rc.max_in_flight == 0 {
+        c.add(format!("{p}.max_in_flight"), "must be positive");
+    }
+    if !(0.0..=1.0).contains(&rc.dead_letter_guard.max_ratio) {
+        c.add(format!("{p}.dead_letter_guard.max_ratio"), "must be between 0 and 1");
+    }
+    if rc.header_prefix.is_empty() {
+        c.add(format!("{p}.header_prefix"), "must not be empty (it protects against spoofed identity headers)");
+    }
+    let token_header = rc.token.header.to_ascii_lowercase();
+    for (claim, h) in &rc.identity_headers {
+        if h.is_empty() || h.eq_ignore_ascii_case(&token_header) {
+            c.add(format!("{p}.identity_headers.{claim}"), "must be a non-empty header other than the token header");
+        }
     }
 }
 
@@ -625,31 +899,20 @@ fn load_key(
     issuer_algs: &[Algorithm],
     base: &Path,
 ) -> Result<Vec<verify::keys::Key>, String> {
-    let sources = [
-        kc.secret.is_some(),
-        kc.pem_file.is_some(),
-        kc.jwks_file.is_some(),
-    ];
+    let sources = [kc.secret.is_some(), kc.pem_file.is_some(), kc.jwks_file.is_some()];
     if sources.iter().filter(|s| **s).count() != 1 {
         return Err("set exactly one of secret, pem_file, jwks_file".into());
     }
     let pinned = c.algorithms(&format!("{path}.algorithms"), &kc.algorithms);
     for a in &pinned {
         if !issuer_algs.contains(a) {
-            c.add(
-                format!("{path}.algorithms"),
-                format!("{a:?} is not in the issuer's algorithms"),
-            );
+            c.add(format!("{path}.algorithms"), format!("{a:?} is not in the issuer's algorithms"));
         }
     }
     if kc.jwks_file.is_none() && kc.algorithms.is_empty() {
         return Err("list the algorithms this key may verify (keys are pinned)".into());
     }
-    let allowed: Vec<Algorithm> = if pinned.is_empty() {
-        issuer_algs.to_vec()
-    } else {
-        pinned
-    };
+    let allowed: Vec<Algorithm> = if pinned.is_empty() { issuer_algs.to_vec() } else { pinned };
     if let Some(secret) = &kc.secret {
         let bytes = secret.resolve(base)?;
         let bytes = match kc.secret_encoding {
@@ -678,11 +941,7 @@ fn load_key(
 fn decode_base64(b: &[u8]) -> Result<Vec<u8>, String> {
     use base64::Engine as _;
     use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
-    let t: Vec<u8> = b
-        .iter()
-        .copied()
-        .filter(|c| !c.is_ascii_whitespace())
-        .collect();
+    let t: Vec<u8> = b.iter().copied().filter(|c| !c.is_ascii_whitespace()).collect();
     STANDARD
         .decode(&t)
         .or_else(|_| URL_SAFE_NO_PAD.decode(t.strip_suffix(b"=").unwrap_or(&t)))
@@ -694,10 +953,7 @@ mod tests {
     use super::*;
 
     fn problems(text: &str, env: &[(&str, &str)]) -> Vec<Problem> {
-        let env: Vec<(String, String)> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         match parse(text, &env, Path::new(".")) {
             Ok(_) => vec![],
             Err(p) => p,
@@ -779,26 +1035,14 @@ mod tests {
     fn env_overrides_apply_and_report() {
         unsafe { std::env::set_var("TG_TEST_SECRET_CFG", "0123456789abcdef0123456789abcdef") };
         let env = [
-            (
-                "TOKENGATE__ROUTES__ORDERS__TOKEN__HEADER".to_string(),
-                "x-token".to_string(),
-            ),
-            (
-                "TOKENGATE__ISSUERS__LOCAL__LEEWAY".to_string(),
-                "5".to_string(),
-            ),
-            (
-                "TOKENGATE__ISSUERS__LOCAL__KEYS__0__KID".to_string(),
-                "k9".to_string(),
-            ),
+            ("TOKENGATE__ROUTES__ORDERS__TOKEN__HEADER".to_string(), "x-token".to_string()),
+            ("TOKENGATE__ISSUERS__LOCAL__LEEWAY".to_string(), "5".to_string()),
+            ("TOKENGATE__ISSUERS__LOCAL__KEYS__0__KID".to_string(), "k9".to_string()),
         ];
         let s = parse(GOOD, &env, Path::new(".")).unwrap_or_else(|p| panic!("{p:?}"));
         assert_eq!(s.routes[0].token.header, "x-token");
         assert_eq!(s.issuers[0].checks.leeway, 5);
-        assert_eq!(
-            s.issuers[0].keys.current().keys[0].kid.as_deref(),
-            Some("k9")
-        );
+        assert_eq!(s.issuers[0].keys.current().keys[0].kid.as_deref(), Some("k9"));
         let got = problems(GOOD, &[("TOKENGATE__ISSUERS__LOCAL__KEYS__7__KID", "k")]);
         assert_eq!(got[0].path, "TOKENGATE__ISSUERS__LOCAL__KEYS__7__KID");
     }

@@ -13,13 +13,27 @@
 //! - [`verify`]: the decision; [`verify::jwt`] parsing, [`verify::keys`] pinned keys,
 //!   [`verify::jwks`] rotating key sets, [`verify::policy`] route rules.
 //! - [`revocation`]: the Redis revocation list, its key schema and invalidated local cache.
+//! - [`envelope`]: a message from any broker ([`envelope::Envelope`]) and what goes out.
+//! - [`gate`]: the core, `Gate::handle(route, envelope) -> Outcome` (forward / dead-letter) or a hold.
+//! - [`source`]: consume loops with their ack rules ([`source::kafka`]).
+//! - [`sink`]: publishing with broker confirmation ([`sink::kafka`]).
+//! - [`app`]: `tokengate run` wiring (routes, admin endpoint, shutdown).
+//! - [`demo`]: `tokengate demo`, the whole pipeline on an embedded Kafka.
+//! - [`admin`]: `/health`, `/ready`, `/metrics`.
 //! - [`ops`]: the token and revocation tools (mint, inspect, verify, revoke, list).
 //! - [`telemetry`]: logs and metric names.
 //! - [`cli`]: the command line.
 
+pub mod admin;
+pub mod app;
 pub mod cli;
 pub mod config;
+pub mod demo;
+pub mod envelope;
+pub mod gate;
 pub mod ops;
 pub mod revocation;
+pub mod sink;
+pub mod source;
 pub mod telemetry;
 pub mod verify;

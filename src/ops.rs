@@ -74,19 +74,10 @@ impl Mint {
             },
         );
         put("iat", Some(Value::from(now)));
-        put(
-            "exp",
-            self.ttl.map(|t| Value::from(now + t.as_secs() as i64)),
-        );
+        put("exp", self.ttl.map(|t| Value::from(now + t.as_secs() as i64)));
         put("jti", self.jti.then(|| Value::from(random_id())));
-        put(
-            "roles",
-            (!self.roles.is_empty()).then(|| Value::from(self.roles.clone())),
-        );
-        put(
-            "scope",
-            (!self.scopes.is_empty()).then(|| Value::from(self.scopes.join(" "))),
-        );
+        put("roles", (!self.roles.is_empty()).then(|| Value::from(self.roles.clone())));
+        put("scope", (!self.scopes.is_empty()).then(|| Value::from(self.scopes.join(" "))));
         for (k, v) in &self.extra {
             c.insert(k.clone(), v.clone());
         }
@@ -111,23 +102,13 @@ fn random_id() -> String {
 }
 
 /// Loads a signing key: an HMAC secret for HS*, a PEM private key otherwise.
-pub fn signing_key(
-    alg: Algorithm,
-    secret: Option<&[u8]>,
-    pem: Option<&[u8]>,
-) -> anyhow::Result<EncodingKey> {
+pub fn signing_key(alg: Algorithm, secret: Option<&[u8]>, pem: Option<&[u8]>) -> anyhow::Result<EncodingKey> {
     use jsonwebtoken::AlgorithmFamily as F;
     Ok(match (alg.family(), secret, pem) {
         (F::Hmac, Some(s), None) => EncodingKey::from_secret(s),
-        (F::Rsa, None, Some(p)) => {
-            EncodingKey::from_rsa_pem(p).context("not an RSA private key PEM")?
-        }
-        (F::Ec, None, Some(p)) => {
-            EncodingKey::from_ec_pem(p).context("not an EC private key PEM (PKCS#8)")?
-        }
-        (F::Ed, None, Some(p)) => {
-            EncodingKey::from_ed_pem(p).context("not an Ed25519 private key PEM")?
-        }
+        (F::Rsa, None, Some(p)) => EncodingKey::from_rsa_pem(p).context("not an RSA private key PEM")?,
+        (F::Ec, None, Some(p)) => EncodingKey::from_ec_pem(p).context("not an EC private key PEM (PKCS#8)")?,
+        (F::Ed, None, Some(p)) => EncodingKey::from_ed_pem(p).context("not an Ed25519 private key PEM")?,
         (F::Hmac, _, _) => bail!("{alg:?} needs a secret (--secret-env or --secret-file)"),
         _ => bail!("{alg:?} needs a PEM private key (--key-file)"),
     })
@@ -135,8 +116,8 @@ pub fn signing_key(
 
 /// Decodes a token without verifying it, for `token inspect`.
 pub fn inspect(token: &str, now: i64) -> anyhow::Result<Value> {
-    let (header, claims) = verify::jwt::decode_unverified(token)
-        .map_err(|r| anyhow::anyhow!("{}: {}", r.reason, r.detail))?;
+    let (header, claims) =
+        verify::jwt::decode_unverified(token).map_err(|r| anyhow::anyhow!("{}: {}", r.reason, r.detail))?;
     let exp = claims.get("exp").and_then(Value::as_i64);
     Ok(json!({
         "warning": "UNVERIFIED: decoded only; the signature and claims were not checked",
@@ -159,9 +140,7 @@ pub async fn verify_token(
     let settings = config::load(config_file, &config::process_env())?;
     let (spec, policy) = match route {
         Some(name) => {
-            let r = settings
-                .route(name)
-                .with_context(|| format!("no route named {name:?}"))?;
+            let r = settings.route(name).with_context(|| format!("no route named {name:?}"))?;
             (r.token.clone(), r.policy.clone())
         }
         None => (verify::TokenSpec::default(), Policy::default()),
@@ -259,12 +238,9 @@ pub fn parse_time(s: &str, now: i64) -> anyhow::Result<i64> {
         return Ok(n);
     }
     let t = humantime::parse_rfc3339_weak(s).map_err(|_| {
-        anyhow::anyhow!(
-            "cannot read time {s:?}: give unix seconds, RFC 3339 (2026-11-24T10:00:00Z) or now"
-        )
+        anyhow::anyhow!("cannot read time {s:?}: give unix seconds, RFC 3339 (2026-11-24T10:00:00Z) or now")
     })?;
-    Ok(t.duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64))
+    Ok(t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64))
 }
 
 fn nonempty(what: &str, id: &str) -> anyhow::Result<String> {
@@ -273,10 +249,7 @@ fn nonempty(what: &str, id: &str) -> anyhow::Result<String> {
 }
 
 /// Resolves a selector into the entries it means, with their default expiry.
-fn entries(
-    sel: &Selector,
-    now: i64,
-) -> anyhow::Result<Vec<(crate::revocation::Kind, String, Option<i64>)>> {
+fn entries(sel: &Selector, now: i64) -> anyhow::Result<Vec<(crate::revocation::Kind, String, Option<i64>)>> {
     use crate::revocation::Kind;
     let day = Some(now + DEFAULT_JTI_TTL.as_secs() as i64);
     Ok(match sel {
@@ -284,22 +257,15 @@ fn entries(
         Selector::Sub(s) => vec![(Kind::Sub, nonempty("--sub", s)?, None)],
         Selector::Kid(k) => vec![(Kind::Kid, nonempty("--kid", k)?, None)],
         Selector::Fp(f) => {
-            anyhow::ensure!(
-                f.len() == 64 && f.bytes().all(|b| b.is_ascii_hexdigit()),
-                "--fp must be 64 hex digits"
-            );
+            anyhow::ensure!(f.len() == 64 && f.bytes().all(|b| b.is_ascii_hexdigit()), "--fp must be 64 hex digits");
             vec![(Kind::Fp, f.to_ascii_lowercase(), day)]
         }
         Selector::Token(t) => {
             let t = t.trim();
             let t = t.strip_prefix("Bearer ").unwrap_or(t);
-            let (_, claims) = verify::jwt::decode_unverified(t)
-                .map_err(|r| anyhow::anyhow!("--token: {}", r.detail))?;
-            let until = claims
-                .get("exp")
-                .and_then(Value::as_i64)
-                .map(|e| e.max(now) + REVOCATION_LEEWAY_SECS)
-                .or(day);
+            let (_, claims) =
+                verify::jwt::decode_unverified(t).map_err(|r| anyhow::anyhow!("--token: {}", r.detail))?;
+            let until = claims.get("exp").and_then(Value::as_i64).map(|e| e.max(now) + REVOCATION_LEEWAY_SECS).or(day);
             match claims.get("jti").and_then(Value::as_str) {
                 Some(j) if !j.is_empty() => vec![(Kind::Jti, j.to_owned(), until)],
                 _ => vec![(Kind::Fp, verify::fingerprint(t), until)],
@@ -310,8 +276,7 @@ fn entries(
 
 /// Connects for an ops command, with a short timeout so a dead Redis fails fast and clearly.
 pub async fn redis_connect(url: &str) -> anyhow::Result<redis::aio::MultiplexedConnection> {
-    let client =
-        redis::Client::open(url).with_context(|| format!("bad Redis URL {}", redact_url(url)))?;
+    let client = redis::Client::open(url).with_context(|| format!("bad Redis URL {}", redact_url(url)))?;
     let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(3)))
         .set_response_timeout(Some(Duration::from_secs(5)));
@@ -352,32 +317,17 @@ pub async fn revoke(
             Expiry::Until(t) => Some(t),
         };
         if let Some(u) = until {
-            anyhow::ensure!(
-                u > now,
-                "the revocation would end in the past ({u}); nothing written"
-            );
+            anyhow::ensure!(u > now, "the revocation would end in the past ({u}); nothing written");
         }
-        let value = if kind == Kind::Sub {
-            before.unwrap_or(now).to_string()
-        } else {
-            reason.to_owned()
-        };
+        let value = if kind == Kind::Sub { before.unwrap_or(now).to_string() } else { reason.to_owned() };
         let k = key(prefix, kind, &id);
         let mut cmd = redis::cmd("SET");
         cmd.arg(&k).arg(&value);
         if let Some(u) = until {
             cmd.arg("EXAT").arg(u);
         }
-        cmd.query_async::<()>(conn)
-            .await
-            .with_context(|| format!("writing {}", shorten_key(&k)))?;
-        out.push(Written {
-            kind,
-            id,
-            key: k,
-            value,
-            ttl_secs: until.map(|u| u - now),
-        });
+        cmd.query_async::<()>(conn).await.with_context(|| format!("writing {}", shorten_key(&k)))?;
+        out.push(Written { kind, id, key: k, value, ttl_secs: until.map(|u| u - now) });
     }
     Ok(out)
 }
@@ -393,19 +343,11 @@ pub async fn unrevoke(
     let mut candidates: Vec<_> = entries(sel, now)?;
     if let Selector::Token(t) = sel {
         // Remove the fingerprint entry too: it may have been written by hand.
-        candidates.push((
-            crate::revocation::Kind::Fp,
-            verify::fingerprint(t.trim()),
-            None,
-        ));
+        candidates.push((crate::revocation::Kind::Fp, verify::fingerprint(t.trim()), None));
     }
     for (kind, id, _) in candidates {
         let k = crate::revocation::key(prefix, kind, &id);
-        let n: i64 = redis::cmd("DEL")
-            .arg(&k)
-            .query_async(conn)
-            .await
-            .context("deleting")?;
+        let n: i64 = redis::cmd("DEL").arg(&k).query_async(conn).await.context("deleting")?;
         if n > 0 {
             removed.push(k);
         }
@@ -436,11 +378,7 @@ pub async fn list(
     kind: Option<crate::revocation::Kind>,
 ) -> anyhow::Result<Vec<Written>> {
     use crate::revocation::Kind;
-    let pattern = format!(
-        "{}revoked:{}:*",
-        glob_escape(prefix),
-        kind.map_or("*", Kind::name)
-    );
+    let pattern = format!("{}revoked:{}:*", glob_escape(prefix), kind.map_or("*", Kind::name));
     let mut cursor = 0u64;
     let mut out = Vec::new();
     loop {
@@ -456,11 +394,8 @@ pub async fn list(
         // A few operator-sized round trips per key: listing is rare and must show odd keys too.
         for k in keys {
             let ty: String = redis::cmd("TYPE").arg(&k).query_async(conn).await?;
-            let value: Option<Vec<u8>> = if ty == "string" {
-                redis::cmd("GET").arg(&k).query_async(conn).await?
-            } else {
-                None
-            };
+            let value: Option<Vec<u8>> =
+                if ty == "string" { redis::cmd("GET").arg(&k).query_async(conn).await? } else { None };
             let ttl: i64 = redis::cmd("TTL").arg(&k).query_async(conn).await?;
             let key = String::from_utf8_lossy(&k).into_owned();
             let rest = &key[prefix.len() + "revoked:".len()..];
@@ -474,13 +409,7 @@ pub async fn list(
                 Some(v) => String::from_utf8_lossy(&v).into_owned(),
                 None => format!("<{ty}: unexpected type, treated as revoked>"),
             };
-            out.push(Written {
-                kind,
-                id: id.to_owned(),
-                key,
-                value,
-                ttl_secs: (ttl >= 0).then_some(ttl),
-            });
+            out.push(Written { kind, id: id.to_owned(), key, value, ttl_secs: (ttl >= 0).then_some(ttl) });
         }
         cursor = next;
         if cursor == 0 {
@@ -500,8 +429,8 @@ pub async fn check_revoked(
     use crate::revocation::{TokenIds, decode, judge};
     let token = token.trim();
     let token = token.strip_prefix("Bearer ").unwrap_or(token);
-    let (header, claims) = verify::jwt::decode_unverified(token)
-        .map_err(|r| anyhow::anyhow!("{}: {}", r.reason, r.detail))?;
+    let (header, claims) =
+        verify::jwt::decode_unverified(token).map_err(|r| anyhow::anyhow!("{}: {}", r.reason, r.detail))?;
     let s = |m: &Map<String, Value>, k: &str| m.get(k).and_then(Value::as_str).map(str::to_owned);
     let ids = TokenIds {
         jti: s(&claims, "jti"),
@@ -515,19 +444,14 @@ pub async fn check_revoked(
     for (_, k) in &keys {
         pipe.cmd("EXISTS").arg(k);
     }
-    pipe.cmd("MGET")
-        .arg(keys.iter().map(|(_, k)| k.as_str()).collect::<Vec<_>>());
-    let reply: Vec<redis::Value> = pipe
-        .query_async(conn)
-        .await
-        .context("reading revocations")?;
+    pipe.cmd("MGET").arg(keys.iter().map(|(_, k)| k.as_str()).collect::<Vec<_>>());
+    let reply: Vec<redis::Value> = pipe.query_async(conn).await.context("reading revocations")?;
     let entries = decode(&reply, keys.len()).map_err(anyhow::Error::msg)?;
     let matches: Vec<Value> = keys
         .iter()
         .zip(&entries)
         .filter_map(|((kind, key), e)| {
-            judge(*kind, e, &ids)
-                .map(|r| json!({"kind": kind.name(), "key": key, "detail": r.detail}))
+            judge(*kind, e, &ids).map(|r| json!({"kind": kind.name(), "key": key, "detail": r.detail}))
         })
         .collect();
     let revoked = !matches.is_empty();

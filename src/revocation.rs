@@ -74,6 +74,18 @@ impl Kind {
     }
 }
 
+/// Connection settings from a URL and an optional password kept out of it.
+pub fn connection_info(url: &str, password: Option<&str>) -> Result<redis::ConnectionInfo, redis::RedisError> {
+    let info = redis::Client::open(url)?.get_connection_info().clone();
+    Ok(match password {
+        Some(p) => {
+            let settings = info.redis_settings().clone().set_password(p);
+            info.set_redis_settings(settings)
+        }
+        None => info,
+    })
+}
+
 /// The Redis key of an entry.
 pub fn key(prefix: &str, kind: Kind, id: &str) -> String {
     format!("{prefix}revoked:{}:{id}", kind.name())
@@ -149,33 +161,17 @@ pub fn judge(kind: Kind, entry: &Entry, v: &TokenIds) -> Option<Rejection> {
         Entry::Value(b) => String::from_utf8_lossy(b),
     };
     if kind != Kind::Sub {
-        let why = if value.is_empty() {
-            String::new()
-        } else {
-            format!(": {}", shorten(&value))
-        };
-        return Some(Rejection::new(
-            Reason::Revoked,
-            format!("revoked by {}{why}", kind.name()),
-        ));
+        let why = if value.is_empty() { String::new() } else { format!(": {}", shorten(&value)) };
+        return Some(Rejection::new(Reason::Revoked, format!("revoked by {}{why}", kind.name())));
     }
     let Ok(before) = value.trim().parse::<i64>() else {
         tracing::error!(fingerprint = %v.fingerprint, "sub revocation value is not a unix time; treating every token of the subject as revoked");
-        return Some(Rejection::new(
-            Reason::Revoked,
-            "revoked by sub (unparsable time: all tokens)",
-        ));
+        return Some(Rejection::new(Reason::Revoked, "revoked by sub (unparsable time: all tokens)"));
     };
     match v.iat {
         Some(iat) if iat > before => None,
-        Some(_) => Some(Rejection::new(
-            Reason::Revoked,
-            format!("revoked by sub: issued at or before {before}"),
-        )),
-        None => Some(Rejection::new(
-            Reason::Revoked,
-            "revoked by sub: token has no iat",
-        )),
+        Some(_) => Some(Rejection::new(Reason::Revoked, format!("revoked by sub: issued at or before {before}"))),
+        None => Some(Rejection::new(Reason::Revoked, "revoked by sub: token has no iat")),
     }
 }
 
@@ -193,32 +189,22 @@ enum Store {
 impl Revocations {
     /// A list held in process memory (the demo without Redis; tests).
     pub fn in_memory(prefix: &str) -> Revocations {
-        Revocations {
-            prefix: prefix.to_owned(),
-            store: Store::Memory(Mutex::new(HashMap::new())),
-        }
+        Revocations { prefix: prefix.to_owned(), store: Store::Memory(Mutex::new(HashMap::new())) }
     }
 
-    /// A list in Redis at `url`, with the tracked local cache; keeps reconnecting until `cancel`.
-    /// Only a bad URL is an error here; an unreachable Redis is retried in the background.
+    /// A list in Redis, with the tracked local cache; keeps reconnecting until `cancel`.
+    /// An unreachable Redis is not an error here: it is retried in the background.
     pub fn redis(
-        url: &str,
+        info: redis::ConnectionInfo,
         prefix: &str,
         cancel: CancellationToken,
     ) -> Result<Revocations, redis::RedisError> {
-        let info = redis::Client::open(url)?.get_connection_info().clone();
         // RESP3 carries tracking invalidations on the data connection itself (Redis 6+).
-        let settings = info
-            .redis_settings()
-            .clone()
-            .set_protocol(ProtocolVersion::RESP3);
+        let settings = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
         let client = redis::Client::open(info.set_redis_settings(settings))?;
         let tracked = Arc::new(Tracked::new(client));
         tokio::spawn(Arc::clone(&tracked).supervise(cancel));
-        Ok(Revocations {
-            prefix: prefix.to_owned(),
-            store: Store::Redis(tracked),
-        })
+        Ok(Revocations { prefix: prefix.to_owned(), store: Store::Redis(tracked) })
     }
 
     /// Waits until Redis is connected, up to `timeout` (for start-up and tests).
@@ -252,10 +238,7 @@ impl Revocations {
     /// Writes an entry into an in-memory list (the demo).
     pub fn insert_local(&self, kind: Kind, id: &str, value: &str) {
         if let Store::Memory(m) = &self.store {
-            m.lock().expect("not poisoned").insert(
-                key(&self.prefix, kind, id),
-                (value.as_bytes().to_vec(), None),
-            );
+            m.lock().expect("not poisoned").insert(key(&self.prefix, kind, id), (value.as_bytes().to_vec(), None));
         }
     }
 
@@ -273,18 +256,13 @@ impl Revocations {
                 let m = m.lock().expect("not poisoned");
                 keys.iter()
                     .map(|(_, k)| match m.get(k) {
-                        Some((val, exp)) if exp.is_none_or(|e| e > Instant::now()) => {
-                            Entry::Value(val.clone())
-                        }
+                        Some((val, exp)) if exp.is_none_or(|e| e > Instant::now()) => Entry::Value(val.clone()),
                         _ => Entry::Absent,
                     })
                     .collect()
             }
         };
-        Ok(keys
-            .iter()
-            .zip(&entries)
-            .find_map(|((kind, _), e)| judge(*kind, e, v)))
+        Ok(keys.iter().zip(&entries).find_map(|((kind, _), e)| judge(*kind, e, v)))
     }
 }
 
@@ -306,9 +284,7 @@ impl Tracked {
         Tracked {
             client,
             conn: Mutex::new(None),
-            cache: moka::sync::Cache::builder()
-                .max_capacity(CACHE_ENTRIES)
-                .build(),
+            cache: moka::sync::Cache::builder().max_capacity(CACHE_ENTRIES).build(),
             tracking: AtomicBool::new(false),
             invalidations: AtomicU64::new(0),
             round_trips: AtomicU64::new(0),
@@ -360,20 +336,13 @@ impl Tracked {
                             _ = cancel.cancelled() => return,
                             _ = tokio::time::sleep(HEARTBEAT) => {}
                         }
-                        let ping = tokio::time::timeout(
-                            HEARTBEAT,
-                            redis::cmd("PING").query_async::<()>(&mut conn),
-                        )
-                        .await;
-                        if !matches!(ping, Ok(Ok(())))
-                            || self.conn.lock().expect("not poisoned").is_none()
-                        {
+                        let ping =
+                            tokio::time::timeout(HEARTBEAT, redis::cmd("PING").query_async::<()>(&mut conn)).await;
+                        if !matches!(ping, Ok(Ok(()))) || self.conn.lock().expect("not poisoned").is_none() {
                             break;
                         }
                     }
-                    tracing::warn!(
-                        "Redis heartbeat failed; revocation cache cleared, reconnecting"
-                    );
+                    tracing::warn!("Redis heartbeat failed; revocation cache cleared, reconnecting");
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot connect to Redis; holding messages that need the revocation list")
@@ -401,16 +370,9 @@ impl Tracked {
                 }
                 Ok::<(), ()>(())
             });
-        let mut conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
+        let mut conn = self.client.get_multiplexed_async_connection_with_config(&config).await?;
         self.drop_cache();
-        redis::cmd("CLIENT")
-            .arg("TRACKING")
-            .arg("ON")
-            .query_async::<()>(&mut conn)
-            .await?;
+        redis::cmd("CLIENT").arg("TRACKING").arg("ON").query_async::<()>(&mut conn).await?;
         *self.conn.lock().expect("not poisoned") = Some(conn.clone());
         self.tracking.store(true, Ordering::SeqCst);
         Ok(conn)
@@ -439,10 +401,7 @@ impl Tracked {
             pipe.cmd("EXISTS").arg(k);
         }
         pipe.cmd("MGET").arg(keys.clone().collect::<Vec<_>>());
-        let reply: Vec<redis::Value> = pipe
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| Unavailable(e.to_string()))?;
+        let reply: Vec<redis::Value> = pipe.query_async(&mut conn).await.map_err(|e| Unavailable(e.to_string()))?;
         let entries = decode(&reply, keys.len()).map_err(Unavailable)?;
         if use_cache && self.invalidations.load(Ordering::SeqCst) == seen {
             for (k, e) in keys.zip(&entries) {
@@ -482,31 +441,16 @@ mod tests {
     #[test]
     fn decode_maps_exists_and_values() {
         use redis::Value as V;
-        let reply = vec![
-            V::Int(0),
-            V::Int(1),
-            V::Int(1),
-            V::Array(vec![V::Nil, V::BulkString(b"x".to_vec()), V::Nil]),
-        ];
-        assert_eq!(
-            decode(&reply, 3).unwrap(),
-            vec![Entry::Absent, Entry::Value(b"x".to_vec()), Entry::WrongType]
-        );
+        let reply = vec![V::Int(0), V::Int(1), V::Int(1), V::Array(vec![V::Nil, V::BulkString(b"x".to_vec()), V::Nil])];
+        assert_eq!(decode(&reply, 3).unwrap(), vec![Entry::Absent, Entry::Value(b"x".to_vec()), Entry::WrongType]);
         assert!(decode(&reply, 4).is_err());
         assert!(decode(&[V::Int(0)], 1).is_err());
     }
 
     #[test]
     fn judge_table() {
-        let ids = TokenIds {
-            sub: Some("u".into()),
-            iat: Some(100),
-            ..Default::default()
-        };
-        let no_iat = TokenIds {
-            iat: None,
-            ..ids.clone()
-        };
+        let ids = TokenIds { sub: Some("u".into()), iat: Some(100), ..Default::default() };
+        let no_iat = TokenIds { iat: None, ..ids.clone() };
         let v = |s: &str| Entry::Value(s.as_bytes().to_vec());
         let cases = [
             (Kind::Jti, Entry::Absent, &ids, false),
@@ -532,10 +476,7 @@ mod tests {
 
     #[test]
     fn keys_follow_the_schema() {
-        assert_eq!(
-            key("tokengate:", Kind::Jti, "a b\n"),
-            "tokengate:revoked:jti:a b\n"
-        );
+        assert_eq!(key("tokengate:", Kind::Jti, "a b\n"), "tokengate:revoked:jti:a b\n");
         assert_eq!(Kind::parse("fp"), Some(Kind::Fp));
         assert_eq!(Kind::parse("xx"), None);
     }

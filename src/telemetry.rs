@@ -5,10 +5,10 @@ use tracing_subscriber::EnvFilter;
 
 /// Starts logging to stderr; the default level is `info`.
 pub fn init_logs() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    // librdkafka reports every reconnect attempt; warn keeps its real problems visible.
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,librdkafka=warn,rdkafka=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = if std::env::var("TOKENGATE_LOG_FORMAT").as_deref() == Ok("json") {
         builder.json().try_init()
     } else {

@@ -55,31 +55,10 @@ fn mint(args: &[&str]) -> String {
 
 #[test]
 fn mint_then_verify_accepts_and_never_prints_the_token() {
-    let cfg = write_config(
-        "[routes.orders]\nrequire = [{ claim = \"scope\", any_of = [\"orders:write\"] }]\n",
-    );
-    let tok = mint(&[
-        "--scope",
-        "orders:write",
-        "--role",
-        "a,b",
-        "--claim",
-        "tenant=acme",
-        "--claim",
-        "level=3",
-    ]);
-    let out = tokengate(
-        &[
-            "token",
-            "verify",
-            "--config",
-            cfg.path().to_str().unwrap(),
-            "--route",
-            "orders",
-            &tok,
-        ],
-        None,
-    );
+    let cfg = write_config("[routes.orders]\nrequire = [{ claim = \"scope\", any_of = [\"orders:write\"] }]\n");
+    let tok = mint(&["--scope", "orders:write", "--role", "a,b", "--claim", "tenant=acme", "--claim", "level=3"]);
+    let out =
+        tokengate(&["token", "verify", "--config", cfg.path().to_str().unwrap(), "--route", "orders", &tok], None);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["decision"], "accept");
@@ -87,20 +66,11 @@ fn mint_then_verify_accepts_and_never_prints_the_token() {
     assert_eq!(v["kid"], "hs");
     assert_eq!(v["fingerprint"], tokengate::verify::fingerprint(&tok));
     let (_, sig) = tok.rsplit_once('.').unwrap();
-    assert!(
-        !text(&out.stdout).contains(sig) && !text(&out.stderr).contains(sig),
-        "token leaked to output"
-    );
+    assert!(!text(&out.stdout).contains(sig) && !text(&out.stderr).contains(sig), "token leaked to output");
 
     // From stdin, with a Bearer prefix.
     let out = tokengate(
-        &[
-            "token",
-            "verify",
-            "--config",
-            cfg.path().to_str().unwrap(),
-            "-",
-        ],
+        &["token", "verify", "--config", cfg.path().to_str().unwrap(), "-"],
         Some(&format!("Bearer {tok}\n")),
     );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
@@ -108,36 +78,18 @@ fn mint_then_verify_accepts_and_never_prints_the_token() {
 
 #[test]
 fn verify_rejects_with_reason_and_exit_1() {
-    let cfg = write_config(
-        "[routes.orders]\nrequire = [{ claim = \"scope\", any_of = [\"orders:write\"] }]\n",
-    );
+    let cfg = write_config("[routes.orders]\nrequire = [{ claim = \"scope\", any_of = [\"orders:write\"] }]\n");
     let path = cfg.path().to_str().unwrap();
     let cases = [
         (mint(&["--scope", "orders:read"]), "forbidden"),
         (mint(&["--ttl", "1m", "--now", "1000"]), "expired"),
-        (
-            mint(&["--scope", "orders:write", "--no-exp"]),
-            "missing_claim",
-        ),
+        (mint(&["--scope", "orders:write", "--no-exp"]), "missing_claim"),
         ("not-a-token".to_owned(), "malformed"),
-        (
-            "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.".to_owned(),
-            "unsupported_alg",
-        ),
+        ("eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.".to_owned(), "unsupported_alg"),
     ];
     for (tok, reason) in cases {
-        let out = tokengate(
-            &[
-                "token", "verify", "--config", path, "--route", "orders", &tok,
-            ],
-            None,
-        );
-        assert_eq!(
-            out.status.code(),
-            Some(1),
-            "{reason}: {}",
-            text(&out.stderr)
-        );
+        let out = tokengate(&["token", "verify", "--config", path, "--route", "orders", &tok], None);
+        assert_eq!(out.status.code(), Some(1), "{reason}: {}", text(&out.stderr));
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(v["decision"], "reject");
         assert_eq!(v["reason"], reason, "{v}");
@@ -146,29 +98,12 @@ fn verify_rejects_with_reason_and_exit_1() {
 
 #[test]
 fn tool_errors_exit_2() {
-    let out = tokengate(
-        &["token", "verify", "--config", "/nonexistent.toml", "a.b.c"],
-        None,
-    );
+    let out = tokengate(&["token", "verify", "--config", "/nonexistent.toml", "a.b.c"], None);
     assert_eq!(out.status.code(), Some(2));
-    assert!(
-        text(&out.stderr).contains("cannot read"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert!(text(&out.stderr).contains("cannot read"), "{}", text(&out.stderr));
     let cfg = write_config("");
-    let out = tokengate(
-        &[
-            "token",
-            "verify",
-            "--config",
-            cfg.path().to_str().unwrap(),
-            "--route",
-            "nope",
-            "a.b.c",
-        ],
-        None,
-    );
+    let out =
+        tokengate(&["token", "verify", "--config", cfg.path().to_str().unwrap(), "--route", "nope", "a.b.c"], None);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("no route named"));
     let out = tokengate(&["token", "mint", "--alg", "RS256"], None);
@@ -208,16 +143,7 @@ fn mint_with_every_key_kind_round_trips() {
         );
         assert!(out.status.success(), "{alg}: {}", text(&out.stderr));
         let tok = text(&out.stdout).trim().to_owned();
-        let out = tokengate(
-            &[
-                "token",
-                "verify",
-                "--config",
-                cfg.path().to_str().unwrap(),
-                &tok,
-            ],
-            None,
-        );
+        let out = tokengate(&["token", "verify", "--config", cfg.path().to_str().unwrap(), &tok], None);
         assert_eq!(out.status.code(), Some(0), "{alg}: {}", text(&out.stdout));
     }
 }
@@ -244,12 +170,7 @@ fn check_config_reports_every_problem_with_paths() {
     let out = tokengate(&["check-config", f.path().to_str().unwrap()], None);
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
-    for want in [
-        "issuers.a.typo",
-        "issuers.a.algorithms.0",
-        "issuers.a: has no keys",
-        "routes.r.issuers.0",
-    ] {
+    for want in ["issuers.a.typo", "issuers.a.algorithms.0", "issuers.a: has no keys", "routes.r.issuers.0"] {
         assert!(err.contains(want), "{want} not in {err}");
     }
 }
@@ -259,10 +180,7 @@ fn the_example_config_is_valid() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/tokengate.example.toml");
     let out = Command::new(env!("CARGO_BIN_EXE_tokengate"))
         .args(["check-config", example])
-        .env(
-            "TOKENGATE_HMAC_SECRET",
-            "an-example-secret-of-at-least-32-bytes!",
-        )
+        .env("TOKENGATE_HMAC_SECRET", "an-example-secret-of-at-least-32-bytes!")
         .env("TOKENGATE_REDIS_PASSWORD", "x")
         .output()
         .unwrap();

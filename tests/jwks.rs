@@ -37,21 +37,14 @@ async fn serve_jwks(State(idp): State<Idp>) -> (StatusCode, String) {
 
 /// Starts the fake identity provider; returns it and its base URL.
 async fn start_idp() -> (Idp, String) {
-    let idp = Idp {
-        jwks: Default::default(),
-        hits: Default::default(),
-        down: Default::default(),
-    };
+    let idp = Idp { jwks: Default::default(), hits: Default::default(), down: Default::default() };
     idp.set("jwks.json");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let discovery = format!(r#"{{"issuer":"{base}","jwks_uri":"{base}/certs"}}"#);
     let app = Router::new()
         .route("/certs", get(serve_jwks))
-        .route(
-            "/.well-known/openid-configuration",
-            get(move || async move { discovery }),
-        )
+        .route("/.well-known/openid-configuration", get(move || async move { discovery }))
         .with_state(idp.clone());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     (idp, base)
@@ -71,17 +64,9 @@ jwks_min_refetch = "{min_refetch}"
 }
 
 fn rsa2_token(kid: &str) -> String {
-    let key = jsonwebtoken::EncodingKey::from_rsa_pem(
-        &std::fs::read(fixture("keys/rsa2.key.pem")).unwrap(),
-    )
-    .unwrap();
+    let key = jsonwebtoken::EncodingKey::from_rsa_pem(&std::fs::read(fixture("keys/rsa2.key.pem")).unwrap()).unwrap();
     let header = json!({"alg": "RS256", "kid": kid}).to_string();
-    sign_raw(
-        &header,
-        &claims(json!({})).to_string(),
-        Algorithm::RS256,
-        &key,
-    )
+    sign_raw(&header, &claims(json!({})).to_string(), Algorithm::RS256, &key)
 }
 
 async fn started(text: &str) -> Arc<Verifier> {
@@ -99,23 +84,14 @@ async fn rotation_is_picked_up_by_an_unknown_kid_refetch() {
     assert!(v.verify(&p, &old, NOW).await.unwrap().is_ok());
     let new = rsa2_token("rsa2");
     // Not published yet: unknown (and remembered for min_refetch).
-    assert_eq!(
-        v.verify(&p, &new, NOW).await.unwrap().unwrap_err().reason,
-        Reason::UnknownKid
-    );
+    assert_eq!(v.verify(&p, &new, NOW).await.unwrap().unwrap_err().reason, Reason::UnknownKid);
     idp.set("jwks_rotated.json");
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     let hits = idp.hits.load(Ordering::SeqCst);
-    assert!(
-        v.verify(&p, &new, NOW).await.unwrap().is_ok(),
-        "rotated key found by refetch"
-    );
+    assert!(v.verify(&p, &new, NOW).await.unwrap().is_ok(), "rotated key found by refetch");
     assert_eq!(idp.hits.load(Ordering::SeqCst), hits + 1);
     // The old key left the set: its cached verification must not survive the key set change.
-    assert_eq!(
-        v.verify(&p, &old, NOW).await.unwrap().unwrap_err().reason,
-        Reason::UnknownKid
-    );
+    assert_eq!(v.verify(&p, &old, NOW).await.unwrap().unwrap_err().reason, Reason::UnknownKid);
 }
 
 #[tokio::test]
@@ -128,11 +104,7 @@ async fn a_flood_of_random_kids_costs_at_most_one_fetch_per_interval() {
         let v = Arc::clone(&v);
         tasks.push(tokio::spawn(async move {
             let t = rsa2_token(&format!("random-{i}"));
-            v.verify(&Policy::default(), &t, NOW)
-                .await
-                .unwrap()
-                .unwrap_err()
-                .reason
+            v.verify(&Policy::default(), &t, NOW).await.unwrap().unwrap_err().reason
         }));
     }
     for t in tasks {
@@ -150,32 +122,19 @@ async fn identity_provider_down_keeps_the_last_good_keys_and_never_accepts_unkno
     idp.down.store(true, Ordering::SeqCst);
     assert!(v.start().await.len() == 1, "refresh fails while down");
     // Known keys keep serving.
-    assert!(
-        v.verify(&p, &token(Algorithm::ES256, json!({})), NOW)
-            .await
-            .unwrap()
-            .is_ok()
-    );
+    assert!(v.verify(&p, &token(Algorithm::ES256, json!({})), NOW).await.unwrap().is_ok());
     // An unknown kid cannot be decided: an error (hold), never an accept.
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     let err = v.verify(&p, &rsa2_token("rsa2"), NOW).await.unwrap_err();
     assert_eq!(err.issuer, "remote");
     let health = v.health().await;
-    assert!(
-        health[0].last_error.as_deref().unwrap().contains("503"),
-        "{health:?}"
-    );
+    assert!(health[0].last_error.as_deref().unwrap().contains("503"), "{health:?}");
     assert!(health[0].age_secs.is_some());
     // Back up: the rotated key is found again.
     idp.down.store(false, Ordering::SeqCst);
     idp.set("jwks_rotated.json");
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
-    assert!(
-        v.verify(&p, &rsa2_token("rsa2"), NOW)
-            .await
-            .unwrap()
-            .is_ok()
-    );
+    assert!(v.verify(&p, &rsa2_token("rsa2"), NOW).await.unwrap().is_ok());
     assert!(v.health().await[0].last_error.is_none());
 }
 
@@ -183,9 +142,5 @@ async fn identity_provider_down_keeps_the_last_good_keys_and_never_accepts_unkno
 async fn never_fetched_keys_hold_instead_of_rejecting() {
     let (v, _) = engine(&remote_config("jwks_url", "http://127.0.0.1:9/certs", "1s"));
     assert_eq!(v.start().await.len(), 1);
-    assert!(
-        v.verify(&Policy::default(), &token(Algorithm::RS256, json!({})), NOW)
-            .await
-            .is_err()
-    );
+    assert!(v.verify(&Policy::default(), &token(Algorithm::RS256, json!({})), NOW).await.is_err());
 }

@@ -11,22 +11,14 @@ use tokio_util::sync::CancellationToken;
 use crate::util::*;
 
 fn ids(jti: &str, sub: &str, iat: Option<i64>) -> TokenIds {
-    TokenIds {
-        jti: Some(jti.into()),
-        sub: Some(sub.into()),
-        iat,
-        kid: Some("k1".into()),
-        fingerprint: "ab".repeat(32),
-    }
+    TokenIds { jti: Some(jti.into()), sub: Some(sub.into()), iat, kid: Some("k1".into()), fingerprint: "ab".repeat(32) }
 }
 
 async fn tracked(url: &str, prefix: &str) -> (Revocations, CancellationToken) {
     let cancel = CancellationToken::new();
-    let r = Revocations::redis(url, prefix, cancel.clone()).unwrap();
-    assert!(
-        r.wait_up(Duration::from_secs(10)).await,
-        "Redis is required at {url}; scripts/test starts it"
-    );
+    let r =
+        Revocations::redis(tokengate::revocation::connection_info(url, None).unwrap(), prefix, cancel.clone()).unwrap();
+    assert!(r.wait_up(Duration::from_secs(10)).await, "Redis is required at {url}; scripts/test starts it");
     (r, cancel)
 }
 
@@ -43,17 +35,9 @@ async fn until_revoked(r: &Revocations, t: &TokenIds) -> String {
 
 fn redis_cli(args: &[&str]) {
     let url = redis_url();
-    let out = std::process::Command::new("redis-cli")
-        .arg("-u")
-        .arg(&url)
-        .args(args)
-        .output()
-        .expect("redis-cli is required");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out =
+        std::process::Command::new("redis-cli").arg("-u").arg(&url).args(args).output().expect("redis-cli is required");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[tokio::test]
@@ -74,52 +58,31 @@ async fn every_selector_via_the_cli_writes_the_documented_key() {
     let k = key(&prefix, Kind::Jti, "j-1");
     assert_eq!(conn.get::<_, String>(&k).await.unwrap(), "stolen laptop");
     let ttl: i64 = conn.ttl(&k).await.unwrap();
-    assert!(
-        (86_000..=86_400).contains(&ttl),
-        "default jti TTL is a day, got {ttl}"
-    );
+    assert!((86_000..=86_400).contains(&ttl), "default jti TTL is a day, got {ttl}");
 
     let (code, _, err) = cli(&["revoke", "--sub", "alice", "--before", "1700000000"]);
     assert_eq!(code, 0, "{err}");
     let k = key(&prefix, Kind::Sub, "alice");
     assert_eq!(conn.get::<_, String>(&k).await.unwrap(), "1700000000");
-    assert_eq!(
-        conn.ttl::<_, i64>(&k).await.unwrap(),
-        -1,
-        "sub revocations persist by default"
-    );
+    assert_eq!(conn.ttl::<_, i64>(&k).await.unwrap(), -1, "sub revocations persist by default");
 
     let (code, _, _) = cli(&["revoke", "--kid", "leaked-key", "--ttl", "2h"]);
     assert_eq!(code, 0);
-    let ttl: i64 = conn
-        .ttl(key(&prefix, Kind::Kid, "leaked-key"))
-        .await
-        .unwrap();
+    let ttl: i64 = conn.ttl(key(&prefix, Kind::Kid, "leaked-key")).await.unwrap();
     assert!((7100..=7200).contains(&ttl), "{ttl}");
 
     // --token with jti: the jti key, TTL = remaining lifetime + leeway.
     let now = tokengate::verify::unix_now();
-    let with_jti = token(
-        jsonwebtoken::Algorithm::HS256,
-        serde_json::json!({"jti": "tok-jti", "exp": now + 600, "iat": now}),
-    );
+    let with_jti =
+        token(jsonwebtoken::Algorithm::HS256, serde_json::json!({"jti": "tok-jti", "exp": now + 600, "iat": now}));
     let (code, _, err) = cli(&["revoke", "--token", &with_jti]);
     assert_eq!(code, 0, "{err}");
     let ttl: i64 = conn.ttl(key(&prefix, Kind::Jti, "tok-jti")).await.unwrap();
     assert!((600..=630).contains(&ttl), "{ttl}");
 
     // --token without jti: the fingerprint key.
-    let no_jti = token(
-        jsonwebtoken::Algorithm::HS256,
-        serde_json::json!({"jti": null, "exp": now + 600, "iat": now}),
-    );
-    let (code, _, _) = cli(&[
-        "revoke",
-        "--token",
-        &no_jti,
-        "--until",
-        &(now + 100).to_string(),
-    ]);
+    let no_jti = token(jsonwebtoken::Algorithm::HS256, serde_json::json!({"jti": null, "exp": now + 600, "iat": now}));
+    let (code, _, _) = cli(&["revoke", "--token", &no_jti, "--until", &(now + 100).to_string()]);
     assert_eq!(code, 0);
     let fp = tokengate::verify::fingerprint(&no_jti);
     let ttl: i64 = conn.ttl(key(&prefix, Kind::Fp, &fp)).await.unwrap();
@@ -157,45 +120,13 @@ async fn every_selector_via_the_cli_writes_the_documented_key() {
 async fn bad_input_is_a_clear_error() {
     let url = redis_url();
     let cases: &[(&[&str], &str)] = &[
-        (
-            &["revoke", "--jti", "", "--redis", &url],
-            "--jti must not be empty",
-        ),
-        (
-            &[
-                "revoke",
-                "--sub",
-                "a",
-                "--before",
-                "last tuesday",
-                "--redis",
-                &url,
-            ],
-            "cannot read time",
-        ),
+        (&["revoke", "--jti", "", "--redis", &url], "--jti must not be empty"),
+        (&["revoke", "--sub", "a", "--before", "last tuesday", "--redis", &url], "cannot read time"),
         (&["revoke", "--fp", "xyz", "--redis", &url], "64 hex digits"),
-        (
-            &["revoke", "--jti", "a", "--until", "1000", "--redis", &url],
-            "end in the past",
-        ),
-        (
-            &["revoke", "--jti", "a", "--redis", "redis://127.0.0.1:1"],
-            "cannot reach Redis",
-        ),
-        (
-            &[
-                "revoke",
-                "--jti",
-                "a",
-                "--redis",
-                "redis://u:hunter2@127.0.0.1:1",
-            ],
-            "u:***@",
-        ),
-        (
-            &["revocations", "list", "--kind", "nope", "--redis", &url],
-            "unknown kind",
-        ),
+        (&["revoke", "--jti", "a", "--until", "1000", "--redis", &url], "end in the past"),
+        (&["revoke", "--jti", "a", "--redis", "redis://127.0.0.1:1"], "cannot reach Redis"),
+        (&["revoke", "--jti", "a", "--redis", "redis://u:hunter2@127.0.0.1:1"], "u:***@"),
+        (&["revocations", "list", "--kind", "nope", "--redis", &url], "unknown kind"),
     ];
     for (args, want) in cases {
         let (code, _, err) = run_cli(args);
@@ -219,11 +150,7 @@ async fn raw_redis_cli_writes_take_effect_through_the_cache() {
     for _ in 0..1000 {
         assert!(r.check_ids(&t).await.unwrap().is_none());
     }
-    assert_eq!(
-        r.round_trips(),
-        before,
-        "cached lookups must not go to Redis"
-    );
+    assert_eq!(r.round_trips(), before, "cached lookups must not go to Redis");
 
     for (kind, id, value) in [
         (Kind::Jti, "raw-jti", "x"),
@@ -242,10 +169,7 @@ async fn raw_redis_cli_writes_take_effect_through_the_cache() {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert!(
-            r.check_ids(&t).await.unwrap().is_none(),
-            "{kind:?} unrevoke took effect"
-        );
+        assert!(r.check_ids(&t).await.unwrap().is_none(), "{kind:?} unrevoke took effect");
     }
 }
 
@@ -253,52 +177,14 @@ async fn raw_redis_cli_writes_take_effect_through_the_cache() {
 async fn sub_before_is_inclusive_and_tokens_without_iat_are_revoked() {
     let prefix = unique_prefix("before");
     let (r, _cancel) = tracked(&redis_url(), &prefix).await;
-    let (code, _, err) = run_cli(&[
-        "revoke",
-        "--sub",
-        "carol",
-        "--before",
-        "2000",
-        "--redis",
-        &redis_url(),
-        "--prefix",
-        &prefix,
-    ]);
+    let (code, _, err) =
+        run_cli(&["revoke", "--sub", "carol", "--before", "2000", "--redis", &redis_url(), "--prefix", &prefix]);
     assert_eq!(code, 0, "{err}");
-    assert!(
-        r.check_ids(&ids("a", "carol", Some(1999)))
-            .await
-            .unwrap()
-            .is_some()
-    );
-    assert!(
-        r.check_ids(&ids("b", "carol", Some(2000)))
-            .await
-            .unwrap()
-            .is_some(),
-        "at the boundary: revoked"
-    );
-    assert!(
-        r.check_ids(&ids("c", "carol", Some(2001)))
-            .await
-            .unwrap()
-            .is_none(),
-        "issued after: valid"
-    );
-    assert!(
-        r.check_ids(&ids("d", "carol", None))
-            .await
-            .unwrap()
-            .is_some(),
-        "no iat: revoked"
-    );
-    assert!(
-        r.check_ids(&ids("e", "dave", Some(1)))
-            .await
-            .unwrap()
-            .is_none(),
-        "other subject"
-    );
+    assert!(r.check_ids(&ids("a", "carol", Some(1999))).await.unwrap().is_some());
+    assert!(r.check_ids(&ids("b", "carol", Some(2000))).await.unwrap().is_some(), "at the boundary: revoked");
+    assert!(r.check_ids(&ids("c", "carol", Some(2001))).await.unwrap().is_none(), "issued after: valid");
+    assert!(r.check_ids(&ids("d", "carol", None)).await.unwrap().is_some(), "no iat: revoked");
+    assert!(r.check_ids(&ids("e", "dave", Some(1))).await.unwrap().is_none(), "other subject");
 }
 
 #[tokio::test]
@@ -307,74 +193,26 @@ async fn hostile_ids_and_values() {
     let url = redis_url();
     let (r, _cancel) = tracked(&url, &prefix).await;
     let long = "x".repeat(10 * 1024);
-    for id in [
-        "with space",
-        "new\nline",
-        "ünï©ødé ✓",
-        "*glob?[x]",
-        long.as_str(),
-    ] {
-        let (code, _, err) =
-            run_cli(&["revoke", "--jti", id, "--redis", &url, "--prefix", &prefix]);
+    for id in ["with space", "new\nline", "ünï©ødé ✓", "*glob?[x]", long.as_str()] {
+        let (code, _, err) = run_cli(&["revoke", "--jti", id, "--redis", &url, "--prefix", &prefix]);
         assert_eq!(code, 0, "{err}");
         let detail = until_revoked(&r, &ids(id, "nobody", Some(1))).await;
         assert!(detail.contains("jti"));
-        assert!(
-            r.check_ids(&ids(&format!("{id}-other"), "nobody", Some(1)))
-                .await
-                .unwrap()
-                .is_none()
-        );
+        assert!(r.check_ids(&ids(&format!("{id}-other"), "nobody", Some(1))).await.unwrap().is_none());
     }
-    let (_, out, _) = run_cli(&[
-        "revocations",
-        "list",
-        "--json",
-        "--redis",
-        &url,
-        "--prefix",
-        &prefix,
-    ]);
+    let (_, out, _) = run_cli(&["revocations", "list", "--json", "--redis", &url, "--prefix", &prefix]);
     let all: Vec<Value> = serde_json::from_str(&out).unwrap();
     assert_eq!(all.len(), 5);
 
     let mut conn = redis_conn().await;
     // A sub value that is not a number: fail closed (every token of the subject).
-    let _: () = conn
-        .set(key(&prefix, Kind::Sub, "eve"), "yesterday")
-        .await
-        .unwrap();
-    assert!(
-        r.check_ids(&ids("z", "eve", Some(i64::MAX)))
-            .await
-            .unwrap()
-            .unwrap()
-            .detail
-            .contains("unparsable")
-    );
+    let _: () = conn.set(key(&prefix, Kind::Sub, "eve"), "yesterday").await.unwrap();
+    assert!(r.check_ids(&ids("z", "eve", Some(i64::MAX))).await.unwrap().unwrap().detail.contains("unparsable"));
     // Keys of an unexpected type: fail closed.
-    let _: () = conn
-        .hset(key(&prefix, Kind::Jti, "hash-jti"), "f", "v")
-        .await
-        .unwrap();
-    assert!(
-        r.check_ids(&ids("hash-jti", "x", Some(1)))
-            .await
-            .unwrap()
-            .unwrap()
-            .detail
-            .contains("unexpected type")
-    );
-    let _: () = conn
-        .rpush(key(&prefix, Kind::Sub, "listy"), "1")
-        .await
-        .unwrap();
-    assert!(
-        r.check_ids(&ids("q", "listy", Some(1)))
-            .await
-            .unwrap()
-            .is_some()
-    );
+    let _: () = conn.hset(key(&prefix, Kind::Jti, "hash-jti"), "f", "v").await.unwrap();
+    assert!(r.check_ids(&ids("hash-jti", "x", Some(1))).await.unwrap().unwrap().detail.contains("unexpected type"));
+    let _: () = conn.rpush(key(&prefix, Kind::Sub, "listy"), "1").await.unwrap();
+    assert!(r.check_ids(&ids("q", "listy", Some(1))).await.unwrap().is_some());
 }
 
 #[tokio::test]
@@ -396,23 +234,15 @@ async fn redis_down_fails_closed_and_recovers_by_itself() {
     }
     assert!(!r.is_up(), "the outage was noticed");
     for _ in 0..20 {
-        assert!(
-            r.check_ids(&t).await.is_err(),
-            "no answer while Redis is down"
-        );
+        assert!(r.check_ids(&t).await.is_err(), "no answer while Redis is down");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
     // Restarted (empty) Redis on the same port: the checker reconnects by itself.
     let _server = OwnRedis::start(port);
     assert!(r.wait_up(Duration::from_secs(15)).await, "reconnected");
-    let mut conn = tokengate::ops::redis_connect(&format!("redis://127.0.0.1:{port}"))
-        .await
-        .unwrap();
-    let _: () = conn
-        .set(key(&prefix, Kind::Jti, "down-jti"), "after restart")
-        .await
-        .unwrap();
+    let mut conn = tokengate::ops::redis_connect(&format!("redis://127.0.0.1:{port}")).await.unwrap();
+    let _: () = conn.set(key(&prefix, Kind::Jti, "down-jti"), "after restart").await.unwrap();
     let detail = until_revoked(&r, &t).await;
     assert!(detail.contains("after restart"), "{detail}");
 }

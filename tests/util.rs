@@ -18,18 +18,14 @@ pub const NOW: i64 = 1_800_000_000;
 pub const SECRET: &str = "test-secret-0123456789abcdef-0123456789";
 
 pub fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
 }
 
 /// The test private key for an algorithm (HMAC: `SECRET`).
 pub fn signing_key(alg: Algorithm) -> EncodingKey {
     let pem = |name: &str| std::fs::read(fixture(&format!("keys/{name}.key.pem"))).unwrap();
     match alg {
-        Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => {
-            EncodingKey::from_secret(SECRET.as_bytes())
-        }
+        Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => EncodingKey::from_secret(SECRET.as_bytes()),
         Algorithm::RS256
         | Algorithm::RS384
         | Algorithm::RS512
@@ -85,12 +81,7 @@ pub fn claims(extra: Value) -> Value {
 /// A token from the test issuer with its standard key for `alg`.
 pub fn token(alg: Algorithm, extra: Value) -> String {
     let header = serde_json::json!({"alg": format!("{alg:?}"), "kid": kid_for(alg), "typ": "JWT"});
-    sign_raw(
-        &header.to_string(),
-        &claims(extra).to_string(),
-        alg,
-        &signing_key(alg),
-    )
+    sign_raw(&header.to_string(), &claims(extra).to_string(), alg, &signing_key(alg))
 }
 
 /// Config text of the test issuers: `idp` (every key kind) and `pyjwt` (fixture tokens).
@@ -187,9 +178,7 @@ pub async fn redis_conn() -> redis::aio::MultiplexedConnection {
     let url = redis_url();
     tokengate::ops::redis_connect(&url)
         .await
-        .unwrap_or_else(|e| {
-            panic!("Redis is required at {url} ({e:#}); scripts/test installs and starts it")
-        })
+        .unwrap_or_else(|e| panic!("Redis is required at {url} ({e:#}); scripts/test installs and starts it"))
 }
 
 /// A key prefix no other test uses.
@@ -199,11 +188,7 @@ pub fn unique_prefix(test: &str) -> String {
 
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A redis-server of the test's own (to stop and restart without disturbing other tests).
@@ -215,25 +200,13 @@ pub struct OwnRedis {
 impl OwnRedis {
     pub fn start(port: u16) -> OwnRedis {
         let child = std::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server is required (scripts/setup installs it)");
         for _ in 0..100 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return OwnRedis {
-                    port,
-                    child: Some(child),
-                };
+                return OwnRedis { port, child: Some(child) };
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }

@@ -88,12 +88,7 @@ pub struct IssuerKeys {
 
 impl IssuerKeys {
     /// Keys from the config only, or with a remote set that is not fetched yet.
-    pub fn new(
-        issuer: &str,
-        allowed: Vec<Algorithm>,
-        fixed: Vec<Key>,
-        remote: Option<RemoteSettings>,
-    ) -> IssuerKeys {
+    pub fn new(issuer: &str, allowed: Vec<Algorithm>, fixed: Vec<Key>, remote: Option<RemoteSettings>) -> IssuerKeys {
         let fixed: Vec<Arc<Key>> = fixed.into_iter().map(Arc::new).collect();
         let remote = remote.map(|settings| Remote {
             client: reqwest::Client::builder()
@@ -101,10 +96,7 @@ impl IssuerKeys {
                 .redirect(reqwest::redirect::Policy::limited(3))
                 .build()
                 .expect("an HTTP client with default TLS settings builds"),
-            unknown_kids: moka::sync::Cache::builder()
-                .max_capacity(10_000)
-                .time_to_live(settings.min_refetch)
-                .build(),
+            unknown_kids: moka::sync::Cache::builder().max_capacity(10_000).time_to_live(settings.min_refetch).build(),
             state: tokio::sync::Mutex::new(FetchState {
                 last_attempt: None,
                 last_ok: None,
@@ -115,13 +107,7 @@ impl IssuerKeys {
             settings,
         });
         let current = ArcSwap::from_pointee(KeySet::new(fixed.clone()));
-        IssuerKeys {
-            issuer: issuer.to_owned(),
-            allowed,
-            fixed,
-            remote,
-            current,
-        }
+        IssuerKeys { issuer: issuer.to_owned(), allowed, fixed, remote, current }
     }
 
     /// The key set in force now.
@@ -150,11 +136,7 @@ impl IssuerKeys {
 
     /// Called when no key has `kid`; may fetch once (see the module doc). `Ok` means "look again";
     /// `Err` means the identity provider could not be asked, so the token cannot be decided yet.
-    pub async fn on_unknown_kid(
-        &self,
-        kid: &str,
-        seen_generation: u64,
-    ) -> Result<(), KeysUnavailable> {
+    pub async fn on_unknown_kid(&self, kid: &str, seen_generation: u64) -> Result<(), KeysUnavailable> {
         let Some(remote) = &self.remote else {
             return Ok(());
         };
@@ -165,9 +147,7 @@ impl IssuerKeys {
         if self.current.load().generation != seen_generation {
             return Ok(()); // another task fetched while we waited
         }
-        let recent = state
-            .last_attempt
-            .is_some_and(|t| t.elapsed() < remote.settings.min_refetch);
+        let recent = state.last_attempt.is_some_and(|t| t.elapsed() < remote.settings.min_refetch);
         if recent {
             if let Some(e) = &state.last_error {
                 return Err(self.unavailable(e.clone()));
@@ -176,13 +156,7 @@ impl IssuerKeys {
             return Ok(());
         }
         self.fetch(remote, &mut state).await?;
-        if !self
-            .current
-            .load()
-            .keys
-            .iter()
-            .any(|k| k.kid.as_deref() == Some(kid))
-        {
+        if !self.current.load().keys.iter().any(|k| k.kid.as_deref() == Some(kid)) {
             remote.unknown_kids.insert(kid.to_owned(), ());
         }
         Ok(())
@@ -200,10 +174,7 @@ impl IssuerKeys {
     }
 
     fn unavailable(&self, detail: String) -> KeysUnavailable {
-        KeysUnavailable {
-            issuer: self.issuer.clone(),
-            detail,
-        }
+        KeysUnavailable { issuer: self.issuer.clone(), detail }
     }
 
     async fn fetch(&self, remote: &Remote, state: &mut FetchState) -> Result<(), KeysUnavailable> {
@@ -230,30 +201,21 @@ impl IssuerKeys {
             (Location::Discovery(_), Some(u)) => u.clone(),
             (Location::Discovery(base), None) => {
                 let url = discovery_url(base);
-                let doc: serde_json::Value =
-                    serde_json::from_slice(&get(&remote.client, &url).await?)
-                        .map_err(|e| format!("discovery document is not JSON: {e}"))?;
-                let uri = doc["jwks_uri"]
-                    .as_str()
-                    .ok_or("discovery document has no jwks_uri")?
-                    .to_owned();
+                let doc: serde_json::Value = serde_json::from_slice(&get(&remote.client, &url).await?)
+                    .map_err(|e| format!("discovery document is not JSON: {e}"))?;
+                let uri = doc["jwks_uri"].as_str().ok_or("discovery document has no jwks_uri")?.to_owned();
                 state.jwks_uri = Some(uri.clone());
                 uri
             }
         };
         let body = get(&remote.client, &uri).await?;
-        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &body)
-            .as_ref()
-            .to_vec();
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &body).as_ref().to_vec();
         if state.body_digest.as_ref() == Some(&digest) {
             return Ok(()); // unchanged: keep the generation so cached verifications stay valid
         }
         let (fetched, skipped) = keys::jwks(&body, &self.allowed, false)?;
         if fetched.is_empty() {
-            return Err(format!(
-                "JWKS at {uri} has no usable signing key ({} skipped)",
-                skipped.len()
-            ));
+            return Err(format!("JWKS at {uri} has no usable signing key ({} skipped)", skipped.len()));
         }
         for s in &skipped {
             tracing::debug!(issuer = %self.issuer, skipped = %s, "JWKS key skipped");
@@ -269,19 +231,11 @@ impl IssuerKeys {
 
 fn discovery_url(base: &str) -> String {
     const WELL_KNOWN: &str = "/.well-known/openid-configuration";
-    if base.ends_with(WELL_KNOWN) {
-        base.to_owned()
-    } else {
-        format!("{}{WELL_KNOWN}", base.trim_end_matches('/'))
-    }
+    if base.ends_with(WELL_KNOWN) { base.to_owned() } else { format!("{}{WELL_KNOWN}", base.trim_end_matches('/')) }
 }
 
 async fn get(client: &reqwest::Client, url: &str) -> Result<Vec<u8>, String> {
-    let mut resp = client
-        .get(url)
-        .send()
-        .await
-        .map_err(|e| format!("GET {url}: {e}"))?;
+    let mut resp = client.get(url).send().await.map_err(|e| format!("GET {url}: {e}"))?;
     if !resp.status().is_success() {
         return Err(format!("GET {url}: HTTP {}", resp.status()));
     }
@@ -289,9 +243,7 @@ async fn get(client: &reqwest::Client, url: &str) -> Result<Vec<u8>, String> {
     while let Some(chunk) = resp.chunk().await.map_err(|e| format!("GET {url}: {e}"))? {
         body.extend_from_slice(&chunk);
         if body.len() > MAX_JWKS_BYTES {
-            return Err(format!(
-                "GET {url}: body larger than {MAX_JWKS_BYTES} bytes"
-            ));
+            return Err(format!("GET {url}: body larger than {MAX_JWKS_BYTES} bytes"));
         }
     }
     Ok(body)
@@ -303,10 +255,7 @@ mod tests {
 
     #[test]
     fn discovery_url_appends_well_known_once() {
-        assert_eq!(
-            discovery_url("https://idp/realms/a/"),
-            "https://idp/realms/a/.well-known/openid-configuration"
-        );
+        assert_eq!(discovery_url("https://idp/realms/a/"), "https://idp/realms/a/.well-known/openid-configuration");
         assert_eq!(
             discovery_url("https://idp/.well-known/openid-configuration"),
             "https://idp/.well-known/openid-configuration"

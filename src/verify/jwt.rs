@@ -61,17 +61,11 @@ fn malformed(detail: impl Into<String>) -> Rejection {
 /// Splits, decodes and checks the header and claims of a compact JWS.
 pub fn parse(token: &str) -> Result<Parsed<'_>, Rejection> {
     let mut parts = token.split('.');
-    let (Some(h), Some(p), Some(s), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
         let n = token.split('.').count();
         return Err(malformed(format!(
             "expected 3 dot-separated segments, found {n}{}",
-            if n == 5 {
-                " (an encrypted JWE is not supported)"
-            } else {
-                ""
-            }
+            if n == 5 { " (an encrypted JWE is not supported)" } else { "" }
         )));
     };
     if h.is_empty() || p.is_empty() {
@@ -87,21 +81,12 @@ pub fn parse(token: &str) -> Result<Parsed<'_>, Rejection> {
         return Err(malformed("signature is not base64url"));
     }
     let claims = decode_object(p, "payload")?;
-    Ok(Parsed {
-        signing_input: &token[..h.len() + 1 + p.len()],
-        signature: s,
-        alg,
-        kid,
-        typ,
-        claims,
-    })
+    Ok(Parsed { signing_input: &token[..h.len() + 1 + p.len()], signature: s, alg, kid, typ, claims })
 }
 
 /// Decodes one segment into a JSON object, refusing duplicate keys at any depth.
 fn decode_object(segment: &str, what: &str) -> Result<Map<String, Value>, Rejection> {
-    let bytes = URL_SAFE_NO_PAD
-        .decode(segment)
-        .map_err(|e| malformed(format!("{what} is not base64url: {e}")))?;
+    let bytes = URL_SAFE_NO_PAD.decode(segment).map_err(|e| malformed(format!("{what} is not base64url: {e}")))?;
     match serde_json::from_slice::<Strict>(&bytes) {
         Ok(Strict(Value::Object(map))) => Ok(map),
         Ok(_) => Err(malformed(format!("{what} is not a JSON object"))),
@@ -110,36 +95,23 @@ fn decode_object(segment: &str, what: &str) -> Result<Map<String, Value>, Reject
 }
 
 fn is_base64url(s: &str) -> bool {
-    s.bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        && s.len() % 4 != 1
+    s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') && s.len() % 4 != 1
 }
 
-fn check_header(
-    h: &Map<String, Value>,
-) -> Result<(Algorithm, Option<String>, Option<String>), Rejection> {
+fn check_header(h: &Map<String, Value>) -> Result<(Algorithm, Option<String>, Option<String>), Rejection> {
     let alg = match h.get("alg") {
         Some(Value::String(a)) => a.as_str(),
         Some(_) => return Err(malformed("header alg is not a string")),
         None => return Err(malformed("header has no alg")),
     };
     if alg.eq_ignore_ascii_case("none") {
-        return Err(Rejection::new(
-            Reason::UnsupportedAlg,
-            "alg none is never accepted",
-        ));
+        return Err(Rejection::new(Reason::UnsupportedAlg, "alg none is never accepted"));
     }
-    let alg: Algorithm = alg.parse().map_err(|_| {
-        Rejection::new(
-            Reason::UnsupportedAlg,
-            format!("unknown alg {}", shorten(alg)),
-        )
-    })?;
+    let alg: Algorithm =
+        alg.parse().map_err(|_| Rejection::new(Reason::UnsupportedAlg, format!("unknown alg {}", shorten(alg))))?;
     if h.contains_key("crit") {
         // We implement no JWS extension, so any critical one must make us refuse (RFC 7515 4.1.11).
-        return Err(malformed(
-            "header lists crit extensions, none are supported",
-        ));
+        return Err(malformed("header lists crit extensions, none are supported"));
     }
     match h.get("b64") {
         None | Some(Value::Bool(true)) => {}
@@ -149,17 +121,11 @@ fn check_header(
         return Err(malformed("JWE header fields (enc, zip) in a JWS"));
     }
     let cty = opt_str(h, "cty")?;
-    if cty
-        .as_deref()
-        .is_some_and(|c| c.eq_ignore_ascii_case("jwt"))
-    {
+    if cty.as_deref().is_some_and(|c| c.eq_ignore_ascii_case("jwt")) {
         return Err(malformed("nested token (cty JWT) is not supported"));
     }
     let kid = opt_str(h, "kid")?;
-    if kid
-        .as_ref()
-        .is_some_and(|k| k.len() > MAX_KID_BYTES || k.is_empty())
-    {
+    if kid.as_ref().is_some_and(|k| k.len() > MAX_KID_BYTES || k.is_empty()) {
         return Err(malformed("kid is empty or longer than 256 bytes"));
     }
     Ok((alg, kid, opt_str(h, "typ")?))
@@ -178,18 +144,12 @@ pub fn std_claims(c: &Map<String, Value>) -> Result<StdClaims, Rejection> {
     let string = |name: &str| match c.get(name) {
         None => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(_) => Err(Rejection::new(
-            Reason::InvalidClaim,
-            format!("{name} is not a string"),
-        )),
+        Some(_) => Err(Rejection::new(Reason::InvalidClaim, format!("{name} is not a string"))),
     };
     let date = |name: &str| match c.get(name) {
         None => Ok(None),
         Some(Value::Number(n)) => Ok(Some(numeric_date(n))),
-        Some(_) => Err(Rejection::new(
-            Reason::InvalidClaim,
-            format!("{name} is not a number"),
-        )),
+        Some(_) => Err(Rejection::new(Reason::InvalidClaim, format!("{name} is not a number"))),
     };
     let aud = match c.get("aud") {
         None => Vec::new(),
@@ -200,10 +160,7 @@ pub fn std_claims(c: &Map<String, Value>) -> Result<StdClaims, Rejection> {
             .collect::<Option<Vec<_>>>()
             .ok_or_else(|| Rejection::new(Reason::InvalidClaim, "aud array holds a non-string"))?,
         Some(_) => {
-            return Err(Rejection::new(
-                Reason::InvalidClaim,
-                "aud is not a string or array",
-            ));
+            return Err(Rejection::new(Reason::InvalidClaim, "aud is not a string or array"));
         }
     };
     Ok(StdClaims {
@@ -239,9 +196,7 @@ pub fn shorten(s: &str) -> String {
 }
 
 /// Decodes header and claims without checking anything but the shape (for `token inspect`).
-pub fn decode_unverified(
-    token: &str,
-) -> Result<(Map<String, Value>, Map<String, Value>), Rejection> {
+pub fn decode_unverified(token: &str) -> Result<(Map<String, Value>, Map<String, Value>), Rejection> {
     let mut parts = token.split('.');
     let (Some(h), Some(p)) = (parts.next(), parts.next()) else {
         return Err(malformed("expected 3 dot-separated segments"));
@@ -330,47 +285,15 @@ mod tests {
             (r#"{"alg":""}"#, Reason::UnsupportedAlg, "unknown alg"),
             (r#"{"typ":"JWT"}"#, Reason::Malformed, "no alg"),
             (r#"{"alg":256}"#, Reason::Malformed, "alg is not a string"),
-            (
-                r#"{"alg":"HS256","crit":["exp"]}"#,
-                Reason::Malformed,
-                "crit",
-            ),
-            (
-                r#"{"alg":"HS256","b64":false,"crit":["b64"]}"#,
-                Reason::Malformed,
-                "crit",
-            ),
+            (r#"{"alg":"HS256","crit":["exp"]}"#, Reason::Malformed, "crit"),
+            (r#"{"alg":"HS256","b64":false,"crit":["b64"]}"#, Reason::Malformed, "crit"),
             (r#"{"alg":"HS256","b64":false}"#, Reason::Malformed, "b64"),
-            (
-                r#"{"alg":"HS256","cty":"JWT"}"#,
-                Reason::Malformed,
-                "nested",
-            ),
-            (
-                r#"{"alg":"HS256","cty":"jwt"}"#,
-                Reason::Malformed,
-                "nested",
-            ),
-            (
-                r#"{"alg":"HS256","enc":"A128GCM"}"#,
-                Reason::Malformed,
-                "JWE",
-            ),
-            (
-                r#"{"alg":"HS256","alg":"none"}"#,
-                Reason::Malformed,
-                "duplicate key",
-            ),
-            (
-                r#"{"alg":"HS256","kid":7}"#,
-                Reason::Malformed,
-                "kid is not a string",
-            ),
-            (
-                r#"{"alg":"HS256","kid":""}"#,
-                Reason::Malformed,
-                "kid is empty",
-            ),
+            (r#"{"alg":"HS256","cty":"JWT"}"#, Reason::Malformed, "nested"),
+            (r#"{"alg":"HS256","cty":"jwt"}"#, Reason::Malformed, "nested"),
+            (r#"{"alg":"HS256","enc":"A128GCM"}"#, Reason::Malformed, "JWE"),
+            (r#"{"alg":"HS256","alg":"none"}"#, Reason::Malformed, "duplicate key"),
+            (r#"{"alg":"HS256","kid":7}"#, Reason::Malformed, "kid is not a string"),
+            (r#"{"alg":"HS256","kid":""}"#, Reason::Malformed, "kid is empty"),
             (r#"["alg","HS256"]"#, Reason::Malformed, "not a JSON object"),
             (r#"{"alg":"HS256""#, Reason::Malformed, "not valid JSON"),
         ];
@@ -397,18 +320,9 @@ mod tests {
             (&format!("{h}==.{p}.c2ln"), "header is not base64url"),
             (&format!("{h}.{p}!.c2ln"), "payload is not base64url"),
             (&format!("{h}.{p}.c2l+"), "signature is not base64url"),
-            (
-                &format!("{h}.{}.c2ln", b64(r#"{"a":1,"a":2}"#)),
-                "duplicate key",
-            ),
-            (
-                &format!("{h}.{}.c2ln", b64(r#"{"r":{"x":1,"x":1}}"#)),
-                "duplicate key",
-            ),
-            (
-                &format!("{h}.{}.c2ln", b64("[1]")),
-                "payload is not a JSON object",
-            ),
+            (&format!("{h}.{}.c2ln", b64(r#"{"a":1,"a":2}"#)), "duplicate key"),
+            (&format!("{h}.{}.c2ln", b64(r#"{"r":{"x":1,"x":1}}"#)), "duplicate key"),
+            (&format!("{h}.{}.c2ln", b64("[1]")), "payload is not a JSON object"),
         ];
         for (tok, detail) in cases {
             let err = parse(tok).unwrap_err();
@@ -445,13 +359,9 @@ mod tests {
             assert!(err.detail.contains(detail), "{claims}: {err:?}");
         }
         let map: Map<String, Value> =
-            serde_json::from_str(r#"{"exp":1.9,"aud":"x","iat":1e300,"nbf":18446744073709551615}"#)
-                .unwrap();
+            serde_json::from_str(r#"{"exp":1.9,"aud":"x","iat":1e300,"nbf":18446744073709551615}"#).unwrap();
         let c = std_claims(&map).unwrap();
-        assert_eq!(
-            (c.exp, c.iat, c.nbf),
-            (Some(1), Some(i64::MAX), Some(i64::MAX))
-        );
+        assert_eq!((c.exp, c.iat, c.nbf), (Some(1), Some(i64::MAX), Some(i64::MAX)));
         assert_eq!(c.aud, vec!["x".to_owned()]);
     }
 

@@ -65,24 +65,17 @@ impl Key {
         material: DecodingKey,
         allowed: &[Algorithm],
     ) -> Result<Key, String> {
-        let algorithms: Vec<Algorithm> =
-            allowed.iter().copied().filter(|a| kind.fits(*a)).collect();
+        let algorithms: Vec<Algorithm> = allowed.iter().copied().filter(|a| kind.fits(*a)).collect();
         if algorithms.is_empty() {
             return Err(format!("a {kind:?} key cannot verify any of {allowed:?}"));
         }
-        Ok(Key {
-            kid,
-            kind,
-            algorithms,
-            material,
-        })
+        Ok(Key { kid, kind, algorithms, material })
     }
 
     /// Checks `signature` (base64url) over `message` with `alg`, which must be pinned to this key.
     pub fn verify(&self, alg: Algorithm, message: &[u8], signature: &str) -> bool {
         self.algorithms.contains(&alg)
-            && jsonwebtoken::crypto::verify(signature, message, &self.material, alg)
-                .unwrap_or(false)
+            && jsonwebtoken::crypto::verify(signature, message, &self.material, alg).unwrap_or(false)
     }
 }
 
@@ -90,17 +83,9 @@ impl Key {
 pub fn hmac(kid: Option<String>, secret: &[u8], allowed: &[Algorithm]) -> Result<Key, String> {
     // RFC 7518 3.2: a key shorter than the hash output weakens HS256 to a guessable secret.
     if secret.len() < 32 {
-        return Err(format!(
-            "HMAC secret is {} bytes; at least 32 are required",
-            secret.len()
-        ));
+        return Err(format!("HMAC secret is {} bytes; at least 32 are required", secret.len()));
     }
-    Key::new(
-        kid,
-        KeyKind::Hmac,
-        DecodingKey::from_secret(secret),
-        allowed,
-    )
+    Key::new(kid, KeyKind::Hmac, DecodingKey::from_secret(secret), allowed)
 }
 
 /// Loads a PEM public key (RSA, EC P-256/P-384 or Ed25519), pinned to `allowed`.
@@ -126,11 +111,7 @@ pub fn pem(kid: Option<String>, pem: &[u8], allowed: &[Algorithm]) -> Result<Key
 /// Parses a JWKS document. Keys that cannot be used are skipped and reported, never fatal,
 /// because identity providers publish encryption keys and new key types beside signing keys.
 /// `allow_secrets` admits `oct` keys (only from files the operator controls).
-pub fn jwks(
-    doc: &[u8],
-    allowed: &[Algorithm],
-    allow_secrets: bool,
-) -> Result<(Vec<Key>, Vec<String>), String> {
+pub fn jwks(doc: &[u8], allowed: &[Algorithm], allow_secrets: bool) -> Result<(Vec<Key>, Vec<String>), String> {
     let doc: Value = serde_json::from_slice(doc).map_err(|e| format!("JWKS is not JSON: {e}"))?;
     let Some(items) = doc.get("keys").and_then(Value::as_array) else {
         return Err("JWKS has no keys array".into());
@@ -158,9 +139,7 @@ fn jwk(item: &Value, allowed: &[Algorithm], allow_secrets: bool) -> Result<Key, 
             EllipticCurve::P384 => KeyKind::P384,
             _ => return Err("unsupported curve".into()),
         },
-        AlgorithmParameters::OctetKeyPair(p) if p.curve == EllipticCurve::Ed25519 => {
-            KeyKind::Ed25519
-        }
+        AlgorithmParameters::OctetKeyPair(p) if p.curve == EllipticCurve::Ed25519 => KeyKind::Ed25519,
         AlgorithmParameters::OctetKey(_) if allow_secrets => KeyKind::Hmac,
         AlgorithmParameters::OctetKey(_) => {
             return Err("oct (secret) keys are not taken from URLs".into());
@@ -170,10 +149,7 @@ fn jwk(item: &Value, allowed: &[Algorithm], allow_secrets: bool) -> Result<Key, 
     // A JWK's own alg pins it further; without one, the issuer's allowlist applies.
     let pinned: Vec<Algorithm> = match jwk.common.key_algorithm {
         Some(a) => {
-            let a: Algorithm = a
-                .to_string()
-                .parse()
-                .map_err(|_| format!("unsupported alg {a}"))?;
+            let a: Algorithm = a.to_string().parse().map_err(|_| format!("unsupported alg {a}"))?;
             allowed.iter().copied().filter(|x| *x == a).collect()
         }
         None => allowed.to_vec(),
@@ -211,10 +187,7 @@ pub enum Lookup<'a> {
 impl KeySet {
     /// A set with a fresh generation number.
     pub fn new(keys: Vec<Arc<Key>>) -> KeySet {
-        KeySet {
-            generation: GENERATION.fetch_add(1, Ordering::Relaxed),
-            keys,
-        }
+        KeySet { generation: GENERATION.fetch_add(1, Ordering::Relaxed), keys }
     }
 
     /// Finds the keys that may verify a token with this `kid` and `alg`.
@@ -254,9 +227,7 @@ mod tests {
             (KeyKind::P384, vec![ES384]),
             (KeyKind::Ed25519, vec![EdDSA]),
         ];
-        let all = [
-            HS256, HS384, HS512, RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA,
-        ];
+        let all = [HS256, HS384, HS512, RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA];
         for (kind, fits) in table {
             for alg in all {
                 assert_eq!(kind.fits(alg), fits.contains(&alg), "{kind:?} {alg:?}");

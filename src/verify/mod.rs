@@ -69,11 +69,13 @@ pub enum Reason {
     Forbidden,
     /// The token is on the revocation list.
     Revoked,
+    /// The revocation list could not be read and the config says dead-letter (not hold).
+    RevocationUnavailable,
 }
 
 impl Reason {
     /// Every reason, for documentation and metric pre-registration.
-    pub const ALL: [Reason; 21] = [
+    pub const ALL: [Reason; 22] = [
         Reason::MissingToken,
         Reason::EmptyToken,
         Reason::DuplicateToken,
@@ -95,6 +97,7 @@ impl Reason {
         Reason::InvalidClaim,
         Reason::Forbidden,
         Reason::Revoked,
+        Reason::RevocationUnavailable,
     ];
 
     /// The stable snake_case code.
@@ -121,6 +124,7 @@ impl Reason {
             Reason::InvalidClaim => "invalid_claim",
             Reason::Forbidden => "forbidden",
             Reason::Revoked => "revoked",
+            Reason::RevocationUnavailable => "revocation_unavailable",
         }
     }
 }
@@ -143,10 +147,7 @@ pub struct Rejection {
 impl Rejection {
     /// A rejection with a detail.
     pub fn new(reason: Reason, detail: impl Into<String>) -> Rejection {
-        Rejection {
-            reason,
-            detail: detail.into(),
-        }
+        Rejection { reason, detail: detail.into() }
     }
 }
 
@@ -174,10 +175,7 @@ pub struct Verified {
 /// malleability) keeps the fingerprint. Safe to log and to use as a revocation key.
 pub fn fingerprint(token: &str) -> String {
     let signing_input = token.rsplit_once('.').map_or(token, |(si, _)| si);
-    hex::encode(aws_lc_rs::digest::digest(
-        &aws_lc_rs::digest::SHA256,
-        signing_input.as_bytes(),
-    ))
+    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, signing_input.as_bytes()))
 }
 
 /// The result of a decision: the verified token or why not.
@@ -225,22 +223,14 @@ pub struct CacheSettings {
 
 impl Default for CacheSettings {
     fn default() -> Self {
-        CacheSettings {
-            max_entries: 100_000,
-            ttl_without_exp: Duration::from_secs(300),
-        }
+        CacheSettings { max_entries: 100_000, ttl_without_exp: Duration::from_secs(300) }
     }
 }
 
 struct UntilExpiry;
 
 impl moka::Expiry<Box<str>, Arc<Verified>> for UntilExpiry {
-    fn expire_after_create(
-        &self,
-        _: &Box<str>,
-        v: &Arc<Verified>,
-        _: std::time::Instant,
-    ) -> Option<Duration> {
+    fn expire_after_create(&self, _: &Box<str>, v: &Arc<Verified>, _: std::time::Instant) -> Option<Duration> {
         Some(v.cache_ttl)
     }
 }
@@ -255,27 +245,18 @@ pub struct Verifier {
 
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
 impl Verifier {
     /// An engine over `issuers`; remote keys are not fetched until [`Verifier::start`].
     pub fn new(issuers: Vec<Issuer>, cache: &CacheSettings) -> Verifier {
-        let by_iss = issuers
-            .iter()
-            .enumerate()
-            .map(|(i, is)| (is.checks.iss.clone(), i))
-            .collect();
+        let by_iss = issuers.iter().enumerate().map(|(i, is)| (is.checks.iss.clone(), i)).collect();
         Verifier {
             issuers,
             by_iss,
             cache: (cache.max_entries > 0).then(|| {
-                moka::sync::Cache::builder()
-                    .max_capacity(cache.max_entries)
-                    .expire_after(UntilExpiry)
-                    .build()
+                moka::sync::Cache::builder().max_capacity(cache.max_entries).expire_after(UntilExpiry).build()
             }),
             ttl_without_exp: cache.ttl_without_exp,
         }
@@ -329,12 +310,7 @@ impl Verifier {
 
     /// Decides `token` for a route with `policy` at unix time `now`. `Err` means the decision
     /// could not be made (keys unavailable): hold and retry, never accept.
-    pub async fn verify(
-        &self,
-        policy: &Policy,
-        token: &str,
-        now: i64,
-    ) -> Result<Verdict, KeysUnavailable> {
+    pub async fn verify(&self, policy: &Policy, token: &str, now: i64) -> Result<Verdict, KeysUnavailable> {
         if let Some(v) = self.cache.as_ref().and_then(|c| c.get(token)) {
             if self.issuers[v.issuer_index].keys.current().generation == v.generation {
                 return Ok(self.admit(policy, v, now));
@@ -363,11 +339,7 @@ impl Verifier {
         Ok(v)
     }
 
-    async fn verify_uncached(
-        &self,
-        token: &str,
-        now: i64,
-    ) -> Result<Result<Verified, Rejection>, KeysUnavailable> {
+    async fn verify_uncached(&self, token: &str, now: i64) -> Result<Result<Verified, Rejection>, KeysUnavailable> {
         let p = match jwt::parse(token) {
             Ok(p) => p,
             Err(r) => return Ok(Err(r)),
@@ -397,25 +369,17 @@ impl Verifier {
             let set = issuer.keys.current_full();
             match set.lookup(p.kid.as_deref(), p.alg) {
                 keys::Lookup::Found(candidates) => {
-                    let Some(key) = candidates
-                        .iter()
-                        .find(|k| k.verify(p.alg, p.signing_input.as_bytes(), p.signature))
+                    let Some(key) =
+                        candidates.iter().find(|k| k.verify(p.alg, p.signing_input.as_bytes(), p.signature))
                     else {
-                        return Ok(Err(Rejection::new(
-                            Reason::BadSignature,
-                            "signature does not verify",
-                        )));
+                        return Ok(Err(Rejection::new(Reason::BadSignature, "signature does not verify")));
                     };
                     break (key.kid.clone(), set.generation);
                 }
                 keys::Lookup::AlgNotPinned => {
                     return Ok(Err(Rejection::new(
                         Reason::UnsupportedAlg,
-                        format!(
-                            "key {} is not pinned to {:?}",
-                            jwt::shorten(p.kid.as_deref().unwrap_or("")),
-                            p.alg
-                        ),
+                        format!("key {} is not pinned to {:?}", jwt::shorten(p.kid.as_deref().unwrap_or("")), p.alg),
                     )));
                 }
                 keys::Lookup::NoKey => match p.kid.as_deref() {
@@ -444,9 +408,9 @@ impl Verifier {
             return Ok(Err(r));
         }
         let cache_ttl = match std.exp {
-            Some(exp) => Duration::from_secs(
-                (exp.saturating_add(issuer.checks.leeway).saturating_sub(now)).max(0) as u64,
-            ),
+            Some(exp) => {
+                Duration::from_secs((exp.saturating_add(issuer.checks.leeway).saturating_sub(now)).max(0) as u64)
+            }
             None => self.ttl_without_exp,
         };
         Ok(Ok(Verified {
@@ -480,10 +444,7 @@ fn check_claims(
         let got = typ.unwrap_or("");
         let got = got.strip_prefix("application/").unwrap_or(got);
         if !got.eq_ignore_ascii_case(want) {
-            return Err(Rejection::new(
-                Reason::WrongType,
-                format!("typ is {}, expected {want}", jwt::shorten(got)),
-            ));
+            return Err(Rejection::new(Reason::WrongType, format!("typ is {}, expected {want}", jwt::shorten(got))));
         }
     }
     if !c.audiences.is_empty() {
@@ -503,10 +464,7 @@ fn check_claims(
     }
     for path in &c.required_claims {
         if path.get(claims).is_none() {
-            return Err(Rejection::new(
-                Reason::MissingClaim,
-                format!("no {} claim", path.0),
-            ));
+            return Err(Rejection::new(Reason::MissingClaim, format!("no {} claim", path.0)));
         }
     }
     Ok(())
@@ -517,20 +475,14 @@ pub fn check_time(c: &IssuerChecks, s: &StdClaims, now: i64) -> Result<(), Rejec
     let leeway = c.leeway;
     match s.exp {
         Some(exp) if now >= exp.saturating_add(leeway) => {
-            return Err(Rejection::new(
-                Reason::Expired,
-                format!("expired {}s ago", now.saturating_sub(exp)),
-            ));
+            return Err(Rejection::new(Reason::Expired, format!("expired {}s ago", now.saturating_sub(exp))));
         }
         None if c.require_exp => return Err(Rejection::new(Reason::MissingClaim, "no exp claim")),
         _ => {}
     }
     if let Some(nbf) = s.nbf {
         if nbf > now.saturating_add(leeway) {
-            return Err(Rejection::new(
-                Reason::NotYetValid,
-                format!("valid in {}s", nbf.saturating_sub(now)),
-            ));
+            return Err(Rejection::new(Reason::NotYetValid, format!("valid in {}s", nbf.saturating_sub(now))));
         }
     }
     if let Some(iat) = s.iat {
@@ -543,10 +495,7 @@ pub fn check_time(c: &IssuerChecks, s: &StdClaims, now: i64) -> Result<(), Rejec
     }
     if let Some(max) = c.max_age {
         let Some(iat) = s.iat else {
-            return Err(Rejection::new(
-                Reason::MissingClaim,
-                "no iat claim (a maximum age is set)",
-            ));
+            return Err(Rejection::new(Reason::MissingClaim, "no iat claim (a maximum age is set)"));
         };
         if now.saturating_sub(iat) > max.saturating_add(leeway) {
             return Err(Rejection::new(
@@ -566,10 +515,9 @@ mod tests {
     fn reason_codes_are_unique_snake_case() {
         let codes: std::collections::HashSet<_> = Reason::ALL.iter().map(|r| r.code()).collect();
         assert_eq!(codes.len(), Reason::ALL.len());
-        assert!(codes.iter().all(|c| {
-            c.chars()
-                .all(|ch| ch.is_ascii_lowercase() || ch == '_' || ch.is_ascii_digit())
-        }));
+        assert!(
+            codes.iter().all(|c| { c.chars().all(|ch| ch.is_ascii_lowercase() || ch == '_' || ch.is_ascii_digit()) })
+        );
     }
 
     #[test]
@@ -585,49 +533,25 @@ mod tests {
             required_claims: vec![],
         };
         let now = 1_000_000;
-        let c = |exp: Option<i64>, nbf: Option<i64>, iat: Option<i64>| StdClaims {
-            exp,
-            nbf,
-            iat,
-            ..Default::default()
-        };
+        let c =
+            |exp: Option<i64>, nbf: Option<i64>, iat: Option<i64>| StdClaims { exp, nbf, iat, ..Default::default() };
         let cases = [
             (c(Some(now + 10), None, Some(now)), None),
             (c(Some(now - 29), None, Some(now)), None),
             (c(Some(now - 30), None, Some(now)), Some(Reason::Expired)),
             (c(None, None, Some(now)), Some(Reason::MissingClaim)),
             (c(Some(now + 10), Some(now + 30), Some(now)), None),
-            (
-                c(Some(now + 10), Some(now + 31), Some(now)),
-                Some(Reason::NotYetValid),
-            ),
-            (
-                c(Some(now + 100), None, Some(now + 31)),
-                Some(Reason::IssuedInFuture),
-            ),
+            (c(Some(now + 10), Some(now + 31), Some(now)), Some(Reason::NotYetValid)),
+            (c(Some(now + 100), None, Some(now + 31)), Some(Reason::IssuedInFuture)),
             (c(Some(now + 10), None, None), Some(Reason::MissingClaim)),
             (c(Some(now + 10), None, Some(now - 3630)), None),
-            (
-                c(Some(now + 10), None, Some(now - 3631)),
-                Some(Reason::TooOld),
-            ),
-            (
-                c(Some(i64::MAX), Some(i64::MIN), Some(i64::MIN)),
-                Some(Reason::TooOld),
-            ),
+            (c(Some(now + 10), None, Some(now - 3631)), Some(Reason::TooOld)),
+            (c(Some(i64::MAX), Some(i64::MIN), Some(i64::MIN)), Some(Reason::TooOld)),
         ];
         for (claims, want) in cases {
-            assert_eq!(
-                check_time(&checks, &claims, now).err().map(|r| r.reason),
-                want,
-                "{claims:?}"
-            );
+            assert_eq!(check_time(&checks, &claims, now).err().map(|r| r.reason), want, "{claims:?}");
         }
-        let lax = IssuerChecks {
-            require_exp: false,
-            max_age: None,
-            ..checks
-        };
+        let lax = IssuerChecks { require_exp: false, max_age: None, ..checks };
         assert!(check_time(&lax, &StdClaims::default(), now).is_ok());
     }
 

@@ -31,11 +31,7 @@ pub struct TokenSpec {
 impl Default for TokenSpec {
     fn default() -> Self {
         // 8 KiB holds any sane access token, even with large role lists.
-        TokenSpec {
-            header: "authorization".into(),
-            require_bearer: false,
-            max_bytes: 8 * 1024,
-        }
+        TokenSpec { header: "authorization".into(), require_bearer: false, max_bytes: 8 * 1024 }
     }
 }
 
@@ -59,56 +55,31 @@ impl TokenSpec {
         }
         let bytes = match found {
             None => {
-                return Err(Rejection::new(
-                    Reason::MissingToken,
-                    format!("no {} header", self.header),
-                ));
+                return Err(Rejection::new(Reason::MissingToken, format!("no {} header", self.header)));
             }
             Some(HeaderValue::Null) => {
-                return Err(Rejection::new(
-                    Reason::EmptyToken,
-                    "token header has no value",
-                ));
+                return Err(Rejection::new(Reason::EmptyToken, "token header has no value"));
             }
             Some(HeaderValue::WrongType(t)) => {
-                return Err(Rejection::new(
-                    Reason::Malformed,
-                    format!("token header is a {t}, not a string"),
-                ));
+                return Err(Rejection::new(Reason::Malformed, format!("token header is a {t}, not a string")));
             }
             Some(HeaderValue::Bytes(b)) => b,
         };
         if bytes.len() > self.max_bytes {
             return Err(Rejection::new(
                 Reason::TokenTooLarge,
-                format!(
-                    "token header is {} bytes, limit {}",
-                    bytes.len(),
-                    self.max_bytes
-                ),
+                format!("token header is {} bytes, limit {}", bytes.len(), self.max_bytes),
             ));
         }
-        let text = std::str::from_utf8(bytes).map_err(|e| {
-            Rejection::new(
-                Reason::NonUtf8Token,
-                format!("token header is not UTF-8: {e}"),
-            )
-        })?;
+        let text = std::str::from_utf8(bytes)
+            .map_err(|e| Rejection::new(Reason::NonUtf8Token, format!("token header is not UTF-8: {e}")))?;
         let text = text.trim_matches(|c: char| c.is_ascii_whitespace());
-        let bearer = text
-            .get(..6)
-            .is_some_and(|p| p.eq_ignore_ascii_case("bearer"))
-            && text
-                .as_bytes()
-                .get(6)
-                .is_none_or(|b| b.is_ascii_whitespace());
+        let bearer = text.get(..6).is_some_and(|p| p.eq_ignore_ascii_case("bearer"))
+            && text.as_bytes().get(6).is_none_or(|b| b.is_ascii_whitespace());
         let token = match text.get(..6) {
             Some(_) if bearer => text[6..].trim_start_matches(|c: char| c.is_ascii_whitespace()),
             _ if self.require_bearer => {
-                return Err(Rejection::new(
-                    Reason::Malformed,
-                    "token header lacks the Bearer scheme",
-                ));
+                return Err(Rejection::new(Reason::Malformed, "token header lacks the Bearer scheme"));
             }
             _ => text,
         };
@@ -165,10 +136,7 @@ impl Policy {
     /// Checks the verified `claims` of a token from `issuer` against this route's rules.
     pub fn check(&self, issuer: &str, claims: &Map<String, Value>) -> Result<(), Rejection> {
         if !self.issuers.is_empty() && !self.issuers.iter().any(|i| i == issuer) {
-            return Err(Rejection::new(
-                Reason::WrongIssuer,
-                format!("issuer {issuer} is not accepted on this route"),
-            ));
+            return Err(Rejection::new(Reason::WrongIssuer, format!("issuer {issuer} is not accepted on this route")));
         }
         for r in &self.require {
             let granted = granted(r.claim.get(claims));
@@ -179,10 +147,7 @@ impl Policy {
             };
             if !ok {
                 let mode = if r.all { "all of" } else { "one of" };
-                return Err(Rejection::new(
-                    Reason::Forbidden,
-                    format!("{} lacks {mode} {:?}", r.claim.0, r.values),
-                ));
+                return Err(Rejection::new(Reason::Forbidden, format!("{} lacks {mode} {:?}", r.claim.0, r.values)));
             }
         }
         for (path, want) in &self.equals {
@@ -195,10 +160,7 @@ impl Policy {
                     ));
                 }
                 None => {
-                    return Err(Rejection::new(
-                        Reason::Forbidden,
-                        format!("{} is missing", path.0),
-                    ));
+                    return Err(Rejection::new(Reason::Forbidden, format!("{} is missing", path.0)));
                 }
             }
         }
@@ -220,86 +182,39 @@ mod tests {
     use serde_json::json;
 
     fn spec() -> TokenSpec {
-        TokenSpec {
-            max_bytes: 16,
-            ..TokenSpec::default()
-        }
+        TokenSpec { max_bytes: 16, ..TokenSpec::default() }
     }
 
     #[test]
     fn extraction_table() {
         let big = vec![b'a'; 17];
         let cases: Vec<(Vec<(&str, HeaderValue)>, Result<&str, Reason>)> = vec![
-            (
-                vec![("authorization", HeaderValue::Bytes(b"abc"))],
-                Ok("abc"),
-            ),
-            (
-                vec![("Authorization", HeaderValue::Bytes(b"Bearer abc"))],
-                Ok("abc"),
-            ),
-            (
-                vec![("AUTHORIZATION", HeaderValue::Bytes(b"bEaReR   abc "))],
-                Ok("abc"),
-            ),
-            (
-                vec![("other", HeaderValue::Bytes(b"abc"))],
-                Err(Reason::MissingToken),
-            ),
+            (vec![("authorization", HeaderValue::Bytes(b"abc"))], Ok("abc")),
+            (vec![("Authorization", HeaderValue::Bytes(b"Bearer abc"))], Ok("abc")),
+            (vec![("AUTHORIZATION", HeaderValue::Bytes(b"bEaReR   abc "))], Ok("abc")),
+            (vec![("other", HeaderValue::Bytes(b"abc"))], Err(Reason::MissingToken)),
             (vec![], Err(Reason::MissingToken)),
+            (vec![("authorization", HeaderValue::Bytes(b""))], Err(Reason::EmptyToken)),
+            (vec![("authorization", HeaderValue::Bytes(b"Bearer "))], Err(Reason::EmptyToken)),
+            (vec![("authorization", HeaderValue::Null)], Err(Reason::EmptyToken)),
             (
-                vec![("authorization", HeaderValue::Bytes(b""))],
-                Err(Reason::EmptyToken),
-            ),
-            (
-                vec![("authorization", HeaderValue::Bytes(b"Bearer "))],
-                Err(Reason::EmptyToken),
-            ),
-            (
-                vec![("authorization", HeaderValue::Null)],
-                Err(Reason::EmptyToken),
-            ),
-            (
-                vec![
-                    ("authorization", HeaderValue::Bytes(b"a")),
-                    ("Authorization", HeaderValue::Bytes(b"b")),
-                ],
+                vec![("authorization", HeaderValue::Bytes(b"a")), ("Authorization", HeaderValue::Bytes(b"b"))],
                 Err(Reason::DuplicateToken),
             ),
-            (
-                vec![("authorization", HeaderValue::Bytes(b"\xff\xfe"))],
-                Err(Reason::NonUtf8Token),
-            ),
-            (
-                vec![("authorization", HeaderValue::Bytes(&big))],
-                Err(Reason::TokenTooLarge),
-            ),
-            (
-                vec![("authorization", HeaderValue::WrongType("long integer"))],
-                Err(Reason::Malformed),
-            ),
+            (vec![("authorization", HeaderValue::Bytes(b"\xff\xfe"))], Err(Reason::NonUtf8Token)),
+            (vec![("authorization", HeaderValue::Bytes(&big))], Err(Reason::TokenTooLarge)),
+            (vec![("authorization", HeaderValue::WrongType("long integer"))], Err(Reason::Malformed)),
         ];
         for (headers, want) in cases {
             let got = spec().extract(headers.clone()).map_err(|r| r.reason);
             assert_eq!(got, want, "{headers:?}");
         }
-        let strict = TokenSpec {
-            require_bearer: true,
-            ..spec()
-        };
+        let strict = TokenSpec { require_bearer: true, ..spec() };
         assert_eq!(
-            strict
-                .extract([("authorization", HeaderValue::Bytes(b"abc"))])
-                .unwrap_err()
-                .reason,
+            strict.extract([("authorization", HeaderValue::Bytes(b"abc"))]).unwrap_err().reason,
             Reason::Malformed
         );
-        assert_eq!(
-            strict
-                .extract([("authorization", HeaderValue::Bytes(b"bearer abc"))])
-                .unwrap(),
-            "abc"
-        );
+        assert_eq!(strict.extract([("authorization", HeaderValue::Bytes(b"bearer abc"))]).unwrap(), "abc");
     }
 
     #[test]
@@ -320,118 +235,39 @@ mod tests {
         };
         let cases: Vec<(Policy, Option<Reason>)> = vec![
             (Policy::default(), None),
+            (Policy { require: vec![req("scope", &["orders:write"], false)], ..Default::default() }, None),
             (
-                Policy {
-                    require: vec![req("scope", &["orders:write"], false)],
-                    ..Default::default()
-                },
-                None,
+                Policy { require: vec![req("scope", &["orders:write", "x"], true)], ..Default::default() },
+                Some(Reason::Forbidden),
             ),
+            (Policy { require: vec![req("scope", &["x", "orders:read"], false)], ..Default::default() }, None),
+            (Policy { require: vec![req("roles", &["admin", "ops"], true)], ..Default::default() }, None),
+            (Policy { require: vec![req("realm_access.roles", &["publisher"], true)], ..Default::default() }, None),
+            (Policy { require: vec![req("https://example.com/roles", &["ns"], true)], ..Default::default() }, None),
             (
-                Policy {
-                    require: vec![req("scope", &["orders:write", "x"], true)],
-                    ..Default::default()
-                },
+                Policy { require: vec![req("realm_access.missing", &["a"], false)], ..Default::default() },
+                Some(Reason::Forbidden),
+            ),
+            (Policy { require: vec![req("level", &["3"], false)], ..Default::default() }, Some(Reason::Forbidden)),
+            (Policy { equals: vec![(ClaimPath("tenant".into()), json!("acme"))], ..Default::default() }, None),
+            (
+                Policy { equals: vec![(ClaimPath("tenant".into()), json!("evil"))], ..Default::default() },
+                Some(Reason::Forbidden),
+            ),
+            (Policy { equals: vec![(ClaimPath("level".into()), json!(3))], ..Default::default() }, None),
+            (
+                Policy { equals: vec![(ClaimPath("level".into()), json!("3"))], ..Default::default() },
                 Some(Reason::Forbidden),
             ),
             (
-                Policy {
-                    require: vec![req("scope", &["x", "orders:read"], false)],
-                    ..Default::default()
-                },
-                None,
-            ),
-            (
-                Policy {
-                    require: vec![req("roles", &["admin", "ops"], true)],
-                    ..Default::default()
-                },
-                None,
-            ),
-            (
-                Policy {
-                    require: vec![req("realm_access.roles", &["publisher"], true)],
-                    ..Default::default()
-                },
-                None,
-            ),
-            (
-                Policy {
-                    require: vec![req("https://example.com/roles", &["ns"], true)],
-                    ..Default::default()
-                },
-                None,
-            ),
-            (
-                Policy {
-                    require: vec![req("realm_access.missing", &["a"], false)],
-                    ..Default::default()
-                },
+                Policy { equals: vec![(ClaimPath("nope".into()), json!(1))], ..Default::default() },
                 Some(Reason::Forbidden),
             ),
-            (
-                Policy {
-                    require: vec![req("level", &["3"], false)],
-                    ..Default::default()
-                },
-                Some(Reason::Forbidden),
-            ),
-            (
-                Policy {
-                    equals: vec![(ClaimPath("tenant".into()), json!("acme"))],
-                    ..Default::default()
-                },
-                None,
-            ),
-            (
-                Policy {
-                    equals: vec![(ClaimPath("tenant".into()), json!("evil"))],
-                    ..Default::default()
-                },
-                Some(Reason::Forbidden),
-            ),
-            (
-                Policy {
-                    equals: vec![(ClaimPath("level".into()), json!(3))],
-                    ..Default::default()
-                },
-                None,
-            ),
-            (
-                Policy {
-                    equals: vec![(ClaimPath("level".into()), json!("3"))],
-                    ..Default::default()
-                },
-                Some(Reason::Forbidden),
-            ),
-            (
-                Policy {
-                    equals: vec![(ClaimPath("nope".into()), json!(1))],
-                    ..Default::default()
-                },
-                Some(Reason::Forbidden),
-            ),
-            (
-                Policy {
-                    issuers: vec!["a".into()],
-                    ..Default::default()
-                },
-                None,
-            ),
-            (
-                Policy {
-                    issuers: vec!["b".into()],
-                    ..Default::default()
-                },
-                Some(Reason::WrongIssuer),
-            ),
+            (Policy { issuers: vec!["a".into()], ..Default::default() }, None),
+            (Policy { issuers: vec!["b".into()], ..Default::default() }, Some(Reason::WrongIssuer)),
         ];
         for (policy, want) in cases {
-            assert_eq!(
-                policy.check("a", claims).err().map(|r| r.reason),
-                want,
-                "{policy:?}"
-            );
+            assert_eq!(policy.check("a", claims).err().map(|r| r.reason), want, "{policy:?}");
         }
     }
 }

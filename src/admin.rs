@@ -1,0 +1,81 @@
+//! The admin endpoint: `/health` (the process is alive), `/ready` (every route is making
+//! progress, the revocation list answers, every key set was loaded), `/metrics` (Prometheus).
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::gate::Gate;
+use crate::source::RouteStatus;
+
+/// What the endpoint reports on.
+#[derive(Clone)]
+pub struct AdminState {
+    /// Route name and live status.
+    pub routes: Vec<(String, Arc<RouteStatus>)>,
+    /// The gate (key health, revocation list).
+    pub gate: Arc<Gate>,
+    /// Renders metrics.
+    pub metrics: Option<PrometheusHandle>,
+}
+
+/// Installs the Prometheus recorder once per process; later calls get `None`.
+pub fn install_metrics() -> Option<PrometheusHandle> {
+    metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder().ok()
+}
+
+/// Serves the endpoint on `listener` until `cancel`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AdminState,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/health", get(|| async { "ok\n" }))
+        .route("/ready", get(ready))
+        .route("/metrics", get(render_metrics))
+        .with_state(state);
+    axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await
+}
+
+async fn ready(State(s): State<AdminState>) -> impl IntoResponse {
+    let keys = s.gate.verifier().health().await;
+    for k in &keys {
+        if let Some(age) = k.age_secs {
+            metrics::gauge!("tokengate_jwks_age_seconds", "issuer" => k.issuer.clone()).set(age as f64);
+        }
+    }
+    let keys_ok = keys.iter().all(|k| k.age_secs.is_some());
+    let revocation_up = s.gate.revocation_up();
+    let routes: Vec<_> = s
+        .routes
+        .iter()
+        .map(|(name, st)| {
+            json!({
+                "route": name,
+                "ready": st.ready(),
+                "running": st.running.load(std::sync::atomic::Ordering::Relaxed),
+                "holding": st.holding.load(std::sync::atomic::Ordering::Relaxed),
+                "paused": st.paused.load(std::sync::atomic::Ordering::Relaxed),
+            })
+        })
+        .collect();
+    let ready = keys_ok && revocation_up && s.routes.iter().all(|(_, st)| st.ready());
+    let body = json!({"ready": ready, "revocation_list_up": revocation_up, "keys": keys, "routes": routes});
+    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, axum::Json(body))
+}
+
+async fn render_metrics(State(s): State<AdminState>) -> impl IntoResponse {
+    match &s.metrics {
+        Some(h) => (StatusCode::OK, h.render()),
+        None => (StatusCode::NOT_FOUND, "metrics recorder not installed in this process\n".to_owned()),
+    }
+}

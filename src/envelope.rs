@@ -1,0 +1,101 @@
+//! A message as the gate sees it, whatever broker it came from, and what goes out again.
+
+/// A header value as received.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HeaderData {
+    /// Bytes (Kafka header values; AMQP strings and byte arrays).
+    Bytes(Vec<u8>),
+    /// Present without a value.
+    Null,
+    /// Another AMQP type (integer, table, ...), with a text rendering for Kafka destinations.
+    Typed {
+        /// The AMQP type's name, for rejection details.
+        kind: &'static str,
+        /// The value as text.
+        text: String,
+    },
+}
+
+/// Where a message came from: shown in republished headers, and needed to acknowledge it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Origin {
+    /// A Kafka record.
+    Kafka {
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: i32,
+        /// Offset.
+        offset: i64,
+    },
+    /// An AMQP delivery.
+    Amqp {
+        /// The queue it was consumed from.
+        queue: String,
+        /// The exchange it was published to.
+        exchange: String,
+        /// Its routing key.
+        routing_key: String,
+        /// The channel's delivery tag.
+        delivery_tag: u64,
+    },
+}
+
+impl Origin {
+    /// `(header suffix, value)` pairs describing the source.
+    pub fn describe(&self) -> Vec<(&'static str, String)> {
+        match self {
+            Origin::Kafka { topic, partition, offset } => vec![
+                ("source-topic", topic.clone()),
+                ("source-partition", partition.to_string()),
+                ("source-offset", offset.to_string()),
+            ],
+            Origin::Amqp { queue, exchange, routing_key, .. } => vec![
+                ("source-queue", queue.clone()),
+                ("source-exchange", exchange.clone()),
+                ("source-routing-key", routing_key.clone()),
+            ],
+        }
+    }
+}
+
+/// AMQP basic properties carried through unchanged (headers are in [`Envelope::headers`]).
+pub type AmqpProperties = lapin::BasicProperties;
+
+/// A received message.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    /// Kafka key (AMQP: none).
+    pub key: Option<Vec<u8>>,
+    /// Body.
+    pub payload: Option<Vec<u8>>,
+    /// Headers in order, duplicates kept (a duplicated token header is a rejection).
+    pub headers: Vec<(String, HeaderData)>,
+    /// Timestamp in milliseconds since the epoch, if any.
+    pub timestamp_ms: Option<i64>,
+    /// Where it came from.
+    pub origin: Origin,
+    /// AMQP properties, for AMQP sources.
+    pub amqp: Option<AmqpProperties>,
+    /// The original AMQP header table, to republish typed values unchanged.
+    pub amqp_headers: Option<lapin::types::FieldTable>,
+}
+
+/// A message to publish.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// Kafka key.
+    pub key: Option<Vec<u8>>,
+    /// Body.
+    pub payload: Option<Vec<u8>>,
+    /// Headers to write (source headers kept, plus the gate's own).
+    pub headers: Vec<(String, HeaderData)>,
+    /// Timestamp in milliseconds.
+    pub timestamp_ms: Option<i64>,
+    /// The source's AMQP routing key, if any (the default routing key of AMQP destinations).
+    pub routing_key: Option<String>,
+    /// AMQP properties to carry, if the source was AMQP.
+    pub amqp: Option<AmqpProperties>,
+    /// Typed AMQP headers of the source to carry (minus removed ones).
+    pub amqp_headers: Option<lapin::types::FieldTable>,
+}

@@ -1,0 +1,335 @@
+//! The core: an envelope in, an outcome out (forward, dead-letter) or a hold.
+//!
+//! Sources call [`Gate::handle`] for each message; it is the same for Kafka and AMQP. A hold
+//! (`Err`) means an infrastructure failure: the source must not acknowledge, must back off and
+//! retry the same message. It never becomes an accept.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::Value;
+
+use crate::config::{GuardConfig, OnUnavailable, RouteRules};
+use crate::envelope::{Envelope, HeaderData, Outgoing};
+use crate::revocation::{self, Revocations};
+use crate::verify::{self, HeaderValue, KeysUnavailable, Reason, Rejection, Verified, Verifier};
+
+/// Why a message cannot be decided now.
+#[derive(Debug, thiserror::Error)]
+pub enum Hold {
+    /// Signing keys could not be fetched.
+    #[error(transparent)]
+    Keys(#[from] KeysUnavailable),
+    /// The revocation list could not be read.
+    #[error(transparent)]
+    Revocation(#[from] revocation::Unavailable),
+}
+
+impl Hold {
+    /// A short label for metrics.
+    pub fn cause(&self) -> &'static str {
+        match self {
+            Hold::Keys(_) => "keys",
+            Hold::Revocation(_) => "revocation",
+        }
+    }
+}
+
+/// What to do with a message.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Publish to the trusted destination.
+    Forward(Outgoing),
+    /// Publish to the dead-letter destination.
+    DeadLetter(Outgoing, Rejection),
+}
+
+/// The decision shared by every route and source.
+pub struct Gate {
+    verifier: Arc<Verifier>,
+    revocations: Option<Arc<Revocations>>,
+    on_unavailable: OnUnavailable,
+    verify: bool,
+    last_logged: Mutex<HashMap<(String, Reason), Instant>>,
+}
+
+/// A rejection of each reason is logged at most this often per route; all are counted.
+const REJECTION_LOG_EVERY: Duration = Duration::from_secs(10);
+
+impl Gate {
+    /// A gate that verifies tokens and, if given, checks revocations.
+    pub fn new(verifier: Arc<Verifier>, revocations: Option<Arc<Revocations>>, on_unavailable: OnUnavailable) -> Gate {
+        Gate { verifier, revocations, on_unavailable, verify: true, last_logged: Mutex::new(HashMap::new()) }
+    }
+
+    /// A gate that forwards everything unverified: only for measuring the pipeline's own cost.
+    pub fn pass_through(verifier: Arc<Verifier>) -> Gate {
+        Gate { verify: false, ..Gate::new(verifier, None, OnUnavailable::Hold) }
+    }
+
+    /// The verifier (for health reporting).
+    pub fn verifier(&self) -> &Arc<Verifier> {
+        &self.verifier
+    }
+
+    /// Whether revocations can be checked now.
+    pub fn revocation_up(&self) -> bool {
+        self.revocations.as_ref().is_none_or(|r| r.is_up())
+    }
+
+    /// Decides one message at unix time `now`.
+    pub async fn handle(&self, route: &RouteRules, env: &Envelope, now: i64) -> Result<Outcome, Hold> {
+        if !self.verify {
+            return Ok(Outcome::Forward(forward(route, env, None)));
+        }
+        let headers = env.headers.iter().map(|(n, d)| (n.as_str(), header_value(d)));
+        let (token, verdict) = match route.token.extract(headers) {
+            Ok(t) => (Some(t), self.verifier.verify(&route.policy, t, now).await?),
+            Err(r) => (None, Err(r)),
+        };
+        let verdict = match (verdict, &self.revocations) {
+            (Ok(v), Some(list)) => match list.check(&v).await {
+                Ok(None) => Ok(v),
+                Ok(Some(r)) => Err(r),
+                Err(e) if self.on_unavailable == OnUnavailable::DeadLetter => {
+                    Err(Rejection::new(Reason::RevocationUnavailable, e.0))
+                }
+                Err(e) => return Err(Hold::Revocation(e)),
+            },
+            (verdict, _) => verdict,
+        };
+        Ok(match verdict {
+            Ok(v) => {
+                metrics::counter!("tokengate_messages_total", "route" => route.name.clone(), "outcome" => "forwarded")
+                    .increment(1);
+                Outcome::Forward(forward(route, env, Some(&v)))
+            }
+            Err(r) => {
+                let fp = token.map(verify::fingerprint);
+                self.count_rejection(route, &r, fp.as_deref());
+                Outcome::DeadLetter(dead_letter(route, env, &r, fp.as_deref(), SystemTime::now()), r)
+            }
+        })
+    }
+
+    fn count_rejection(&self, route: &RouteRules, r: &Rejection, fp: Option<&str>) {
+        metrics::counter!("tokengate_messages_total", "route" => route.name.clone(), "outcome" => "dead_lettered")
+            .increment(1);
+        metrics::counter!("tokengate_rejections_total", "route" => route.name.clone(), "reason" => r.reason.code())
+            .increment(1);
+        let mut last = self.last_logged.lock().expect("not poisoned");
+        let due = last.get(&(route.name.clone(), r.reason)).is_none_or(|t| t.elapsed() >= REJECTION_LOG_EVERY);
+        if due {
+            last.insert((route.name.clone(), r.reason), Instant::now());
+            tracing::info!(route = %route.name, reason = r.reason.code(), detail = %r.detail, fingerprint = fp.unwrap_or("-"), "token rejected (sampled: one per reason per 10s)");
+        } else {
+            tracing::debug!(route = %route.name, reason = r.reason.code(), detail = %r.detail, fingerprint = fp.unwrap_or("-"), "token rejected");
+        }
+    }
+}
+
+fn header_value(d: &HeaderData) -> HeaderValue<'_> {
+    match d {
+        HeaderData::Bytes(b) => HeaderValue::Bytes(b),
+        HeaderData::Null => HeaderValue::Null,
+        HeaderData::Typed { kind, .. } => HeaderValue::WrongType(kind),
+    }
+}
+
+/// Source headers minus the ones that must not pass: the gate's own prefix (a producer could
+/// forge them), configured identity headers (same), and optionally the token.
+fn kept_headers(route: &RouteRules, env: &Envelope, strip_token: bool) -> Vec<(String, HeaderData)> {
+    env.headers
+        .iter()
+        .filter(|(name, _)| {
+            let lower = name.to_ascii_lowercase();
+            !(lower.starts_with(&route.header_prefix)
+                || route.identity_headers.iter().any(|(_, h)| *h == lower)
+                || (strip_token && lower == route.token.header.to_ascii_lowercase()))
+        })
+        .cloned()
+        .collect()
+}
+
+fn text(s: impl Into<String>) -> HeaderData {
+    HeaderData::Bytes(s.into().into_bytes())
+}
+
+fn base(env: &Envelope, headers: Vec<(String, HeaderData)>) -> Outgoing {
+    let routing_key = match &env.origin {
+        crate::envelope::Origin::Amqp { routing_key, .. } => Some(routing_key.clone()),
+        crate::envelope::Origin::Kafka { .. } => None,
+    };
+    Outgoing {
+        key: env.key.clone(),
+        payload: env.payload.clone(),
+        headers,
+        timestamp_ms: env.timestamp_ms,
+        routing_key,
+        amqp: env.amqp.clone(),
+        amqp_headers: env.amqp_headers.clone(),
+    }
+}
+
+/// The trusted copy: identity headers added, token stripped (by default).
+pub fn forward(route: &RouteRules, env: &Envelope, v: Option<&Verified>) -> Outgoing {
+    let mut headers = kept_headers(route, env, route.strip_token);
+    let p = &route.header_prefix;
+    if let Some(v) = v {
+        for (claim, header) in &route.identity_headers {
+            match claim.get(&v.claims) {
+                Some(Value::String(s)) => headers.push((header.clone(), text(s.clone()))),
+                Some(other) => headers.push((header.clone(), text(other.to_string()))),
+                None => {}
+            }
+        }
+        headers.push((format!("{p}issuer"), text(v.std.iss.clone().unwrap_or_default())));
+        if let Some(kid) = &v.kid {
+            headers.push((format!("{p}kid"), text(kid.clone())));
+        }
+        headers.push((format!("{p}fingerprint"), text(v.fingerprint.clone())));
+    }
+    headers.push((format!("{p}route"), text(route.name.clone())));
+    for (k, val) in env.origin.describe() {
+        headers.push((format!("{p}{k}"), text(val)));
+    }
+    base(env, headers)
+}
+
+/// The dead-letter copy: the original message plus the reason, detail, source and time.
+pub fn dead_letter(route: &RouteRules, env: &Envelope, r: &Rejection, fp: Option<&str>, at: SystemTime) -> Outgoing {
+    let mut headers = kept_headers(route, env, false);
+    let p = &route.header_prefix;
+    headers.push((format!("{p}reason"), text(r.reason.code())));
+    headers.push((format!("{p}detail"), text(r.detail.clone())));
+    headers.push((format!("{p}route"), text(route.name.clone())));
+    headers.push((format!("{p}rejected-at"), text(humantime::format_rfc3339_millis(at).to_string())));
+    if let Some(fp) = fp {
+        headers.push((format!("{p}fingerprint"), text(fp)));
+    }
+    for (k, val) in env.origin.describe() {
+        headers.push((format!("{p}{k}"), text(val)));
+    }
+    base(env, headers)
+}
+
+/// The runaway dead-letter guard of one route: trips when a window's dead-letter share is too high.
+pub struct Guard {
+    cfg: GuardConfig,
+    route: String,
+    started: Instant,
+    total: u64,
+    dead: u64,
+}
+
+impl Guard {
+    /// A guard with the route's settings.
+    pub fn new(route: &str, cfg: GuardConfig) -> Guard {
+        Guard { cfg, route: route.to_owned(), started: Instant::now(), total: 0, dead: 0 }
+    }
+
+    /// Records one outcome; returns how long to pause if the guard tripped and pausing is on.
+    pub fn record(&mut self, dead_lettered: bool) -> Option<Duration> {
+        self.total += 1;
+        self.dead += u64::from(dead_lettered);
+        if self.started.elapsed() < self.cfg.window.0 {
+            return None;
+        }
+        let (total, dead) = (self.total, self.dead);
+        (self.started, self.total, self.dead) = (Instant::now(), 0, 0);
+        let tripped = total >= self.cfg.min_messages && dead as f64 > self.cfg.max_ratio * total as f64;
+        metrics::gauge!("tokengate_dead_letter_storm", "route" => self.route.clone()).set(f64::from(u8::from(tripped)));
+        if !tripped {
+            return None;
+        }
+        let pause = self.cfg.pause.map(|d| d.0);
+        tracing::error!(route = %self.route, dead_lettered = dead, total, pause_secs = pause.map(|d| d.as_secs()), "dead-letter storm: most messages are rejected; check issuer keys and route policy");
+        pause
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Dur;
+    use crate::envelope::Origin;
+    use crate::verify::{ClaimPath, Policy, TokenSpec};
+
+    fn route() -> RouteRules {
+        RouteRules {
+            name: "r".into(),
+            token: TokenSpec::default(),
+            strip_token: true,
+            policy: Policy::default(),
+            identity_headers: vec![(ClaimPath("sub".into()), "x-user".into())],
+            header_prefix: "x-tokengate-".into(),
+        }
+    }
+
+    fn env(headers: &[(&str, &str)]) -> Envelope {
+        Envelope {
+            key: Some(b"k".to_vec()),
+            payload: Some(b"p".to_vec()),
+            headers: headers.iter().map(|(n, v)| (n.to_string(), HeaderData::Bytes(v.as_bytes().to_vec()))).collect(),
+            timestamp_ms: Some(5),
+            origin: Origin::Kafka { topic: "t".into(), partition: 2, offset: 9 },
+            amqp: None,
+            amqp_headers: None,
+        }
+    }
+
+    fn names(o: &Outgoing) -> Vec<&str> {
+        o.headers.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
+    #[test]
+    fn forged_identity_headers_and_the_token_never_pass() {
+        let e =
+            env(&[("Authorization", "Bearer x"), ("X-Tokengate-Issuer", "evil"), ("x-user", "root"), ("trace", "1")]);
+        let out = forward(&route(), &e, None);
+        assert_eq!(
+            names(&out),
+            vec![
+                "trace",
+                "x-tokengate-route",
+                "x-tokengate-source-topic",
+                "x-tokengate-source-partition",
+                "x-tokengate-source-offset"
+            ]
+        );
+        assert_eq!(
+            (out.key.as_deref(), out.payload.as_deref(), out.timestamp_ms),
+            (Some(&b"k"[..]), Some(&b"p"[..]), Some(5))
+        );
+        let dl = dead_letter(&route(), &e, &Rejection::new(Reason::Expired, "old"), Some("fp"), SystemTime::UNIX_EPOCH);
+        let n = names(&dl);
+        assert!(n.contains(&"Authorization"), "dead letters keep the original token header");
+        assert!(!n.contains(&"X-Tokengate-Issuer") && !n.contains(&"x-user"));
+        let get = |k: &str| dl.headers.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        assert_eq!(get("x-tokengate-reason"), Some(text("expired")));
+        assert_eq!(get("x-tokengate-rejected-at"), Some(text("1970-01-01T00:00:00.000Z")));
+        assert_eq!(get("x-tokengate-fingerprint"), Some(text("fp")));
+    }
+
+    #[test]
+    fn guard_trips_only_on_a_full_bad_window() {
+        let cfg = GuardConfig {
+            max_ratio: 0.5,
+            min_messages: 10,
+            window: Dur(Duration::ZERO),
+            pause: Some(Dur(Duration::from_secs(3))),
+        };
+        let mut g = Guard::new("r", cfg.clone());
+        assert_eq!(g.record(true), None, "1 message is below min_messages");
+        let mut g = Guard {
+            cfg: GuardConfig { window: Dur(Duration::from_secs(3600)), ..cfg },
+            ..Guard::new("r", GuardConfig::default())
+        };
+        for _ in 0..20 {
+            assert_eq!(g.record(true), None, "window not over");
+        }
+        g.started -= Duration::from_secs(3601);
+        assert_eq!(g.record(true), Some(Duration::from_secs(3)));
+    }
+}

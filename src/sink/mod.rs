@@ -1,0 +1,54 @@
+//! Destinations: publish a message and get a future that resolves when the broker confirms it.
+//!
+//! `send` enqueues in call order (so per-partition order is kept); the returned [`Confirm`]
+//! resolves once the broker has the message. Sources acknowledge only after it resolves `Ok`.
+
+pub mod kafka;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::envelope::Outgoing;
+
+/// Resolves when the broker confirmed (or refused) a published message.
+pub type Confirm = Pin<Box<dyn Future<Output = Result<(), PublishError>> + Send>>;
+
+/// A publish that did not succeed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PublishError {
+    /// The client's queue is full: wait for confirmations, then send again.
+    #[error("producer queue full")]
+    Backpressure,
+    /// The broker refused or could not be reached in time: hold and retry the message.
+    #[error("publish failed: {0}")]
+    Failed(String),
+}
+
+/// A destination of a route.
+pub enum Sink {
+    /// A Kafka topic.
+    Kafka(kafka::KafkaSink),
+}
+
+impl Sink {
+    /// Enqueues `out`; the returned future resolves on the broker's confirmation.
+    pub async fn send(&self, out: &Outgoing) -> Result<Confirm, PublishError> {
+        match self {
+            Sink::Kafka(k) => k.send(out),
+        }
+    }
+
+    /// Where it publishes, for logs.
+    pub fn describe(&self) -> String {
+        match self {
+            Sink::Kafka(k) => format!("kafka topic {}", k.topic()),
+        }
+    }
+
+    /// Waits (bounded) until everything sent is confirmed.
+    pub async fn flush(&self, timeout: std::time::Duration) {
+        match self {
+            Sink::Kafka(k) => k.flush(timeout).await,
+        }
+    }
+}
