@@ -4,5 +4,6 @@ mod util;
 
 mod cli;
 mod jwks;
+mod kafka;
 mod revocation;
 mod verify;

@@ -1,0 +1,465 @@
+//! The Kafka gate end to end: against the tansu broker process over TCP (started by
+//! scripts/test), and against librdkafka's mock cluster for fault injection.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use jsonwebtoken::Algorithm;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer as _, StreamConsumer};
+use rdkafka::message::{Header, Headers as _, Message as _, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, TopicPartitionList};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::util::*;
+
+fn tansu() -> String {
+    let addr = std::env::var("TOKENGATE_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    assert!(
+        std::net::TcpStream::connect(&addr).is_ok(),
+        "a Kafka-protocol broker is required at {addr}; scripts/test starts tansu there"
+    );
+    addr
+}
+
+pub struct Topics {
+    pub untrusted: String,
+    pub trusted: String,
+    pub dead_letter: String,
+}
+
+pub fn topics(test: &str) -> Topics {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    Topics {
+        untrusted: format!("{test}-in-{id}"),
+        trusted: format!("{test}-ok-{id}"),
+        dead_letter: format!("{test}-dlq-{id}"),
+    }
+}
+
+pub async fn create_topics(bootstrap: &str, names: &[&str], partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", bootstrap).create().unwrap();
+    let new: Vec<NewTopic> = names.iter().map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(1))).collect();
+    for r in admin.create_topics(&new, &AdminOptions::new()).await.unwrap() {
+        r.unwrap_or_else(|(t, e)| panic!("create topic {t}: {e}"));
+    }
+}
+
+/// A route config over `bootstrap` with the test issuers; `redis_prefix` enables revocation.
+pub fn gate_config(bootstrap: &str, t: &Topics, group: &str, route: &str, redis_prefix: Option<&str>) -> String {
+    gate_config_with(bootstrap, t, group, route, redis_prefix.map(|p| (redis_url(), p.to_owned())))
+}
+
+pub fn gate_config_with(
+    bootstrap: &str,
+    t: &Topics,
+    group: &str,
+    route: &str,
+    redis: Option<(String, String)>,
+) -> String {
+    let redis = redis.map_or(String::new(), |(url, p)| format!("[redis]\nurl = \"{url}\"\nprefix = \"{p}\"\n"));
+    format!(
+        r#"
+shutdown_timeout = "10s"
+{redis}
+[admin]
+listen = ""
+[kafka.main]
+bootstrap_servers = "{bootstrap}"
+properties = {{ "linger.ms" = "20" }}
+{issuers}
+[routes.{route}]
+issuers = ["idp"]
+require = [{{ claim = "scope", any_of = ["orders:write"] }}]
+identity_headers = {{ sub = "x-tokengate-sub", "realm_access.roles" = "x-tokengate-roles" }}
+source = {{ kafka = {{ cluster = "main", topics = ["{in_}"], group = "{group}" }} }}
+trusted = {{ kafka = {{ cluster = "main", topic = "{ok}" }} }}
+dead_letter = {{ kafka = {{ cluster = "main", topic = "{dlq}" }} }}
+"#,
+        issuers = issuers_toml(),
+        in_ = t.untrusted,
+        ok = t.trusted,
+        dlq = t.dead_letter,
+    )
+}
+
+/// A running gate; cancelled and drained by `stop`.
+pub struct Running {
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    pub async fn start(config: &str) -> Running {
+        let mut s = settings(config);
+        let cancel = CancellationToken::new();
+        let gate = tokengate::app::build_gate(&mut s, None, &cancel).await.unwrap();
+        let task = tokio::spawn({
+            let cancel = cancel.clone();
+            async move { tokengate::app::run_routes(&s, gate, cancel).await }
+        });
+        Running { cancel, task }
+    }
+
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+pub type Msg = (String, String, Vec<(String, String)>);
+
+/// Produces (key, payload, headers) in order, batching as a real producer would.
+pub async fn produce(bootstrap: &str, topic: &str, msgs: &[Msg]) {
+    let p: FutureProducer =
+        ClientConfig::new().set("bootstrap.servers", bootstrap).set("linger.ms", "20").create().unwrap();
+    let mut pending = Vec::new();
+    for (k, v, hs) in msgs {
+        let mut headers = OwnedHeaders::new();
+        for (hk, hv) in hs {
+            headers = headers.insert(Header { key: hk, value: Some(hv.as_bytes()) });
+        }
+        let rec = FutureRecord::to(topic).key(k).payload(v).headers(headers).timestamp(1_700_000_000_000);
+        pending.push(p.send_result(rec).map_err(|(e, _)| e).unwrap());
+    }
+    for d in pending {
+        d.await.unwrap().map_err(|(e, _)| e).unwrap();
+    }
+}
+
+/// Reads `topic` from the start until `n` messages arrived (or fails after `secs`).
+pub async fn consume(bootstrap: &str, topic: &str, n: usize, secs: u64) -> Vec<OwnedMessage> {
+    let c: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("reader-{}", uuid::Uuid::new_v4().simple()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    c.subscribe(&[topic]).unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while out.len() < n && Instant::now() < deadline {
+        if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(500), c.recv()).await {
+            out.push(m.detach());
+        }
+    }
+    assert!(out.len() >= n, "{topic}: {} of {n} messages within {secs}s", out.len());
+    out
+}
+
+pub fn header(m: &OwnedMessage, name: &str) -> Option<String> {
+    m.headers()?.iter().find(|h| h.key == name).and_then(|h| h.value).map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// Committed offsets of `group` on `topic`, summed over `partitions`.
+pub fn committed(bootstrap: &str, group: &str, topic: &str, partitions: i32) -> i64 {
+    let c: BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", bootstrap).set("group.id", group).create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let got = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    got.elements().iter().map(|e| e.offset().to_raw().unwrap_or(-1).max(0)).sum()
+}
+
+pub async fn wait_committed(bootstrap: &str, group: &str, topic: &str, partitions: i32, want: i64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = committed(bootstrap, group, topic, partitions);
+        if got == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "committed {got} of {want} offsets of {group}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn auth(alg: Algorithm, extra: serde_json::Value) -> Vec<(String, String)> {
+    let mut c = json!({"iat": tokengate::verify::unix_now() - 5, "exp": tokengate::verify::unix_now() + 600});
+    for (k, v) in extra.as_object().unwrap() {
+        c[k] = v.clone();
+    }
+    vec![("authorization".into(), format!("Bearer {}", token(alg, c)))]
+}
+
+/// The standard mix: valid messages over a few keys (ordered), plus one of each rejection.
+fn mix(valid_per_key: usize) -> (Vec<Msg>, BTreeMap<String, &'static str>) {
+    let mut msgs = Vec::new();
+    let good = auth(Algorithm::ES256, json!({}));
+    for i in 0..valid_per_key {
+        for key in ["k1", "k2", "k3"] {
+            let mut h = good.clone();
+            h.push(("trace-id".into(), format!("{key}-{i}")));
+            msgs.push((key.to_owned(), format!("{key}:{i}"), h));
+        }
+    }
+    let now = tokengate::verify::unix_now();
+    let mut bad: Vec<(&str, Vec<(String, String)>, &'static str)> = vec![
+        ("expired", auth(Algorithm::HS256, json!({"exp": now - 3600})), "expired"),
+        ("wrong-scope", auth(Algorithm::HS256, json!({"scope": "orders:read"})), "forbidden"),
+        ("no-token", vec![], "missing_token"),
+        (
+            "alg-none",
+            vec![("authorization".into(), format!("{}.{}.", b64(r#"{"alg":"none"}"#), b64(r#"{"sub":"x"}"#)))],
+            "unsupported_alg",
+        ),
+        ("wrong-aud", auth(Algorithm::RS256, json!({"aud": "billing"})), "wrong_audience"),
+    ];
+    let mut forged = auth(Algorithm::HS256, json!({}));
+    forged[0].1.push_str("AAAA");
+    bad.push(("forged", forged, "bad_signature"));
+    let mut want = BTreeMap::new();
+    for (label, h, reason) in bad {
+        msgs.push((label.to_owned(), label.to_owned(), h));
+        want.insert(label.to_owned(), reason);
+    }
+    (msgs, want)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tansu_every_outcome_reaches_its_topic_with_headers_and_offsets_commit() {
+    let bs = tansu();
+    let t = topics("outcomes");
+    create_topics(&bs, &[&t.untrusted, &t.trusted, &t.dead_letter], 3).await;
+    let prefix = unique_prefix("kafka");
+    let group = format!("gate-{}", uuid::Uuid::new_v4().simple());
+    // A revoked token, revoked with plain Redis before the gate sees it.
+    let revoked = auth(Algorithm::HS256, json!({"jti": "kafka-revoked"}));
+    let mut conn = redis_conn().await;
+    let _: () = redis::AsyncCommands::set(
+        &mut conn,
+        tokengate::revocation::key(&prefix, tokengate::revocation::Kind::Jti, "kafka-revoked"),
+        "test",
+    )
+    .await
+    .unwrap();
+
+    let (mut msgs, mut want) = mix(20);
+    msgs.push(("revoked".into(), "revoked".into(), revoked));
+    want.insert("revoked".into(), "revoked");
+    produce(&bs, &t.untrusted, &msgs).await;
+    let gate = Running::start(&gate_config(&bs, &t, &group, "orders", Some(&prefix))).await;
+
+    let trusted = consume(&bs, &t.trusted, 60, 60).await;
+    let dead = consume(&bs, &t.dead_letter, want.len(), 60).await;
+    wait_committed(&bs, &group, &t.untrusted, 3, msgs.len() as i64).await;
+    gate.stop().await;
+
+    // Trusted: token stripped, identity added, original key/payload/timestamp kept, order per key.
+    let mut last: HashMap<String, i64> = HashMap::new();
+    for m in &trusted {
+        let key = String::from_utf8(m.key().unwrap().to_vec()).unwrap();
+        let payload = String::from_utf8(m.payload().unwrap().to_vec()).unwrap();
+        let seq: i64 = payload.split(':').nth(1).unwrap().parse().unwrap();
+        assert!(seq > *last.get(&key).unwrap_or(&-1), "order per key broken at {payload}");
+        last.insert(key.clone(), seq);
+        assert!(header(m, "authorization").is_none(), "token leaked downstream");
+        assert_eq!(header(m, "x-tokengate-sub").as_deref(), Some("alice"));
+        assert_eq!(header(m, "x-tokengate-roles").as_deref(), Some(r#"["publisher"]"#));
+        assert_eq!(header(m, "x-tokengate-issuer").as_deref(), Some("https://idp.test"));
+        assert_eq!(header(m, "x-tokengate-kid").as_deref(), Some("p256"));
+        assert_eq!(header(m, "x-tokengate-fingerprint").map(|f| f.len()), Some(64));
+        assert_eq!(header(m, "x-tokengate-source-topic").as_deref(), Some(t.untrusted.as_str()));
+        assert!(
+            header(m, "x-tokengate-source-offset").is_some() && header(m, "x-tokengate-source-partition").is_some()
+        );
+        assert_eq!(header(m, "trace-id").as_deref(), Some(format!("{key}-{seq}").as_str()), "other headers kept");
+        assert_eq!(m.timestamp().to_millis(), Some(1_700_000_000_000));
+    }
+    assert_eq!(last.len(), 3);
+    // Dead letters: every rejection with its reason code.
+    let got: BTreeMap<String, String> = dead
+        .iter()
+        .map(|m| (String::from_utf8(m.key().unwrap().to_vec()).unwrap(), header(m, "x-tokengate-reason").unwrap()))
+        .collect();
+    let want: BTreeMap<String, String> = want.into_iter().map(|(k, v)| (k, v.to_owned())).collect();
+    assert_eq!(got, want);
+    for m in &dead {
+        assert!(header(m, "x-tokengate-detail").is_some() && header(m, "x-tokengate-rejected-at").is_some());
+        assert_eq!(header(m, "x-tokengate-source-topic").as_deref(), Some(t.untrusted.as_str()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tansu_two_instances_in_one_group_share_partitions_without_loss() {
+    let bs = tansu();
+    let t = topics("scale");
+    create_topics(&bs, &[&t.untrusted, &t.trusted, &t.dead_letter], 4).await;
+    let group = format!("gate-{}", uuid::Uuid::new_v4().simple());
+    let a = Running::start(&gate_config(&bs, &t, &group, "instance_a", None)).await;
+    let b = Running::start(&gate_config(&bs, &t, &group, "instance_b", None)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await; // let both join the group
+    let good = auth(Algorithm::HS256, json!({}));
+    let msgs: Vec<Msg> = (0..2000).map(|i| (format!("key-{}", i % 50), format!("m{i}"), good.clone())).collect();
+    produce(&bs, &t.untrusted, &msgs).await;
+    let trusted = consume(&bs, &t.trusted, 2000, 90).await;
+    wait_committed(&bs, &group, &t.untrusted, 4, 2000).await;
+    a.stop().await;
+    b.stop().await;
+    let payloads: std::collections::HashSet<Vec<u8>> = trusted.iter().map(|m| m.payload().unwrap().to_vec()).collect();
+    assert_eq!(payloads.len(), 2000, "every message arrived at least once");
+    let instances: std::collections::HashSet<String> =
+        trusted.iter().filter_map(|m| header(m, "x-tokengate-route")).collect();
+    assert_eq!(instances.len(), 2, "both instances did work: {instances:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tansu_messages_from_python_confluent_kafka_pass() {
+    let bs = tansu();
+    let t = topics("python");
+    create_topics(&bs, &[&t.untrusted, &t.trusted, &t.dead_letter], 1).await;
+    let group = format!("gate-{}", uuid::Uuid::new_v4().simple());
+    let tok = token(
+        Algorithm::RS256,
+        json!({"iat": tokengate::verify::unix_now(), "exp": tokengate::verify::unix_now() + 600}),
+    );
+    let python = std::env::var("TOKENGATE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = r#"
+import sys
+from confluent_kafka import Producer
+bs, topic, token = sys.argv[1:4]
+p = Producer({"bootstrap.servers": bs, "linger.ms": 20})
+for i in range(10):
+    p.produce(topic, key=b"py", value=b"py-%d" % i, headers=[("Authorization", b"Bearer " + token.encode())])
+assert p.flush(30) == 0
+"#;
+    let out = std::process::Command::new(&python)
+        .args(["-c", script, &bs, &t.untrusted, &tok])
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("{python} is required with confluent-kafka ({e}); scripts/test installs it into .tokengate/venv")
+        });
+    assert!(out.status.success(), "python producer failed: {}", String::from_utf8_lossy(&out.stderr));
+    let gate = Running::start(&gate_config(&bs, &t, &group, "orders", None)).await;
+    let trusted = consume(&bs, &t.trusted, 10, 60).await;
+    gate.stop().await;
+    let payloads: Vec<String> =
+        trusted.iter().map(|m| String::from_utf8_lossy(m.payload().unwrap()).into_owned()).collect();
+    assert_eq!(payloads, (0..10).map(|i| format!("py-{i}")).collect::<Vec<_>>());
+    assert!(trusted.iter().all(|m| header(m, "Authorization").is_none()));
+}
+
+mod mock {
+    //! Fault injection with librdkafka's in-process mock cluster.
+    use super::*;
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+    async fn run_faulted(
+        inject: impl FnOnce(&MockCluster<'static, rdkafka::producer::DefaultProducerContext>),
+        heal: impl FnOnce(&MockCluster<'static, rdkafka::producer::DefaultProducerContext>),
+    ) {
+        let mock = MockCluster::new(3).unwrap();
+        let bs = mock.bootstrap_servers();
+        let t = topics("mock");
+        for n in [&t.untrusted, &t.trusted, &t.dead_letter] {
+            mock.create_topic(n, 3, 3).unwrap();
+        }
+        let group = "mock-gate";
+        let (msgs, want) = mix(100);
+        produce(&bs, &t.untrusted, &msgs).await;
+        // The fault is in place before the gate starts, so it processes through it.
+        inject(&mock);
+        let gate = Running::start(&gate_config(&bs, &t, group, "orders", None)).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        heal(&mock);
+        let trusted = consume(&bs, &t.trusted, 300, 90).await;
+        let dead = consume(&bs, &t.dead_letter, want.len(), 60).await;
+        wait_committed(&bs, group, &t.untrusted, 3, msgs.len() as i64).await;
+        gate.stop().await;
+        let payloads: std::collections::HashSet<Vec<u8>> =
+            trusted.iter().map(|m| m.payload().unwrap().to_vec()).collect();
+        assert_eq!(payloads.len(), 300, "no valid message lost");
+        assert!(
+            trusted.iter().all(|m| header(m, "x-tokengate-sub").as_deref() == Some("alice")),
+            "nothing unverified leaked"
+        );
+        let reasons: std::collections::HashSet<String> =
+            dead.iter().filter_map(|m| header(m, "x-tokengate-reason")).collect();
+        assert_eq!(reasons.len(), want.len());
+        drop(mock);
+    }
+
+    /// Messages in a one-partition topic (its high watermark).
+    async fn trusted_count(bs: &str, topic: &str) -> usize {
+        let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", bs).create().unwrap();
+        let (_, high) = c.fetch_watermarks(topic, 0, Duration::from_secs(10)).unwrap();
+        high as usize
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_down_holds_the_gate_and_it_resumes_by_itself() {
+        let mock = MockCluster::new(1).unwrap();
+        let bs = mock.bootstrap_servers();
+        let t = topics("hold");
+        for n in [&t.untrusted, &t.trusted, &t.dead_letter] {
+            mock.create_topic(n, 1, 1).unwrap();
+        }
+        let port = free_port();
+        let mut redis = OwnRedis::start(port);
+        let prefix = unique_prefix("hold");
+        let gate = Running::start(&gate_config_with(&bs, &t, "hold-gate", "orders", Some((redis.url(), prefix)))).await;
+        let good = auth(Algorithm::HS256, json!({}));
+        let batch = |from: usize| -> Vec<Msg> {
+            (from..from + 50).map(|i| ("k".to_owned(), format!("m{i}"), good.clone())).collect()
+        };
+        produce(&bs, &t.untrusted, &batch(0)).await;
+        consume(&bs, &t.trusted, 50, 30).await;
+
+        redis.stop();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        produce(&bs, &t.untrusted, &batch(50)).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(trusted_count(&bs, &t.trusted).await, 50, "nothing forwarded while the revocation list is down");
+        assert_eq!(trusted_count(&bs, &t.dead_letter).await, 0, "nothing dead-lettered because of the outage");
+        assert!(committed(&bs, "hold-gate", &t.untrusted, 1) <= 51, "held messages are not committed");
+
+        let _redis = OwnRedis::start(port);
+        let all = consume(&bs, &t.trusted, 100, 60).await;
+        let payloads: std::collections::HashSet<Vec<u8>> = all.iter().map(|m| m.payload().unwrap().to_vec()).collect();
+        assert_eq!(payloads.len(), 100, "processing resumed by itself");
+        wait_committed(&bs, "hold-gate", &t.untrusted, 1, 100).await;
+        gate.stop().await;
+        drop(mock);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mock_broker_down_and_back_loses_nothing() {
+        run_faulted(
+            |m| {
+                for b in 1..=3 {
+                    m.broker_down(b).unwrap();
+                }
+            },
+            |m| {
+                for b in 1..=3 {
+                    m.broker_up(b).unwrap();
+                }
+            },
+        )
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mock_produce_and_commit_errors_lose_nothing() {
+        run_faulted(
+            |m| {
+                m.request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 20]);
+                m.request_errors(
+                    RDKafkaApiKey::OffsetCommit,
+                    &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE; 5],
+                );
+            },
+            |m| {
+                m.clear_request_errors(RDKafkaApiKey::Produce);
+            },
+        )
+        .await;
+    }
+}
