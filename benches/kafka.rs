@@ -1,0 +1,281 @@
+//! End-to-end throughput and added latency through a real Kafka-protocol broker (tansu), with
+//! verification versus a pass-through run of the same pipeline, in the same run.
+//!
+//! cargo bench --bench kafka      (needs a broker at TOKENGATE_TEST_KAFKA or 127.0.0.1:9092)
+//! Optional: TOKENGATE_BENCH_MESSAGES (default 20000).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer as _, StreamConsumer};
+use rdkafka::message::{Header as KHeader, Message as _, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use serde_json::json;
+use tokengate::gate::Gate;
+use tokengate::verify::Verifier;
+use tokio_util::sync::CancellationToken;
+
+const SECRET: &str = "bench-secret-0123456789abcdef-0123456789";
+const PARTITIONS: i32 = 4;
+
+#[derive(Clone, Copy)]
+enum Mode {
+    PassThrough,
+    Verify(Algorithm, Reuse),
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Reuse {
+    /// A pool of 10 tokens, as 10 long-lived producers would send.
+    Pool,
+    /// A new token on every message.
+    EveryMessageNew,
+}
+
+impl Mode {
+    fn label(self) -> String {
+        match self {
+            Mode::PassThrough => "pass-through (no verification)".into(),
+            Mode::Verify(a, Reuse::Pool) => format!("{a:?}, 10 reused tokens"),
+            Mode::Verify(a, Reuse::EveryMessageNew) => format!("{a:?}, every token new"),
+        }
+    }
+}
+
+fn keys_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/keys")
+}
+
+fn config(bootstrap: &str, topic_in: &str, topic_out: &str, topic_dlq: &str, group: &str) -> String {
+    let k = |n: &str| keys_dir().join(n).display().to_string();
+    format!(
+        r#"
+shutdown_timeout = "10s"
+[admin]
+listen = ""
+[kafka.main]
+bootstrap_servers = "{bootstrap}"
+properties = {{ "linger.ms" = "20" }}
+[issuers.idp]
+iss = "https://idp.bench"
+audiences = ["tokengate"]
+algorithms = ["HS256", "RS256", "ES256"]
+[[issuers.idp.keys]]
+kid = "hs"
+algorithms = ["HS256"]
+secret = {{ env = "TG_BENCH_SECRET" }}
+[[issuers.idp.keys]]
+kid = "rsa"
+algorithms = ["RS256"]
+pem_file = "{rsa}"
+[[issuers.idp.keys]]
+kid = "p256"
+algorithms = ["ES256"]
+pem_file = "{p256}"
+[routes.bench]
+require = [{{ claim = "scope", any_of = ["orders:write"] }}]
+source = {{ kafka = {{ cluster = "main", topics = ["{topic_in}"], group = "{group}" }} }}
+trusted = {{ kafka = {{ cluster = "main", topic = "{topic_out}" }} }}
+dead_letter = {{ kafka = {{ cluster = "main", topic = "{topic_dlq}" }} }}
+"#,
+        rsa = k("rsa.pub.pem"),
+        p256 = k("p256.pub.pem"),
+    )
+}
+
+fn tokens(alg: Algorithm, n: usize) -> Vec<String> {
+    let (key, kid) = match alg {
+        Algorithm::HS256 => (EncodingKey::from_secret(SECRET.as_bytes()), "hs"),
+        Algorithm::RS256 => (EncodingKey::from_rsa_pem(&std::fs::read(keys_dir().join("rsa.key.pem")).unwrap()).unwrap(), "rsa"),
+        _ => (EncodingKey::from_ec_pem(&std::fs::read(keys_dir().join("p256.key.pem")).unwrap()).unwrap(), "p256"),
+    };
+    let now = tokengate::verify::unix_now();
+    let mut h = Header::new(alg);
+    h.kid = Some(kid.into());
+    (0..n)
+        .map(|i| {
+            let c = json!({"iss": "https://idp.bench", "aud": "tokengate", "sub": format!("svc-{i}"), "iat": now,
+                           "exp": now + 3600, "jti": format!("j{i}"), "scope": "orders:write"});
+            jsonwebtoken::encode(&h, &c, &key).unwrap()
+        })
+        .collect()
+}
+
+async fn create(bootstrap: &str, names: &[&str]) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", bootstrap).create().unwrap();
+    let new: Vec<NewTopic> = names.iter().map(|n| NewTopic::new(n, PARTITIONS, TopicReplication::Fixed(1))).collect();
+    for r in admin.create_topics(&new, &AdminOptions::new()).await.unwrap() {
+        r.unwrap();
+    }
+}
+
+fn producer(bootstrap: &str) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "20")
+        .set("batch.num.messages", "10000")
+        .create()
+        .unwrap()
+}
+
+async fn produce(p: &FutureProducer, topic: &str, tokens: &[String], n: usize, rate: Option<f64>) {
+    let payload = vec![b'x'; 256];
+    let start = Instant::now();
+    let mut pending = Vec::with_capacity(n);
+    for i in 0..n {
+        if let Some(r) = rate {
+            let due = start + Duration::from_secs_f64(i as f64 / r);
+            if let Some(w) = due.checked_duration_since(Instant::now()) {
+                tokio::time::sleep(w).await;
+            }
+        }
+        let bearer = format!("Bearer {}", tokens[i % tokens.len()]);
+        let key = format!("key-{}", i % 100);
+        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+        loop {
+            let rec = FutureRecord::to(topic)
+                .key(&key)
+                .payload(&payload)
+                .timestamp(now_ms)
+                .headers(OwnedHeaders::new().insert(KHeader { key: "authorization", value: Some(bearer.as_bytes()) }));
+            match p.send_result(rec) {
+                Ok(d) => {
+                    pending.push(d);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    }
+    for d in pending {
+        d.await.unwrap().map_err(|(e, _)| e).unwrap();
+    }
+}
+
+fn high_watermark(c: &BaseConsumer, topic: &str) -> i64 {
+    (0..PARTITIONS).map(|p| c.fetch_watermarks(topic, p, Duration::from_secs(5)).map_or(0, |(_, h)| h)).sum()
+}
+
+struct Result {
+    label: String,
+    msgs_per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+async fn run(bootstrap: &str, mode: Mode, n: usize, latency_n: usize) -> Result {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let (tin, tout, tdlq) = (format!("bench-in-{id}"), format!("bench-ok-{id}"), format!("bench-dlq-{id}"));
+    create(bootstrap, &[&tin, &tout, &tdlq]).await;
+    let toks = match mode {
+        Mode::PassThrough => tokens(Algorithm::HS256, 10),
+        Mode::Verify(a, Reuse::Pool) => tokens(a, 10),
+        Mode::Verify(a, Reuse::EveryMessageNew) => tokens(a, n + latency_n),
+    };
+    let p = producer(bootstrap);
+    // Throughput: a backlog of n messages, drained by the gate.
+    produce(&p, &tin, &toks[..toks.len().min(n)], n, None).await;
+    let mut s = tokengate::config::parse(&config(bootstrap, &tin, &tout, &tdlq, &format!("g-{id}")), &[], Path::new("."))
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    let cancel = CancellationToken::new();
+    let gate = match mode {
+        Mode::PassThrough => Arc::new(Gate::pass_through(Arc::new(Verifier::new(std::mem::take(&mut s.issuers), &s.cache)))),
+        Mode::Verify(..) => tokengate::app::build_gate(&mut s, None, &cancel).await.unwrap(),
+    };
+    let task = tokio::spawn({
+        let cancel = cancel.clone();
+        async move { tokengate::app::run_routes(&s, gate, cancel).await }
+    });
+    let watcher: BaseConsumer = ClientConfig::new().set("bootstrap.servers", bootstrap).create().unwrap();
+    let mut first: Option<(Instant, i64)> = None;
+    let end = loop {
+        let h = high_watermark(&watcher, &tout);
+        if first.is_none() && h > 0 {
+            first = Some((Instant::now(), h));
+        }
+        if h >= n as i64 {
+            break Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let (t0, h0) = first.unwrap();
+    let msgs_per_sec = (n as i64 - h0) as f64 / end.duration_since(t0).as_secs_f64().max(1e-3);
+
+    // Added latency: a steady 1000 msg/s stream, measured from produce time to trusted arrival.
+    let c: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("lat-{id}"))
+        .set("auto.offset.reset", "latest")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .unwrap();
+    c.subscribe(&[tout.as_str()]).unwrap();
+    // Join the group before producing, so no message is missed.
+    while c.assignment().map_or(0, |a| a.count()) == 0 {
+        let _ = tokio::time::timeout(Duration::from_millis(100), c.recv()).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let lat_tokens = if toks.len() > n { toks[n..].to_vec() } else { toks.clone() };
+    let producing = tokio::spawn({
+        let (p, tin) = (p.clone(), tin.clone());
+        async move { produce(&p, &tin, &lat_tokens, latency_n, Some(1000.0)).await }
+    });
+    let mut lat = Vec::with_capacity(latency_n);
+    while lat.len() < latency_n {
+        let m = tokio::time::timeout(Duration::from_secs(30), c.recv()).await.expect("latency stream stalled").unwrap();
+        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+        lat.push((now_ms - m.timestamp().to_millis().unwrap()) as f64);
+    }
+    producing.await.unwrap();
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let pct = |q: f64| lat[((lat.len() as f64 * q).ceil() as usize).clamp(1, lat.len()) - 1];
+    Result { label: mode.label(), msgs_per_sec, p50_ms: pct(0.5), p99_ms: pct(0.99) }
+}
+
+#[tokio::main]
+async fn main() {
+    // SAFETY: set before any other thread reads the environment.
+    unsafe { std::env::set_var("TG_BENCH_SECRET", SECRET) };
+    let bootstrap = std::env::var("TOKENGATE_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    assert!(std::net::TcpStream::connect(&bootstrap).is_ok(), "a Kafka broker is required at {bootstrap} (scripts/setup starts tansu)");
+    let n: usize = std::env::var("TOKENGATE_BENCH_MESSAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
+    let modes = [
+        Mode::PassThrough,
+        Mode::Verify(Algorithm::HS256, Reuse::Pool),
+        Mode::Verify(Algorithm::RS256, Reuse::Pool),
+        Mode::Verify(Algorithm::ES256, Reuse::Pool),
+        Mode::Verify(Algorithm::HS256, Reuse::EveryMessageNew),
+        Mode::Verify(Algorithm::RS256, Reuse::EveryMessageNew),
+        Mode::Verify(Algorithm::ES256, Reuse::EveryMessageNew),
+    ];
+    let mut results = Vec::new();
+    for m in modes {
+        let r = run(&bootstrap, m, n, 2000).await;
+        eprintln!("{}: {:.0} msg/s", r.label, r.msgs_per_sec);
+        results.push(r);
+    }
+    let base = &results[0];
+    println!("Kafka end to end through {bootstrap}: {n} backlog messages (256 B, 4 partitions) per run for throughput;");
+    println!("latency = produce time to arrival on the trusted topic, 2000 messages at 1000 msg/s (linger.ms 20 both sides).");
+    println!("| run | msg/s | % of pass-through | p50 ms | p99 ms | p50 added ms | p99 added ms |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for r in &results {
+        println!(
+            "| {} | {:.0} | {:.0}% | {:.1} | {:.1} | {:+.1} | {:+.1} |",
+            r.label,
+            r.msgs_per_sec,
+            100.0 * r.msgs_per_sec / base.msgs_per_sec,
+            r.p50_ms,
+            r.p99_ms,
+            r.p50_ms - base.p50_ms,
+            r.p99_ms - base.p99_ms
+        );
+    }
+}
