@@ -59,6 +59,29 @@ fn kafka_properties(settings: &Settings, cluster: &str) -> anyhow::Result<(Strin
     Ok((c.bootstrap_servers.clone(), props))
 }
 
+/// The broker URL with its password (kept out of the config file) filled in.
+fn amqp_url(settings: &Settings, broker: &str) -> anyhow::Result<String> {
+    let b = settings.raw.amqp.get(broker).with_context(|| format!("no amqp broker {broker}"))?;
+    let Some(secret) = &b.password else { return Ok(b.url.clone()) };
+    let password = secret.resolve(&settings.base).map_err(anyhow::Error::msg)?;
+    let mut url = url::Url::parse(&b.url).with_context(|| format!("amqp.{broker}.url"))?;
+    url.set_password(Some(&String::from_utf8_lossy(&password)))
+        .map_err(|()| anyhow::anyhow!("amqp.{broker}.url cannot carry a password"))?;
+    Ok(url.to_string())
+}
+
+/// A queue argument from TOML.
+fn amqp_value(v: &toml::Value) -> anyhow::Result<lapin::types::AMQPValue> {
+    use lapin::types::AMQPValue;
+    Ok(match v {
+        toml::Value::String(s) => AMQPValue::LongString(s.as_bytes().to_vec().into()),
+        toml::Value::Integer(i) => AMQPValue::LongLongInt(*i),
+        toml::Value::Boolean(b) => AMQPValue::Boolean(*b),
+        toml::Value::Float(f) => AMQPValue::Double(*f),
+        other => anyhow::bail!("unsupported queue argument type: {other}"),
+    })
+}
+
 fn build_sink(settings: &Settings, sink: &SinkConfig) -> anyhow::Result<Sink> {
     match sink {
         SinkConfig::Kafka(k) => {
@@ -67,7 +90,10 @@ fn build_sink(settings: &Settings, sink: &SinkConfig) -> anyhow::Result<Sink> {
             let config = crate::sink::kafka::client_config(&bootstrap, &props, &extra);
             Ok(Sink::Kafka(KafkaSink::new(config, &k.topic)?))
         }
-        SinkConfig::Amqp(_) => anyhow::bail!("AMQP destinations are not supported yet"),
+        SinkConfig::Amqp(a) => {
+            let url = amqp_url(settings, &a.broker)?;
+            Ok(Sink::Amqp(crate::sink::amqp::AmqpSink::new(&url, &a.exchange, a.routing_key.clone())))
+        }
     }
 }
 
@@ -116,7 +142,30 @@ pub async fn run_routes(settings: &Settings, gate: Arc<Gate>, cancel: Cancellati
                     }
                 });
             }
-            SourceConfig::Amqp(_) => anyhow::bail!("AMQP sources are not supported yet"),
+            SourceConfig::Amqp(a) => {
+                let mut arguments = lapin::types::FieldTable::default();
+                for (k, v) in &a.arguments {
+                    arguments.insert(
+                        k.as_str().into(),
+                        amqp_value(v).with_context(|| format!("routes.{}.source.amqp.arguments.{k}", rules.name))?,
+                    );
+                }
+                let src = source::amqp::AmqpSource {
+                    url: amqp_url(settings, &a.broker)?,
+                    queue: a.queue.clone(),
+                    declare: a.declare,
+                    arguments,
+                    prefetch: a.prefetch,
+                };
+                let cancel = cancel.clone();
+                let name = rules.name.clone();
+                tasks.spawn(async move {
+                    if let Err(e) = source::amqp::run(route, src, cancel.clone(), drain).await {
+                        tracing::error!(route = %name, error = %e, "route failed");
+                        cancel.cancel();
+                    }
+                });
+            }
         }
     }
     anyhow::ensure!(!statuses.is_empty(), "no route has a source, trusted and dead_letter: nothing to run");

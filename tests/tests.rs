@@ -2,6 +2,7 @@
 
 mod util;
 
+mod amqp;
 mod cli;
 mod jwks;
 mod kafka;

@@ -3,6 +3,7 @@
 //! `send` enqueues in call order (so per-partition order is kept); the returned [`Confirm`]
 //! resolves once the broker has the message. Sources acknowledge only after it resolves `Ok`.
 
+pub mod amqp;
 pub mod kafka;
 
 use std::future::Future;
@@ -28,6 +29,8 @@ pub enum PublishError {
 pub enum Sink {
     /// A Kafka topic.
     Kafka(kafka::KafkaSink),
+    /// An AMQP exchange.
+    Amqp(amqp::AmqpSink),
 }
 
 impl Sink {
@@ -35,6 +38,7 @@ impl Sink {
     pub async fn send(&self, out: &Outgoing) -> Result<Confirm, PublishError> {
         match self {
             Sink::Kafka(k) => k.send(out),
+            Sink::Amqp(a) => a.send(out).await,
         }
     }
 
@@ -42,6 +46,7 @@ impl Sink {
     pub fn describe(&self) -> String {
         match self {
             Sink::Kafka(k) => format!("kafka topic {}", k.topic()),
+            Sink::Amqp(a) => format!("amqp exchange {:?}", a.exchange()),
         }
     }
 
@@ -49,6 +54,7 @@ impl Sink {
     pub async fn flush(&self, timeout: std::time::Duration) {
         match self {
             Sink::Kafka(k) => k.flush(timeout).await,
+            Sink::Amqp(_) => {}
         }
     }
 }

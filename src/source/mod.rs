@@ -1,6 +1,7 @@
 //! Sources: each owns its consume loop and its acknowledgement rules (Kafka offsets, AMQP
 //! delivery tags) and shares the decision ([`crate::gate`]) and destinations ([`crate::sink`]).
 
+pub mod amqp;
 pub mod kafka;
 
 use std::sync::Arc;
