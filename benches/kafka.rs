@@ -98,13 +98,18 @@ fn tokens(alg: Algorithm, n: usize) -> Vec<String> {
     let now = tokengate::verify::unix_now();
     let mut h = Header::new(alg);
     h.kid = Some(kid.into());
-    (0..n)
-        .map(|i| {
-            let c = json!({"iss": "https://idp.bench", "aud": "tokengate", "sub": format!("svc-{i}"), "iat": now,
-                           "exp": now + 3600, "jti": format!("j{i}"), "scope": "orders:write"});
-            jsonwebtoken::encode(&h, &c, &key).unwrap()
-        })
-        .collect()
+    let sign = |i: usize| {
+        let c = json!({"iss": "https://idp.bench", "aud": "tokengate", "sub": format!("svc-{i}"), "iat": now,
+                       "exp": now + 3600, "jti": format!("j{i}"), "scope": "orders:write"});
+        jsonwebtoken::encode(&h, &c, &key).unwrap()
+    };
+    // Signing is slow for RSA (about 1 ms); use every core.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per = n.div_ceil(threads);
+    std::thread::scope(|s| {
+        let parts: Vec<_> = (0..threads).map(|t| s.spawn(move || (t * per..((t + 1) * per).min(n)).map(sign).collect::<Vec<_>>())).collect();
+        parts.into_iter().flat_map(|p| p.join().unwrap()).collect()
+    })
 }
 
 async fn create(bootstrap: &str, names: &[&str]) {
@@ -271,7 +276,7 @@ async fn main() {
         std::net::TcpStream::connect(&bootstrap).is_ok(),
         "a Kafka broker is required at {bootstrap} (scripts/setup starts tansu)"
     );
-    let n: usize = std::env::var("TOKENGATE_BENCH_MESSAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(30_000);
+    let n: usize = std::env::var("TOKENGATE_BENCH_MESSAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
     let modes = [
         Mode::PassThrough,
         Mode::Verify(Algorithm::HS256, Reuse::Pool),
