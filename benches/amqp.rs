@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use serde_json::json;
@@ -62,7 +64,9 @@ dead_letter = {{ amqp = {{ broker = "rabbit", exchange = "{ex_dlq}" }} }}
 fn tokens(alg: Algorithm) -> Vec<String> {
     let (key, kid) = match alg {
         Algorithm::HS256 => (EncodingKey::from_secret(SECRET.as_bytes()), "hs"),
-        Algorithm::RS256 => (EncodingKey::from_rsa_pem(&std::fs::read(keys_dir().join("rsa.key.pem")).unwrap()).unwrap(), "rsa"),
+        Algorithm::RS256 => {
+            (EncodingKey::from_rsa_pem(&std::fs::read(keys_dir().join("rsa.key.pem")).unwrap()).unwrap(), "rsa")
+        }
         _ => (EncodingKey::from_ec_pem(&std::fs::read(keys_dir().join("p256.key.pem")).unwrap()).unwrap(), "p256"),
     };
     let now = tokengate::verify::unix_now();
@@ -86,27 +90,52 @@ async fn ready(ch: &Channel, q: &str) -> u32 {
 
 async fn run(url: &str, ch: &Channel, label: &str, alg: Option<Algorithm>, n: usize) -> f64 {
     let id = uuid::Uuid::new_v4().simple().to_string();
-    let (q_in, ex_out, q_out, ex_dlq) = (format!("b-in-{id}"), format!("b-out-x-{id}"), format!("b-out-{id}"), format!("b-dlq-x-{id}"));
+    let (q_in, ex_out, q_out, ex_dlq) =
+        (format!("b-in-{id}"), format!("b-out-x-{id}"), format!("b-out-{id}"), format!("b-dlq-x-{id}"));
     let durable = QueueDeclareOptions { durable: true, ..Default::default() };
     ch.queue_declare(q_in.as_str().into(), durable, FieldTable::default()).await.unwrap();
     for ex in [&ex_out, &ex_dlq] {
-        ch.exchange_declare(ex.as_str().into(), ExchangeKind::Topic, ExchangeDeclareOptions::default(), FieldTable::default()).await.unwrap();
+        ch.exchange_declare(
+            ex.as_str().into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
     }
     ch.queue_declare(q_out.as_str().into(), durable, FieldTable::default()).await.unwrap();
-    ch.queue_bind(q_out.as_str().into(), ex_out.as_str().into(), "#".into(), QueueBindOptions::default(), FieldTable::default()).await.unwrap();
+    ch.queue_bind(
+        q_out.as_str().into(),
+        ex_out.as_str().into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
     let toks = tokens(alg.unwrap_or(Algorithm::HS256));
     let body = vec![b'x'; 256];
     let mut confirms = Vec::with_capacity(n);
     for i in 0..n {
         let mut h = FieldTable::default();
-        h.insert("authorization".into(), AMQPValue::LongString(LongString::from(format!("Bearer {}", toks[i % toks.len()]).into_bytes())));
-        let props = BasicProperties::default().with_headers(h).with_delivery_mode(2).with_message_id(format!("m{i}").into());
-        confirms.push(ch.basic_publish("".into(), q_in.as_str().into(), BasicPublishOptions::default(), &body, props).await.unwrap());
+        h.insert(
+            "authorization".into(),
+            AMQPValue::LongString(LongString::from(format!("Bearer {}", toks[i % toks.len()]).into_bytes())),
+        );
+        let props =
+            BasicProperties::default().with_headers(h).with_delivery_mode(2).with_message_id(format!("m{i}").into());
+        confirms.push(
+            ch.basic_publish("".into(), q_in.as_str().into(), BasicPublishOptions::default(), &body, props)
+                .await
+                .unwrap(),
+        );
     }
     for c in confirms {
         c.await.unwrap();
     }
-    let mut s = tokengate::config::parse(&config(url, &q_in, &ex_out, &ex_dlq), &[], Path::new(".")).unwrap_or_else(|e| panic!("{e:?}"));
+    let mut s = tokengate::config::parse(&config(url, &q_in, &ex_out, &ex_dlq), &[], Path::new("."))
+        .unwrap_or_else(|e| panic!("{e:?}"));
     let cancel = CancellationToken::new();
     let gate = match alg {
         None => Arc::new(Gate::pass_through(Arc::new(Verifier::new(std::mem::take(&mut s.issuers), &s.cache)))),
@@ -144,7 +173,9 @@ async fn main() {
     tokengate::telemetry::init_logs();
     let url = std::env::var("TOKENGATE_TEST_AMQP").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
     let n: usize = std::env::var("TOKENGATE_BENCH_MESSAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
-    let conn = Connection::connect(&url, ConnectionProperties::default()).await.unwrap_or_else(|e| panic!("RabbitMQ is required at {url}: {e}"));
+    let conn = Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .unwrap_or_else(|e| panic!("RabbitMQ is required at {url}: {e}"));
     let ch = conn.create_channel().await.unwrap();
     ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
     let runs: [(&str, Option<Algorithm>); 4] = [

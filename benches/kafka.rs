@@ -107,7 +107,9 @@ fn tokens(alg: Algorithm, n: usize) -> Vec<String> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let per = n.div_ceil(threads);
     std::thread::scope(|s| {
-        let parts: Vec<_> = (0..threads).map(|t| s.spawn(move || (t * per..((t + 1) * per).min(n)).map(sign).collect::<Vec<_>>())).collect();
+        let parts: Vec<_> = (0..threads)
+            .map(|t| s.spawn(move || (t * per..((t + 1) * per).min(n)).map(sign).collect::<Vec<_>>()))
+            .collect();
         parts.into_iter().flat_map(|p| p.join().unwrap()).collect()
     })
 }

@@ -176,13 +176,33 @@ fn check_config_reports_every_problem_with_paths() {
 }
 
 #[test]
-fn the_example_config_is_valid() {
-    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/tokengate.example.toml");
-    let out = Command::new(env!("CARGO_BIN_EXE_tokengate"))
-        .args(["check-config", example])
-        .env("TOKENGATE_HMAC_SECRET", "an-example-secret-of-at-least-32-bytes!")
-        .env("TOKENGATE_REDIS_PASSWORD", "x")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
+fn the_shipped_configs_are_valid() {
+    for file in ["tokengate.example.toml", "tokengate.compose.toml"] {
+        let path = format!("{}/config/{file}", env!("CARGO_MANIFEST_DIR"));
+        let out = Command::new(env!("CARGO_BIN_EXE_tokengate"))
+            .args(["check-config", &path])
+            .env("TOKENGATE_HMAC_SECRET", "an-example-secret-of-at-least-32-bytes!")
+            .env("TOKENGATE_REDIS_PASSWORD", "x")
+            .env("TOKENGATE_KAFKA_PASSWORD", "x")
+            .env("TOKENGATE_AMQP_PASSWORD", "x")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{file}: {}", text(&out.stderr));
+    }
+}
+
+#[test]
+fn run_with_a_broken_config_exits_78_listing_every_problem() {
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    write!(
+        f,
+        "[routes.r]\nsource = {{ kafka = {{ cluster = \"nope\", topics = [\"a\"], group = \"g\" }} }}\n[redis]\nurl = \"http://x\"\n"
+    )
+    .unwrap();
+    let out = tokengate(&["run", "--config", f.path().to_str().unwrap()], None);
+    assert_eq!(out.status.code(), Some(78));
+    let err = text(&out.stderr);
+    for want in ["routes.r.source.kafka.cluster", "routes.r.trusted", "routes.r.dead_letter", "redis.url"] {
+        assert!(err.contains(want), "{want} not in {err}");
+    }
 }

@@ -13,8 +13,8 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt as _;
 use futures_util::FutureExt as _;
+use futures_util::StreamExt as _;
 use futures_util::stream::{FuturesOrdered, FuturesUnordered};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
@@ -178,7 +178,11 @@ pub fn envelope(m: &BorrowedMessage<'_>, topic: &Arc<str>) -> Envelope {
 }
 
 /// Copies a record out of the consumer, with its topic interned and its partition's epoch.
-fn intake(topics: &mut HashMap<String, Arc<str>>, tracker: &Mutex<Tracker>, m: &BorrowedMessage<'_>) -> (Arc<str>, Envelope, u64) {
+fn intake(
+    topics: &mut HashMap<String, Arc<str>>,
+    tracker: &Mutex<Tracker>,
+    m: &BorrowedMessage<'_>,
+) -> (Arc<str>, Envelope, u64) {
     let topic = topics.entry(m.topic().to_owned()).or_insert_with(|| Arc::from(m.topic())).clone();
     let env = envelope(m, &topic);
     let epoch = tracker.lock().expect("not poisoned").epoch(&(Arc::clone(&topic), m.partition()));
