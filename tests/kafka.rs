@@ -463,3 +463,57 @@ mod mock {
         .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_serves_health_ready_metrics_and_stops_cleanly_on_sigterm() {
+    let bs = tansu();
+    let t = topics("daemon");
+    create_topics(&bs, &[&t.untrusted, &t.trusted, &t.dead_letter], 2).await;
+    let group = format!("daemon-{}", uuid::Uuid::new_v4().simple());
+    let port = free_port();
+    let text = gate_config(&bs, &t, &group, "orders", None)
+        .replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""));
+    let mut cfg = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(&mut cfg, text.as_bytes()).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tokengate"))
+        .args(["run", "--config", cfg.path().to_str().unwrap()])
+        .env("TG_TEST_SECRET", SECRET)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let good = auth(Algorithm::HS256, json!({}));
+    let msgs: Vec<Msg> = (0..100).map(|i| (format!("k{}", i % 5), format!("d{i}"), good.clone())).collect();
+    produce(&bs, &t.untrusted, &msgs).await;
+    produce(&bs, &t.untrusted, &[("bad".into(), "bad".into(), vec![])]).await;
+    consume(&bs, &t.trusted, 100, 60).await;
+
+    let http = reqwest::Client::new();
+    let url = |p: &str| format!("http://127.0.0.1:{port}{p}");
+    assert_eq!(http.get(url("/health")).send().await.unwrap().status(), 200);
+    let ready = http.get(url("/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let body: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(body["routes"][0]["route"], "orders");
+    let metrics = http.get(url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains(r#"tokengate_messages_total{route="orders",outcome="forwarded"} 100"#), "{metrics}");
+    assert!(metrics.contains(r#"tokengate_rejections_total{route="orders",reason="missing_token"} 1"#), "{metrics}");
+    assert!(!metrics.contains("eyJ"), "no token in metrics");
+
+    // SIGTERM: stop intake, drain, commit, exit 0 within the deadline.
+    let started = Instant::now();
+    std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "did not stop within the shutdown deadline");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    let mut logs = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut logs).unwrap();
+    assert!(logs.contains("route stopped"), "{logs}");
+    let (_, sig) = good[0].1.rsplit_once('.').unwrap();
+    assert!(!logs.contains(sig), "a token was logged");
+    assert_eq!(committed(&bs, &group, &t.untrusted, 2), 101);
+}
