@@ -686,10 +686,10 @@ fn validate(raw: Config, base: &Path, problems: &mut Vec<Problem>) -> Settings {
             (None, None) => None,
         };
         for (field, url) in [("jwks_url", &ic.jwks_url), ("discovery_url", &ic.discovery_url)] {
-            if let Some(u) = url {
-                if !(u.starts_with("https://") || u.starts_with("http://")) {
-                    c.add(format!("{p}.{field}"), "must be an http(s) URL");
-                }
+            if let Some(u) = url
+                && !(u.starts_with("https://") || u.starts_with("http://"))
+            {
+                c.add(format!("{p}.{field}"), "must be an http(s) URL");
             }
         }
         if keys.is_empty() && remote.is_none() && ic.keys.is_empty() {
@@ -862,18 +862,18 @@ fn check_route_io(c: &mut Check, p: &str, rc: &RouteConfig, raw: &Config) {
                     c.add(format!("{p}.{field}.kafka.topic"), "must not be empty");
                 }
             }
-            Some(SinkConfig::Amqp(a)) => {
-                if !raw.amqp.contains_key(&a.broker) {
-                    c.add(format!("{p}.{field}.amqp.broker"), format!("no [amqp.{}] broker", a.broker));
-                }
+            Some(SinkConfig::Amqp(a)) if !raw.amqp.contains_key(&a.broker) => {
+                c.add(format!("{p}.{field}.amqp.broker"), format!("no [amqp.{}] broker", a.broker));
             }
+            Some(SinkConfig::Amqp(_)) => {}
             None => {}
         }
     }
-    if let (Some(SourceConfig::Kafka(s)), Some(SinkConfig::Kafka(t))) = (&rc.source, &rc.trusted) {
-        if s.cluster == t.cluster && s.topics.contains(&t.topic) {
-            c.add(format!("{p}.trusted.kafka.topic"), "the trusted topic is also a source topic (a loop)");
-        }
+    if let (Some(SourceConfig::Kafka(s)), Some(SinkConfig::Kafka(t))) = (&rc.source, &rc.trusted)
+        && s.cluster == t.cluster
+        && s.topics.contains(&t.topic)
+    {
+        c.add(format!("{p}.trusted.kafka.topic"), "the trusted topic is also a source topic (a loop)");
     }
     if rc.max_in_flight == 0 {
         c.add(format!("{p}.max_in_flight"), "must be positive");

@@ -181,9 +181,12 @@ pub struct Revocations {
     store: Store,
 }
 
+/// An in-memory entry: value and optional expiry.
+type MemoryEntry = (Vec<u8>, Option<Instant>);
+
 enum Store {
     Redis(Arc<Tracked>),
-    Memory(Mutex<HashMap<String, (Vec<u8>, Option<Instant>)>>),
+    Memory(Mutex<HashMap<String, MemoryEntry>>),
 }
 
 impl Revocations {

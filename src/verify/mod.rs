@@ -480,18 +480,18 @@ pub fn check_time(c: &IssuerChecks, s: &StdClaims, now: i64) -> Result<(), Rejec
         None if c.require_exp => return Err(Rejection::new(Reason::MissingClaim, "no exp claim")),
         _ => {}
     }
-    if let Some(nbf) = s.nbf {
-        if nbf > now.saturating_add(leeway) {
-            return Err(Rejection::new(Reason::NotYetValid, format!("valid in {}s", nbf.saturating_sub(now))));
-        }
+    if let Some(nbf) = s.nbf
+        && nbf > now.saturating_add(leeway)
+    {
+        return Err(Rejection::new(Reason::NotYetValid, format!("valid in {}s", nbf.saturating_sub(now))));
     }
-    if let Some(iat) = s.iat {
-        if iat > now.saturating_add(leeway) {
-            return Err(Rejection::new(
-                Reason::IssuedInFuture,
-                format!("issued {}s in the future", iat.saturating_sub(now)),
-            ));
-        }
+    if let Some(iat) = s.iat
+        && iat > now.saturating_add(leeway)
+    {
+        return Err(Rejection::new(
+            Reason::IssuedInFuture,
+            format!("issued {}s in the future", iat.saturating_sub(now)),
+        ));
     }
     if let Some(max) = c.max_age {
         let Some(iat) = s.iat else {
