@@ -336,7 +336,10 @@ assert p.flush(30) == 0
             panic!("{python} is required with confluent-kafka ({e}); scripts/test installs it into .tokengate/venv")
         });
     assert!(out.status.success(), "python producer failed: {}", String::from_utf8_lossy(&out.stderr));
-    let gate = Running::start(&gate_config(&bs, &t, &group, "orders", None)).await;
+    // Subscribed by regex, as a route for a family of topics would be.
+    let by_regex = gate_config(&bs, &t, &group, "orders", None)
+        .replace(&format!("topics = [\"{}\"]", t.untrusted), &format!("topic_regex = \"^{}$\"", t.untrusted));
+    let gate = Running::start(&by_regex).await;
     let trusted = consume(&bs, &t.trusted, 10, 60).await;
     gate.stop().await;
     let payloads: Vec<String> =
@@ -426,6 +429,31 @@ mod mock {
         assert_eq!(payloads.len(), 100, "processing resumed by itself");
         wait_committed(&bs, "hold-gate", &t.untrusted, 1, 100).await;
         gate.stop().await;
+        drop(mock);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_down_with_dead_letter_opt_in_dead_letters_and_never_accepts() {
+        let mock = MockCluster::new(1).unwrap();
+        let bs = mock.bootstrap_servers();
+        let t = topics("optin");
+        for n in [&t.untrusted, &t.trusted, &t.dead_letter] {
+            mock.create_topic(n, 1, 1).unwrap();
+        }
+        let port = free_port();
+        let mut redis = OwnRedis::start(port);
+        let url = redis.url();
+        redis.stop();
+        let text = gate_config_with(&bs, &t, "optin-gate", "orders", Some((url, unique_prefix("optin"))))
+            .replacen("[redis]\n", "[redis]\non_unavailable = \"dead_letter\"\n", 1);
+        let gate = Running::start(&text).await;
+        let good = auth(Algorithm::HS256, json!({}));
+        produce(&bs, &t.untrusted, &(0..10).map(|i| ("k".to_owned(), format!("o{i}"), good.clone())).collect::<Vec<_>>()).await;
+        let dead = consume(&bs, &t.dead_letter, 10, 30).await;
+        assert!(dead.iter().all(|m| header(m, "x-tokengate-reason").as_deref() == Some("revocation_unavailable")));
+        wait_committed(&bs, "optin-gate", &t.untrusted, 1, 10).await;
+        gate.stop().await;
+        assert_eq!(trusted_count(&bs, &t.trusted).await, 0, "nothing accepted");
         drop(mock);
     }
 
