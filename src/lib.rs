@@ -15,13 +15,15 @@
 //! - [`revocation`]: the Redis revocation list, its key schema and invalidated local cache.
 //! - [`envelope`]: a message from any broker ([`envelope::Envelope`]) and what goes out.
 //! - [`gate`]: the core, `Gate::handle(route, envelope) -> Outcome` (forward / dead-letter) or a hold.
-//! - [`source`]: consume loops with their ack rules ([`source::kafka`]).
-//! - [`sink`]: publishing with broker confirmation ([`sink::kafka`]).
+//! - [`source`]: consume loops with their ack rules: [`source::kafka`] (ordered offset commits,
+//!   parallel decisions) and [`source::amqp`] (manual acks after confirm, bounded prefetch).
+//! - [`sink`]: publishing with broker confirmation: [`sink::kafka`] (idempotent, `acks=all`) and
+//!   [`sink::amqp`] (publisher confirms, `mandatory`).
 //! - [`app`]: `tokengate run` wiring (routes, admin endpoint, shutdown).
 //! - [`demo`]: `tokengate demo`, the whole pipeline on an embedded Kafka.
 //! - [`admin`]: `/health`, `/ready`, `/metrics`.
 //! - [`ops`]: the token and revocation tools (mint, inspect, verify, revoke, list).
-//! - [`telemetry`]: logs and metric names.
+//! - [`telemetry`]: log setup (the metric names are listed in the README).
 //! - [`cli`]: the command line.
 
 pub mod admin;

@@ -398,18 +398,40 @@ async fn amqp_unroutable_republish_holds_instead_of_losing() {
     let n = topology(&ch, "unroutable").await;
     // A trusted exchange with no binding: every mandatory publish comes back unroutable.
     let lonely = format!("{}-unbound", n.ex_ok);
-    ch.exchange_declare(lonely.as_str().into(), ExchangeKind::Topic, ExchangeDeclareOptions::default(), FieldTable::default()).await.unwrap();
-    let text = config(&n, 10, None).replace(&format!("exchange = \"{}\"", n.ex_ok), &format!("exchange = \"{lonely}\""));
+    ch.exchange_declare(
+        lonely.as_str().into(),
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let text =
+        config(&n, 10, None).replace(&format!("exchange = \"{}\"", n.ex_ok), &format!("exchange = \"{lonely}\""));
     let gate = Running::start(&text).await;
     for i in 0..5 {
-        publish(&ch, &n.queue_in, format!("u{i}").as_bytes(), props_with(vec![("authorization", bearer(Algorithm::HS256, json!({})))])).await;
+        publish(
+            &ch,
+            &n.queue_in,
+            format!("u{i}").as_bytes(),
+            props_with(vec![("authorization", bearer(Algorithm::HS256, json!({})))]),
+        )
+        .await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(ready_count(&ch, &n.q_dlq).await, 0, "an unroutable accept is not dead-lettered");
     // Bind a queue: the held messages are redelivered and now arrive.
     let late = format!("{}-late", n.q_ok);
     ch.queue_declare(late.as_str().into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap();
-    ch.queue_bind(late.as_str().into(), lonely.as_str().into(), "#".into(), QueueBindOptions::default(), FieldTable::default()).await.unwrap();
+    ch.queue_bind(
+        late.as_str().into(),
+        lonely.as_str().into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
     let got = drain(&ch, &late, 5, 60).await;
     assert_eq!(got.iter().map(|d| d.data.clone()).collect::<HashSet<_>>().len(), 5, "nothing lost");
     gate.stop().await;

@@ -444,11 +444,19 @@ mod mock {
         let mut redis = OwnRedis::start(port);
         let url = redis.url();
         redis.stop();
-        let text = gate_config_with(&bs, &t, "optin-gate", "orders", Some((url, unique_prefix("optin"))))
-            .replacen("[redis]\n", "[redis]\non_unavailable = \"dead_letter\"\n", 1);
+        let text = gate_config_with(&bs, &t, "optin-gate", "orders", Some((url, unique_prefix("optin")))).replacen(
+            "[redis]\n",
+            "[redis]\non_unavailable = \"dead_letter\"\n",
+            1,
+        );
         let gate = Running::start(&text).await;
         let good = auth(Algorithm::HS256, json!({}));
-        produce(&bs, &t.untrusted, &(0..10).map(|i| ("k".to_owned(), format!("o{i}"), good.clone())).collect::<Vec<_>>()).await;
+        produce(
+            &bs,
+            &t.untrusted,
+            &(0..10).map(|i| ("k".to_owned(), format!("o{i}"), good.clone())).collect::<Vec<_>>(),
+        )
+        .await;
         let dead = consume(&bs, &t.dead_letter, 10, 30).await;
         assert!(dead.iter().all(|m| header(m, "x-tokengate-reason").as_deref() == Some("revocation_unavailable")));
         wait_committed(&bs, "optin-gate", &t.untrusted, 1, 10).await;

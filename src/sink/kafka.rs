@@ -1,11 +1,9 @@
 //! A Kafka topic as a destination: an idempotent producer with `acks=all`.
 
-use std::time::Duration;
-
 use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use super::{Confirm, PublishError};
 use crate::envelope::{HeaderData, Outgoing};
@@ -79,11 +77,5 @@ impl KafkaSink {
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => Err(PublishError::Backpressure),
             Err((e, _)) => Err(PublishError::Failed(e.to_string())),
         }
-    }
-
-    /// Waits (bounded) for every enqueued message to be confirmed.
-    pub async fn flush(&self, timeout: Duration) {
-        let producer = self.producer.clone();
-        let _ = tokio::task::spawn_blocking(move || producer.flush(timeout)).await;
     }
 }

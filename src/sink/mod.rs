@@ -49,12 +49,4 @@ impl Sink {
             Sink::Amqp(a) => format!("amqp exchange {:?}", a.exchange()),
         }
     }
-
-    /// Waits (bounded) until everything sent is confirmed.
-    pub async fn flush(&self, timeout: std::time::Duration) {
-        match self {
-            Sink::Kafka(k) => k.flush(timeout).await,
-            Sink::Amqp(_) => {}
-        }
-    }
 }

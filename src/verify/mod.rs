@@ -303,11 +303,6 @@ impl Verifier {
         out
     }
 
-    /// The configured issuer names.
-    pub fn issuer_names(&self) -> impl Iterator<Item = &str> {
-        self.issuers.iter().map(|i| &*i.name)
-    }
-
     /// Decides `token` for a route with `policy` at unix time `now`. `Err` means the decision
     /// could not be made (keys unavailable): hold and retry, never accept.
     pub async fn verify(&self, policy: &Policy, token: &str, now: i64) -> Result<Verdict, KeysUnavailable> {
