@@ -101,6 +101,8 @@ fn build_sink(settings: &Settings, sink: &SinkConfig) -> anyhow::Result<Sink> {
 pub async fn run_routes(settings: &Settings, gate: Arc<Gate>, cancel: CancellationToken) -> anyhow::Result<()> {
     let tasks = TaskTracker::new();
     let drain = settings.raw.shutdown_timeout.0;
+    // Before any route registers its counters, so that they report to the endpoint.
+    let recorder = if settings.raw.admin.listen.is_empty() { None } else { crate::admin::install_metrics() };
     let mut statuses = Vec::new();
     for rules in &settings.routes {
         let rc = &settings.raw.routes[&rules.name];
@@ -118,6 +120,7 @@ pub async fn run_routes(settings: &Settings, gate: Arc<Gate>, cancel: Cancellati
             max_in_flight: rc.max_in_flight,
             guard: rc.dead_letter_guard.clone(),
             status,
+            metrics: crate::telemetry::RouteMetrics::new(&rules.name),
         });
         match src {
             SourceConfig::Kafka(k) => {
@@ -174,7 +177,7 @@ pub async fn run_routes(settings: &Settings, gate: Arc<Gate>, cancel: Cancellati
             .await
             .with_context(|| format!("admin.listen {}", settings.raw.admin.listen))?;
         tracing::info!(listen = %settings.raw.admin.listen, "admin endpoint: /health /ready /metrics");
-        let state = crate::admin::AdminState { routes: statuses, gate, metrics: crate::admin::install_metrics() };
+        let state = crate::admin::AdminState { routes: statuses, gate, metrics: recorder };
         let cancel = cancel.clone();
         tasks.spawn(async move {
             if let Err(e) = crate::admin::serve(listener, state, cancel).await {

@@ -100,24 +100,18 @@ impl Gate {
             (verdict, _) => verdict,
         };
         Ok(match verdict {
-            Ok(v) => {
-                metrics::counter!("tokengate_messages_total", "route" => route.name.clone(), "outcome" => "forwarded")
-                    .increment(1);
-                Outcome::Forward(forward(route, env, Some(&v)))
-            }
+            Ok(v) => Outcome::Forward(forward(route, env, Some(&v))),
             Err(r) => {
                 let fp = token.map(verify::fingerprint);
-                self.count_rejection(route, &r, fp.as_deref());
+                self.log_rejection(route, &r, fp.as_deref());
                 Outcome::DeadLetter(dead_letter(route, env, &r, fp.as_deref(), SystemTime::now()), r)
             }
         })
     }
 
-    fn count_rejection(&self, route: &RouteRules, r: &Rejection, fp: Option<&str>) {
-        metrics::counter!("tokengate_messages_total", "route" => route.name.clone(), "outcome" => "dead_lettered")
-            .increment(1);
-        metrics::counter!("tokengate_rejections_total", "route" => route.name.clone(), "reason" => r.reason.code())
-            .increment(1);
+    /// Rejections are counted by the source ([`crate::telemetry::RouteMetrics`]) and logged
+    /// here, sampled: WARN per rejection would be too loud at volume.
+    fn log_rejection(&self, route: &RouteRules, r: &Rejection, fp: Option<&str>) {
         let mut last = self.last_logged.lock().expect("not poisoned");
         let due = last.get(&(route.name.clone(), r.reason)).is_none_or(|t| t.elapsed() >= REJECTION_LOG_EVERY);
         if due {

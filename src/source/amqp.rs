@@ -145,6 +145,7 @@ async fn session(
                 let delivery = delivery?;
                 let env = envelope(&delivery, &src.queue);
                 let Some(outcome) = decide(route, &env, &mut inflight, &mut backoff, cancel).await? else { break };
+                route.metrics.record(&outcome);
                 let (out, dead) = match outcome {
                     Outcome::Forward(out) => (out, false),
                     Outcome::DeadLetter(out, _) => (out, true),

@@ -355,6 +355,7 @@ impl Loop {
                 }
             }
         };
+        route.metrics.record(&outcome);
         let (out, dead) = match outcome {
             Outcome::Forward(out) => (out, false),
             Outcome::DeadLetter(out, _) => (out, true),

@@ -28,6 +28,8 @@ pub struct Route {
     pub guard: GuardConfig,
     /// Live state for readiness.
     pub status: Arc<RouteStatus>,
+    /// Per-message counters.
+    pub metrics: crate::telemetry::RouteMetrics,
 }
 
 /// What readiness reports about a route.

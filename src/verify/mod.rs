@@ -507,6 +507,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn reason_all_is_in_declaration_order() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{r:?}");
+        }
+    }
+
+    #[test]
     fn reason_codes_are_unique_snake_case() {
         let codes: std::collections::HashSet<_> = Reason::ALL.iter().map(|r| r.code()).collect();
         assert_eq!(codes.len(), Reason::ALL.len());
