@@ -74,12 +74,8 @@ async fn main() {
             let mut conn = conn.clone();
             let keys: Vec<String> = ids(i).keys(&prefix).into_iter().map(|(_, k)| k).collect();
             async move {
-                let mut pipe = redis::pipe();
-                for k in &keys {
-                    pipe.cmd("EXISTS").arg(k);
-                }
-                pipe.cmd("MGET").arg(&keys);
-                let _: Vec<redis::Value> = pipe.query_async(&mut conn).await.unwrap();
+                let names: Vec<&str> = keys.iter().map(String::as_str).collect();
+                tokengate::revocation::fetch(&mut conn, &names).await.unwrap();
             }
         })
         .await

@@ -426,7 +426,7 @@ pub async fn check_revoked(
     prefix: &str,
     token: &str,
 ) -> anyhow::Result<(bool, Value)> {
-    use crate::revocation::{TokenIds, decode, judge};
+    use crate::revocation::{TokenIds, fetch, judge};
     let token = token.trim();
     let token = token.strip_prefix("Bearer ").unwrap_or(token);
     let (header, claims) =
@@ -440,13 +440,8 @@ pub async fn check_revoked(
         fingerprint: verify::fingerprint(token),
     };
     let keys = ids.keys(prefix);
-    let mut pipe = redis::pipe();
-    for (_, k) in &keys {
-        pipe.cmd("EXISTS").arg(k);
-    }
-    pipe.cmd("MGET").arg(keys.iter().map(|(_, k)| k.as_str()).collect::<Vec<_>>());
-    let reply: Vec<redis::Value> = pipe.query_async(conn).await.context("reading revocations")?;
-    let entries = decode(&reply, keys.len()).map_err(anyhow::Error::msg)?;
+    let names: Vec<&str> = keys.iter().map(|(_, k)| k.as_str()).collect();
+    let entries = fetch(conn, &names).await.map_err(|e| anyhow::anyhow!("reading revocations: {e}"))?;
     let matches: Vec<Value> = keys
         .iter()
         .zip(&entries)

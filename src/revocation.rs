@@ -399,13 +399,7 @@ impl Tracked {
         let seen = self.invalidations.load(Ordering::SeqCst);
         self.round_trips.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("tokengate_revocation_lookups_total").increment(1);
-        let mut pipe = redis::pipe();
-        for k in keys.clone() {
-            pipe.cmd("EXISTS").arg(k);
-        }
-        pipe.cmd("MGET").arg(keys.clone().collect::<Vec<_>>());
-        let reply: Vec<redis::Value> = pipe.query_async(&mut conn).await.map_err(|e| Unavailable(e.to_string()))?;
-        let entries = decode(&reply, keys.len()).map_err(Unavailable)?;
+        let entries = fetch(&mut conn, &keys.clone().collect::<Vec<_>>()).await.map_err(Unavailable)?;
         if use_cache && self.invalidations.load(Ordering::SeqCst) == seen {
             for (k, e) in keys.zip(&entries) {
                 self.cache.insert(k.to_owned(), e.clone());
@@ -415,8 +409,19 @@ impl Tracked {
     }
 }
 
+/// Reads `keys` in one round trip: EXISTS for each (it sees keys of any type), then one MGET.
+pub async fn fetch(conn: &mut MultiplexedConnection, keys: &[&str]) -> Result<Vec<Entry>, String> {
+    let mut pipe = redis::pipe();
+    for k in keys {
+        pipe.cmd("EXISTS").arg(*k);
+    }
+    pipe.cmd("MGET").arg(keys);
+    let reply: Vec<redis::Value> = pipe.query_async(conn).await.map_err(|e| e.to_string())?;
+    decode(&reply, keys.len())
+}
+
 /// `n` EXISTS replies then one MGET reply -> one entry per key.
-pub fn decode(reply: &[redis::Value], n: usize) -> Result<Vec<Entry>, String> {
+fn decode(reply: &[redis::Value], n: usize) -> Result<Vec<Entry>, String> {
     let bad = || format!("unexpected Redis reply to EXISTS/MGET: {reply:?}");
     let (exists, rest) = reply.split_at_checked(n).ok_or_else(bad)?;
     let Some(redis::Value::Array(values)) = rest.first() else {
