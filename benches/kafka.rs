@@ -297,7 +297,11 @@ async fn main() {
         eprintln!("{}: {:.0} msg/s", r.label, r.msgs_per_sec);
         results.push(r);
     }
-    let base = if results[0].msgs_per_sec >= results[results.len() - 1].msgs_per_sec { &results[0] } else { &results[results.len() - 1] };
+    let base = if results[0].msgs_per_sec >= results[results.len() - 1].msgs_per_sec {
+        &results[0]
+    } else {
+        &results[results.len() - 1]
+    };
     println!(
         "Kafka end to end through {bootstrap}: {n} backlog messages (256 B, 4 partitions) per run; throughput over"
     );
