@@ -95,6 +95,8 @@ pub struct Running {
 
 impl Running {
     pub async fn start(config: &str) -> Running {
+        // Logs go to the test's captured stderr: shown when a test fails.
+        tokengate::telemetry::init_logs();
         let mut s = settings(config);
         let cancel = CancellationToken::new();
         let gate = tokengate::app::build_gate(&mut s, None, &cancel).await.unwrap();

@@ -38,6 +38,14 @@ pub struct AmqpSource {
 
 type Done = (Acker, Result<(), PublishError>);
 
+/// A session's hold state: a failed publish pauses intake until `until` (confirmations of other
+/// deliveries keep being settled meanwhile), with a backoff that grows while failures repeat.
+#[derive(Default)]
+struct Holding {
+    backoff: Backoff,
+    until: Option<tokio::time::Instant>,
+}
+
 /// Runs one AMQP route until `cancel`, reconnecting after losses.
 pub async fn run(
     route: Arc<Route>,
@@ -134,17 +142,20 @@ async fn session(
         .await?;
     route.status.running.store(true, Ordering::Relaxed);
     let mut inflight: FuturesUnordered<Pin<Box<dyn Future<Output = Done> + Send>>> = FuturesUnordered::new();
-    let mut backoff = Backoff::default();
+    let mut h = Holding::default();
     loop {
         tokio::select! {
             biased;
             _ = cancel.cancelled() => break,
-            Some(done) = inflight.next(), if !inflight.is_empty() => settle(route, done, &mut backoff).await?,
-            delivery = consumer.next(), if inflight.len() < usize::from(src.prefetch) => {
+            Some(done) = inflight.next(), if !inflight.is_empty() => settle(route, done, &mut h).await?,
+            _ = tokio::time::sleep_until(h.until.unwrap_or_else(tokio::time::Instant::now)), if h.until.is_some() => {
+                h.until = None;
+            }
+            delivery = consumer.next(), if inflight.len() < usize::from(src.prefetch) && h.until.is_none() => {
                 let Some(delivery) = delivery else { anyhow::bail!("the broker cancelled the consumer") };
                 let delivery = delivery?;
                 let env = envelope(&delivery, &src.queue);
-                let Some(outcome) = decide(route, &env, &mut inflight, &mut backoff, cancel).await? else { break };
+                let Some(outcome) = decide(route, &env, &mut inflight, &mut h, cancel).await? else { break };
                 route.metrics.record(&outcome);
                 let (out, dead) = match outcome {
                     Outcome::Forward(out) => (out, false),
@@ -161,7 +172,7 @@ async fn session(
                 }
                 if let Some(pause) = guard.record(dead) {
                     route.status.paused.store(true, Ordering::Relaxed);
-                    wait(route, pause, &mut inflight, &mut backoff, cancel).await?;
+                    wait(route, pause, &mut inflight, &mut h, cancel).await?;
                     route.status.paused.store(false, Ordering::Relaxed);
                 }
             }
@@ -172,7 +183,7 @@ async fn session(
     while let Ok(Some(done)) =
         tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), inflight.next()).await
     {
-        let _ = settle(route, done, &mut backoff).await;
+        let _ = settle(route, done, &mut h).await;
     }
     let _ = channel.close(200, "shutdown".into()).await;
     let _ = conn.close(200, "shutdown".into()).await;
@@ -181,21 +192,27 @@ async fn session(
     Ok(())
 }
 
-/// Acks a confirmed republish; nacks (requeue) a failed one and holds.
-async fn settle(route: &Route, (acker, result): Done, backoff: &mut Backoff) -> anyhow::Result<()> {
+/// Acks a confirmed republish; nacks (requeue) a failed one and pauses intake.
+async fn settle(route: &Route, (acker, result): Done, h: &mut Holding) -> anyhow::Result<()> {
     match result {
         Ok(()) => {
             acker.ack(BasicAckOptions::default()).await?;
-            route.status.set_holding(&route.rules.name, false);
-            backoff.reset();
+            if h.until.is_none() {
+                route.status.set_holding(&route.rules.name, false);
+                h.backoff.reset();
+            }
         }
         Err(e) => {
             metrics::counter!("tokengate_publish_errors_total", "route" => route.rules.name.clone()).increment(1);
-            let d = backoff.next_delay();
-            tracing::warn!(route = %route.rules.name, error = %e, retry_in_ms = d.as_millis() as u64, "publish failed; delivery requeued, holding");
             route.status.set_holding(&route.rules.name, true);
-            acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
-            tokio::time::sleep(d).await;
+            let now = tokio::time::Instant::now();
+            if h.until.is_none_or(|t| t <= now) {
+                let d = h.backoff.next_delay();
+                h.until = Some(now + d);
+                tracing::warn!(route = %route.rules.name, error = %e, pause_ms = d.as_millis() as u64, "publish failed; delivery requeued, intake paused");
+            }
+            // If the channel is gone the broker requeues it anyway.
+            let _ = acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
         }
     }
     Ok(())
@@ -206,7 +223,7 @@ async fn decide(
     route: &Route,
     env: &Envelope,
     inflight: &mut FuturesUnordered<Pin<Box<dyn Future<Output = Done> + Send>>>,
-    backoff: &mut Backoff,
+    h: &mut Holding,
     cancel: &CancellationToken,
 ) -> anyhow::Result<Option<Outcome>> {
     loop {
@@ -215,9 +232,9 @@ async fn decide(
             Err(hold) => {
                 route.status.set_holding(&route.rules.name, true);
                 metrics::counter!("tokengate_holds_total", "route" => route.rules.name.clone(), "cause" => hold.cause()).increment(1);
-                let d = backoff.next_delay();
+                let d = h.backoff.next_delay();
                 tracing::warn!(route = %route.rules.name, error = %hold, retry_in_ms = d.as_millis() as u64, "holding: message cannot be decided now");
-                wait(route, d, inflight, backoff, cancel).await?;
+                wait(route, d, inflight, h, cancel).await?;
                 if cancel.is_cancelled() {
                     return Ok(None);
                 }
@@ -230,7 +247,7 @@ async fn wait(
     route: &Route,
     d: Duration,
     inflight: &mut FuturesUnordered<Pin<Box<dyn Future<Output = Done> + Send>>>,
-    backoff: &mut Backoff,
+    h: &mut Holding,
     cancel: &CancellationToken,
 ) -> anyhow::Result<()> {
     let until = tokio::time::Instant::now() + d;
@@ -239,7 +256,7 @@ async fn wait(
             biased;
             _ = cancel.cancelled() => return Ok(()),
             _ = tokio::time::sleep_until(until) => return Ok(()),
-            Some(done) = inflight.next(), if !inflight.is_empty() => Box::pin(settle(route, done, backoff)).await?,
+            Some(done) = inflight.next(), if !inflight.is_empty() => settle(route, done, h).await?,
         }
     }
 }
