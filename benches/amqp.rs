@@ -8,25 +8,19 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use jsonwebtoken::Algorithm;
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
-use serde_json::json;
 use tokengate::gate::Gate;
 use tokengate::verify::Verifier;
 use tokio_util::sync::CancellationToken;
 
-const SECRET: &str = "bench-secret-0123456789abcdef-0123456789";
-
-fn keys_dir() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/keys")
-}
+mod common;
 
 fn config(url: &str, q_in: &str, ex_out: &str, ex_dlq: &str) -> String {
-    let k = |n: &str| keys_dir().join(n).display().to_string();
     format!(
         r#"
 shutdown_timeout = "10s"
@@ -34,51 +28,15 @@ shutdown_timeout = "10s"
 listen = ""
 [amqp.rabbit]
 url = "{url}"
-[issuers.idp]
-iss = "https://idp.bench"
-audiences = ["tokengate"]
-algorithms = ["HS256", "RS256", "ES256"]
-[[issuers.idp.keys]]
-kid = "hs"
-algorithms = ["HS256"]
-secret = {{ env = "TG_BENCH_SECRET" }}
-[[issuers.idp.keys]]
-kid = "rsa"
-algorithms = ["RS256"]
-pem_file = "{rsa}"
-[[issuers.idp.keys]]
-kid = "p256"
-algorithms = ["ES256"]
-pem_file = "{p256}"
+{issuers}
 [routes.bench]
 require = [{{ claim = "scope", any_of = ["orders:write"] }}]
 source = {{ amqp = {{ broker = "rabbit", queue = "{q_in}", declare = true, prefetch = 1000 }} }}
 trusted = {{ amqp = {{ broker = "rabbit", exchange = "{ex_out}" }} }}
 dead_letter = {{ amqp = {{ broker = "rabbit", exchange = "{ex_dlq}" }} }}
 "#,
-        rsa = k("rsa.pub.pem"),
-        p256 = k("p256.pub.pem"),
+        issuers = common::issuer_toml(),
     )
-}
-
-fn tokens(alg: Algorithm) -> Vec<String> {
-    let (key, kid) = match alg {
-        Algorithm::HS256 => (EncodingKey::from_secret(SECRET.as_bytes()), "hs"),
-        Algorithm::RS256 => {
-            (EncodingKey::from_rsa_pem(&std::fs::read(keys_dir().join("rsa.key.pem")).unwrap()).unwrap(), "rsa")
-        }
-        _ => (EncodingKey::from_ec_pem(&std::fs::read(keys_dir().join("p256.key.pem")).unwrap()).unwrap(), "p256"),
-    };
-    let now = tokengate::verify::unix_now();
-    let mut h = Header::new(alg);
-    h.kid = Some(kid.into());
-    (0..10)
-        .map(|i| {
-            let c = json!({"iss": "https://idp.bench", "aud": "tokengate", "sub": format!("svc-{i}"), "iat": now,
-                           "exp": now + 3600, "jti": format!("j{i}"), "scope": "orders:write"});
-            jsonwebtoken::encode(&h, &c, &key).unwrap()
-        })
-        .collect()
 }
 
 async fn ready(ch: &Channel, q: &str) -> u32 {
@@ -114,7 +72,7 @@ async fn run(url: &str, ch: &Channel, label: &str, alg: Option<Algorithm>, n: us
     )
     .await
     .unwrap();
-    let toks = tokens(alg.unwrap_or(Algorithm::HS256));
+    let toks = common::mint(alg.unwrap_or(Algorithm::HS256), 10);
     let body = vec![b'x'; 256];
     let mut confirms = Vec::with_capacity(n);
     for i in 0..n {
@@ -168,8 +126,7 @@ async fn run(url: &str, ch: &Channel, label: &str, alg: Option<Algorithm>, n: us
 
 #[tokio::main]
 async fn main() {
-    // SAFETY: set before any other thread reads the environment.
-    unsafe { std::env::set_var("TG_BENCH_SECRET", SECRET) };
+    common::set_secret_env();
     tokengate::telemetry::init_logs();
     let url = std::env::var("TOKENGATE_TEST_AMQP").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
     let n: usize = std::env::var("TOKENGATE_BENCH_MESSAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);

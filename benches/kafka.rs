@@ -8,19 +8,18 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use jsonwebtoken::Algorithm;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use rdkafka::message::{Header as KHeader, Message as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use serde_json::json;
 use tokengate::gate::Gate;
 use tokengate::verify::Verifier;
 use tokio_util::sync::CancellationToken;
 
-const SECRET: &str = "bench-secret-0123456789abcdef-0123456789";
+mod common;
 const PARTITIONS: i32 = 4;
 
 #[derive(Clone, Copy)]
@@ -47,12 +46,7 @@ impl Mode {
     }
 }
 
-fn keys_dir() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/keys")
-}
-
 fn config(bootstrap: &str, topic_in: &str, topic_out: &str, topic_dlq: &str, group: &str) -> String {
-    let k = |n: &str| keys_dir().join(n).display().to_string();
     format!(
         r#"
 shutdown_timeout = "10s"
@@ -60,58 +54,15 @@ shutdown_timeout = "10s"
 listen = ""
 [kafka.main]
 bootstrap_servers = "{bootstrap}"
-[issuers.idp]
-iss = "https://idp.bench"
-audiences = ["tokengate"]
-algorithms = ["HS256", "RS256", "ES256"]
-[[issuers.idp.keys]]
-kid = "hs"
-algorithms = ["HS256"]
-secret = {{ env = "TG_BENCH_SECRET" }}
-[[issuers.idp.keys]]
-kid = "rsa"
-algorithms = ["RS256"]
-pem_file = "{rsa}"
-[[issuers.idp.keys]]
-kid = "p256"
-algorithms = ["ES256"]
-pem_file = "{p256}"
+{issuers}
 [routes.bench]
 require = [{{ claim = "scope", any_of = ["orders:write"] }}]
 source = {{ kafka = {{ cluster = "main", topics = ["{topic_in}"], group = "{group}", properties = {{ "fetch.wait.max.ms" = "10" }} }} }}
 trusted = {{ kafka = {{ cluster = "main", topic = "{topic_out}", properties = {{ "linger.ms" = "20" }} }} }}
 dead_letter = {{ kafka = {{ cluster = "main", topic = "{topic_dlq}" }} }}
 "#,
-        rsa = k("rsa.pub.pem"),
-        p256 = k("p256.pub.pem"),
+        issuers = common::issuer_toml(),
     )
-}
-
-fn tokens(alg: Algorithm, n: usize) -> Vec<String> {
-    let (key, kid) = match alg {
-        Algorithm::HS256 => (EncodingKey::from_secret(SECRET.as_bytes()), "hs"),
-        Algorithm::RS256 => {
-            (EncodingKey::from_rsa_pem(&std::fs::read(keys_dir().join("rsa.key.pem")).unwrap()).unwrap(), "rsa")
-        }
-        _ => (EncodingKey::from_ec_pem(&std::fs::read(keys_dir().join("p256.key.pem")).unwrap()).unwrap(), "p256"),
-    };
-    let now = tokengate::verify::unix_now();
-    let mut h = Header::new(alg);
-    h.kid = Some(kid.into());
-    let sign = |i: usize| {
-        let c = json!({"iss": "https://idp.bench", "aud": "tokengate", "sub": format!("svc-{i}"), "iat": now,
-                       "exp": now + 3600, "jti": format!("j{i}"), "scope": "orders:write"});
-        jsonwebtoken::encode(&h, &c, &key).unwrap()
-    };
-    // Signing is slow for RSA (about 1 ms); use every core.
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let per = n.div_ceil(threads);
-    std::thread::scope(|s| {
-        let parts: Vec<_> = (0..threads)
-            .map(|t| s.spawn(move || (t * per..((t + 1) * per).min(n)).map(sign).collect::<Vec<_>>()))
-            .collect();
-        parts.into_iter().flat_map(|p| p.join().unwrap()).collect()
-    })
 }
 
 async fn create(bootstrap: &str, names: &[&str]) {
@@ -177,9 +128,9 @@ async fn run(bootstrap: &str, mode: Mode, n: usize, latency_n: usize) -> Result 
     let (tin, tout, tdlq) = (format!("bench-in-{id}"), format!("bench-ok-{id}"), format!("bench-dlq-{id}"));
     create(bootstrap, &[&tin, &tout, &tdlq]).await;
     let toks = match mode {
-        Mode::PassThrough => tokens(Algorithm::HS256, 10),
-        Mode::Verify(a, Reuse::Pool) => tokens(a, 10),
-        Mode::Verify(a, Reuse::EveryMessageNew) => tokens(a, n + latency_n),
+        Mode::PassThrough => common::mint(Algorithm::HS256, 10),
+        Mode::Verify(a, Reuse::Pool) => common::mint(a, 10),
+        Mode::Verify(a, Reuse::EveryMessageNew) => common::mint(a, n + latency_n),
     };
     let p = producer(bootstrap);
     eprintln!("{}: producing {n} messages", mode.label());
@@ -270,8 +221,7 @@ async fn run(bootstrap: &str, mode: Mode, n: usize, latency_n: usize) -> Result 
 
 #[tokio::main]
 async fn main() {
-    // SAFETY: set before any other thread reads the environment.
-    unsafe { std::env::set_var("TG_BENCH_SECRET", SECRET) };
+    common::set_secret_env();
     tokengate::telemetry::init_logs();
     let bootstrap = std::env::var("TOKENGATE_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into());
     assert!(

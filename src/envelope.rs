@@ -21,8 +21,8 @@ pub enum HeaderData {
 pub enum Origin {
     /// A Kafka record.
     Kafka {
-        /// Topic.
-        topic: String,
+        /// Topic (shared: one allocation per topic, not per message).
+        topic: std::sync::Arc<str>,
         /// Partition.
         partition: i32,
         /// Offset.
@@ -46,7 +46,7 @@ impl Origin {
     pub fn describe(&self) -> Vec<(&'static str, String)> {
         match self {
             Origin::Kafka { topic, partition, offset } => vec![
-                ("source-topic", topic.clone()),
+                ("source-topic", topic.to_string()),
                 ("source-partition", partition.to_string()),
                 ("source-offset", offset.to_string()),
             ],

@@ -76,16 +76,10 @@ async fn topology(ch: &Channel, test: &str) -> Names {
 }
 
 fn config(n: &Names, prefetch: u16, redis: Option<(String, String)>) -> String {
-    let redis = redis.map_or(String::new(), |(url, p)| format!("[redis]\nurl = \"{url}\"\nprefix = \"{p}\"\n"));
     format!(
-        r#"
-shutdown_timeout = "10s"
-{redis}
-[admin]
-listen = ""
+        r#"{preamble}
 [amqp.rabbit]
 url = "{url}"
-{issuers}
 [routes.orders]
 issuers = ["idp"]
 require = [{{ claim = "scope", any_of = ["orders:write"] }}]
@@ -93,8 +87,8 @@ source = {{ amqp = {{ broker = "rabbit", queue = "{q}", declare = true, prefetch
 trusted = {{ amqp = {{ broker = "rabbit", exchange = "{ok}" }} }}
 dead_letter = {{ amqp = {{ broker = "rabbit", exchange = "{dlq}" }} }}
 "#,
+        preamble = gate_preamble(redis),
         url = amqp_url(),
-        issuers = issuers_toml(),
         q = n.queue_in,
         ok = n.ex_ok,
         dlq = n.ex_dlq,
@@ -324,15 +318,11 @@ async fn cross_broker_kafka_to_amqp_and_amqp_to_kafka() {
     let t = crate::kafka::topics("cross");
     create_topics(&bs, &[&t.untrusted, &t.trusted, &t.dead_letter], 2).await;
     let text = format!(
-        r#"
-shutdown_timeout = "10s"
-[admin]
-listen = ""
+        r#"{preamble}
 [amqp.rabbit]
 url = "{url}"
 [kafka.main]
 bootstrap_servers = "{bs}"
-{issuers}
 [routes.k2a]
 source = {{ kafka = {{ cluster = "main", topics = ["{kin}"], group = "cross-{id}" }} }}
 trusted = {{ amqp = {{ broker = "rabbit", exchange = "{ok}", routing_key = "orders.{{topic}}" }} }}
@@ -342,8 +332,8 @@ source = {{ amqp = {{ broker = "rabbit", queue = "{qin}", declare = true }} }}
 trusted = {{ kafka = {{ cluster = "main", topic = "{kok}" }} }}
 dead_letter = {{ kafka = {{ cluster = "main", topic = "{kdlq}" }} }}
 "#,
+        preamble = gate_preamble(None),
         url = amqp_url(),
-        issuers = issuers_toml(),
         kin = t.untrusted,
         kok = t.trusted,
         kdlq = t.dead_letter,

@@ -61,17 +61,11 @@ pub fn gate_config_with(
     route: &str,
     redis: Option<(String, String)>,
 ) -> String {
-    let redis = redis.map_or(String::new(), |(url, p)| format!("[redis]\nurl = \"{url}\"\nprefix = \"{p}\"\n"));
     format!(
-        r#"
-shutdown_timeout = "10s"
-{redis}
-[admin]
-listen = ""
+        r#"{preamble}
 [kafka.main]
 bootstrap_servers = "{bootstrap}"
 properties = {{ "linger.ms" = "20" }}
-{issuers}
 [routes.{route}]
 issuers = ["idp"]
 require = [{{ claim = "scope", any_of = ["orders:write"] }}]
@@ -80,7 +74,7 @@ source = {{ kafka = {{ cluster = "main", topics = ["{in_}"], group = "{group}" }
 trusted = {{ kafka = {{ cluster = "main", topic = "{ok}" }} }}
 dead_letter = {{ kafka = {{ cluster = "main", topic = "{dlq}" }} }}
 "#,
-        issuers = issuers_toml(),
+        preamble = gate_preamble(redis),
         in_ = t.untrusted,
         ok = t.trusted,
         dlq = t.dead_letter,

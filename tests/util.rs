@@ -245,3 +245,10 @@ pub fn run_cli(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// The start of a gate config for tests: a short shutdown, no admin endpoint, optionally a
+/// `[redis]` revocation list `(url, prefix)`, and the test issuers.
+pub fn gate_preamble(redis: Option<(String, String)>) -> String {
+    let redis = redis.map_or(String::new(), |(url, p)| format!("[redis]\nurl = \"{url}\"\nprefix = \"{p}\"\n"));
+    format!("shutdown_timeout = \"10s\"\n{redis}[admin]\nlisten = \"\"\n{}", issuers_toml())
+}

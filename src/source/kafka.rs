@@ -171,7 +171,7 @@ pub fn envelope(m: &BorrowedMessage<'_>, topic: &Arc<str>) -> Envelope {
         payload: m.payload().map(<[u8]>::to_vec),
         headers,
         timestamp_ms: m.timestamp().to_millis(),
-        origin: Origin::Kafka { topic: topic.to_string(), partition: m.partition(), offset: m.offset() },
+        origin: Origin::Kafka { topic: Arc::clone(topic), partition: m.partition(), offset: m.offset() },
         amqp: None,
         amqp_headers: None,
     }
@@ -183,7 +183,11 @@ fn intake(
     tracker: &Mutex<Tracker>,
     m: &BorrowedMessage<'_>,
 ) -> (Arc<str>, Envelope, u64) {
-    let topic = topics.entry(m.topic().to_owned()).or_insert_with(|| Arc::from(m.topic())).clone();
+    // Looked up by &str first: no allocation per message once the topic is known.
+    let topic = match topics.get(m.topic()) {
+        Some(t) => Arc::clone(t),
+        None => Arc::clone(topics.entry(m.topic().to_owned()).or_insert_with(|| Arc::from(m.topic()))),
+    };
     let env = envelope(m, &topic);
     let epoch = tracker.lock().expect("not poisoned").epoch(&(Arc::clone(&topic), m.partition()));
     (topic, env, epoch)

@@ -115,6 +115,11 @@ impl IssuerKeys {
         self.current.load()
     }
 
+    /// The key set in force now, owned (to hold across an await).
+    pub(crate) fn current_full(&self) -> Arc<KeySet> {
+        self.current.load_full()
+    }
+
     /// Whether keys come from a URL.
     pub fn is_remote(&self) -> bool {
         self.remote.is_some()

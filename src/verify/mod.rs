@@ -422,12 +422,6 @@ impl Verifier {
     }
 }
 
-impl IssuerKeys {
-    fn current_full(&self) -> Arc<keys::KeySet> {
-        arc_swap::Guard::into_inner(self.current())
-    }
-}
-
 /// Checks that do not depend on time: type, audience, required claims.
 fn check_claims(
     c: &IssuerChecks,

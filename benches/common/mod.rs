@@ -1,0 +1,90 @@
+//! What the bench binaries share: the test issuer, its keys, and token minting.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::json;
+
+/// The HMAC secret of the bench issuer (test-only, like the fixture keys).
+pub const SECRET: &str = "bench-secret-0123456789abcdef-0123456789";
+
+/// The committed test keys.
+pub fn keys_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/keys")
+}
+
+/// A fixture key file's bytes.
+pub fn key_file(name: &str) -> Vec<u8> {
+    std::fs::read(keys_dir().join(name)).unwrap()
+}
+
+/// Exposes `SECRET` to the config (`secret = { env = "TG_BENCH_SECRET" }`).
+pub fn set_secret_env() {
+    // SAFETY: called at the start of a bench, before other threads read the environment.
+    unsafe { std::env::set_var("TG_BENCH_SECRET", SECRET) };
+}
+
+/// `[issuers.idp]` with one pinned key per algorithm: HS256, RS256, ES256, EdDSA.
+pub fn issuer_toml() -> String {
+    let k = |n: &str| keys_dir().join(n).display().to_string();
+    format!(
+        r#"
+[issuers.idp]
+iss = "https://idp.bench"
+audiences = ["tokengate"]
+algorithms = ["HS256", "RS256", "ES256", "EdDSA"]
+[[issuers.idp.keys]]
+kid = "hs"
+algorithms = ["HS256"]
+secret = {{ env = "TG_BENCH_SECRET" }}
+[[issuers.idp.keys]]
+kid = "rsa"
+algorithms = ["RS256"]
+pem_file = "{rsa}"
+[[issuers.idp.keys]]
+kid = "p256"
+algorithms = ["ES256"]
+pem_file = "{p256}"
+[[issuers.idp.keys]]
+kid = "ed25519"
+algorithms = ["EdDSA"]
+pem_file = "{ed}"
+"#,
+        rsa = k("rsa.pub.pem"),
+        p256 = k("p256.pub.pem"),
+        ed = k("ed25519.pub.pem"),
+    )
+}
+
+/// The signing key of `alg` and the kid the issuer knows it by.
+pub fn signing_key(alg: Algorithm) -> (EncodingKey, &'static str) {
+    match alg {
+        Algorithm::HS256 => (EncodingKey::from_secret(SECRET.as_bytes()), "hs"),
+        Algorithm::RS256 => (EncodingKey::from_rsa_pem(&key_file("rsa.key.pem")).unwrap(), "rsa"),
+        Algorithm::ES256 => (EncodingKey::from_ec_pem(&key_file("p256.key.pem")).unwrap(), "p256"),
+        Algorithm::EdDSA => (EncodingKey::from_ed_pem(&key_file("ed25519.key.pem")).unwrap(), "ed25519"),
+        other => panic!("no bench key for {other:?}"),
+    }
+}
+
+/// `n` distinct valid tokens (subject `svc-i`), signed on every core (RSA signing is ~1 ms).
+pub fn mint(alg: Algorithm, n: usize) -> Vec<String> {
+    let (key, kid) = signing_key(alg);
+    let now = tokengate::verify::unix_now();
+    let mut h = Header::new(alg);
+    h.kid = Some(kid.into());
+    let sign = |i: usize| {
+        let c = json!({"iss": "https://idp.bench", "aud": "tokengate", "sub": format!("svc-{i}"), "iat": now,
+                       "exp": now + 3600, "jti": format!("j{i}"), "scope": "orders:write"});
+        jsonwebtoken::encode(&h, &c, &key).unwrap()
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per = n.div_ceil(threads);
+    std::thread::scope(|s| {
+        let parts: Vec<_> = (0..threads)
+            .map(|t| s.spawn(move || (t * per..((t + 1) * per).min(n)).map(sign).collect::<Vec<_>>()))
+            .collect();
+        parts.into_iter().flat_map(|p| p.join().unwrap()).collect()
+    })
+}
