@@ -57,7 +57,7 @@ impl AmqpSink {
     pub async fn send(&self, out: &Outgoing) -> Result<Confirm, PublishError> {
         let mut guard = self.channel.lock().await;
         if guard.as_ref().is_none_or(|(c, ch)| !c.status().connected() || !ch.status().connected()) {
-            *guard = Some(connect_confirming(&self.url).await.map_err(|e| PublishError::Failed(e.to_string()))?);
+            *guard = Some(connect_confirming(&self.url).await.map_err(PublishError::Failed)?);
         }
         let (_, channel) = guard.as_ref().expect("just connected");
         let confirm = channel
@@ -98,14 +98,19 @@ fn header_text(out: &Outgoing, name: &str) -> Option<String> {
     })
 }
 
-/// Opens a connection and a channel in confirm mode.
-pub async fn connect_confirming(url: &str) -> lapin::Result<(Connection, Channel)> {
-    let conn =
-        Connection::connect(url, ConnectionProperties::default().with_connection_name("tokengate-publisher".into()))
-            .await?;
-    let channel = conn.create_channel().await?;
-    channel.confirm_select(ConfirmSelectOptions::default()).await?;
-    Ok((conn, channel))
+/// Opens a connection and a channel in confirm mode, bounded by the AMQP timeout.
+pub async fn connect_confirming(url: &str) -> Result<(Connection, Channel), String> {
+    let connect = async {
+        let name = "tokengate-publisher".into();
+        let conn = Connection::connect(url, ConnectionProperties::default().with_connection_name(name)).await?;
+        let channel = conn.create_channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        lapin::Result::Ok((conn, channel))
+    };
+    match tokio::time::timeout(crate::source::amqp::AMQP_TIMEOUT, connect).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err("AMQP connection setup timed out".into()),
+    }
 }
 
 /// AMQP properties for `out`: the source's (AMQP sources) with headers rebuilt, else persistent

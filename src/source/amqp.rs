@@ -38,6 +38,9 @@ pub struct AmqpSource {
 
 type Done = (Acker, Result<(), PublishError>);
 
+/// Longest wait for a connection handshake or an ack on a broker that stopped answering.
+pub const AMQP_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A session's hold state: a failed publish pauses intake until `until` (confirmations of other
 /// deliveries keep being settled meanwhile), with a backoff that grows while failures repeat.
 #[derive(Default)]
@@ -123,23 +126,31 @@ async fn session(
     guard: &mut Guard,
 ) -> anyhow::Result<()> {
     let name = route.rules.name.clone();
-    let conn = Connection::connect(
-        &src.url,
-        ConnectionProperties::default().with_connection_name(format!("tokengate-{name}").into()),
-    )
-    .await?;
-    let channel = conn.create_channel().await?;
-    channel.basic_qos(src.prefetch, BasicQosOptions::default()).await?;
-    let options = QueueDeclareOptions { passive: !src.declare, durable: true, ..Default::default() };
-    channel.queue_declare(ShortString::from(src.queue.as_str()), options, src.arguments.clone()).await?;
-    let mut consumer = channel
-        .basic_consume(
-            ShortString::from(src.queue.as_str()),
-            ShortString::from(format!("tokengate-{name}")),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
+    // A broker that accepts TCP while still starting can leave a handshake hanging: bound it.
+    let setup = async {
+        let conn = Connection::connect(
+            &src.url,
+            ConnectionProperties::default().with_connection_name(format!("tokengate-{name}").into()),
         )
         .await?;
+        let channel = conn.create_channel().await?;
+        channel.basic_qos(src.prefetch, BasicQosOptions::default()).await?;
+        let options = QueueDeclareOptions { passive: !src.declare, durable: true, ..Default::default() };
+        channel.queue_declare(ShortString::from(src.queue.as_str()), options, src.arguments.clone()).await?;
+        let consumer = channel
+            .basic_consume(
+                ShortString::from(src.queue.as_str()),
+                ShortString::from(format!("tokengate-{name}")),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        anyhow::Ok((conn, channel, consumer))
+    };
+    let (conn, channel, mut consumer) = tokio::time::timeout(AMQP_TIMEOUT, setup)
+        .await
+        .map_err(|_| anyhow::anyhow!("AMQP connection setup timed out"))??;
+    let mut liveness = tokio::time::interval(Duration::from_secs(1));
     route.status.running.store(true, Ordering::Relaxed);
     let mut inflight: FuturesUnordered<Pin<Box<dyn Future<Output = Done> + Send>>> = FuturesUnordered::new();
     let mut h = Holding::default();
@@ -150,6 +161,12 @@ async fn session(
             Some(done) = inflight.next(), if !inflight.is_empty() => settle(route, done, &mut h).await?,
             _ = tokio::time::sleep_until(h.until.unwrap_or_else(tokio::time::Instant::now)), if h.until.is_some() => {
                 h.until = None;
+            }
+            // The consumer stream does not always end when the connection dies: check it.
+            _ = liveness.tick() => {
+                if !conn.status().connected() || !channel.status().connected() {
+                    anyhow::bail!("AMQP connection lost");
+                }
             }
             delivery = consumer.next(), if inflight.len() < usize::from(src.prefetch) && h.until.is_none() => {
                 let Some(delivery) = delivery else { anyhow::bail!("the broker cancelled the consumer") };
@@ -196,7 +213,9 @@ async fn session(
 async fn settle(route: &Route, (acker, result): Done, h: &mut Holding) -> anyhow::Result<()> {
     match result {
         Ok(()) => {
-            acker.ack(BasicAckOptions::default()).await?;
+            tokio::time::timeout(AMQP_TIMEOUT, acker.ack(BasicAckOptions::default()))
+                .await
+                .map_err(|_| anyhow::anyhow!("ack timed out"))??;
             if h.until.is_none() {
                 route.status.set_holding(&route.rules.name, false);
                 h.backoff.reset();
@@ -212,7 +231,8 @@ async fn settle(route: &Route, (acker, result): Done, h: &mut Holding) -> anyhow
                 tracing::warn!(route = %route.rules.name, error = %e, pause_ms = d.as_millis() as u64, "publish failed; delivery requeued, intake paused");
             }
             // If the channel is gone the broker requeues it anyway.
-            let _ = acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+            let nack = acker.nack(BasicNackOptions { requeue: true, ..Default::default() });
+            let _ = tokio::time::timeout(AMQP_TIMEOUT, nack).await;
         }
     }
     Ok(())
