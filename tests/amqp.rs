@@ -1,6 +1,7 @@
 //! The AMQP gate against the real RabbitMQ (started by scripts/test where none runs), and routes
-//! across brokers through tansu. These tests share one broker and one restarts it, so nextest
-//! runs them one at a time (.config/nextest.toml).
+//! across brokers through Apache Kafka. These tests share one broker and one restarts it: under
+//! nextest they run one at a time (.config/nextest.toml), under `cargo test` the restart takes
+//! `RABBIT` exclusively.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
@@ -16,6 +17,9 @@ use serde_json::json;
 
 use crate::kafka::{Running, consume, create_topics, header, produce};
 use crate::util::*;
+
+/// Held shared by every test that uses the shared RabbitMQ, exclusively by the one that restarts it.
+static RABBIT: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 pub fn amqp_url() -> String {
     std::env::var("TOKENGATE_TEST_AMQP").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
@@ -149,6 +153,7 @@ async fn ready_count(ch: &Channel, queue: &str) -> u32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqp_outcomes_keep_properties_and_carry_reasons() {
+    let _shared = RABBIT.read().await;
     let (_c, ch) = channel().await;
     let n = topology(&ch, "outcomes").await;
     let gate = Running::start(&config(&n, 50, None)).await;
@@ -230,6 +235,7 @@ async fn amqp_outcomes_keep_properties_and_carry_reasons() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqp_prefetch_bounds_unacked_deliveries_while_holding() {
+    let _shared = RABBIT.read().await;
     let (_c, ch) = channel().await;
     let n = topology(&ch, "prefetch").await;
     let port = free_port();
@@ -262,6 +268,7 @@ fn rabbitmqctl(args: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqp_broker_restart_mid_stream_loses_nothing() {
+    let _exclusive = RABBIT.write().await;
     let (c, ch) = channel().await;
     let n = topology(&ch, "restart").await;
     const N: usize = 3000;
@@ -311,8 +318,8 @@ async fn amqp_broker_restart_mid_stream_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cross_broker_kafka_to_amqp_and_amqp_to_kafka() {
-    let bs = std::env::var("TOKENGATE_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into());
-    assert!(std::net::TcpStream::connect(&bs).is_ok(), "tansu is required at {bs}; scripts/test starts it");
+    let _shared = RABBIT.read().await;
+    let bs = crate::kafka::kafka();
     let (_c, ch) = channel().await;
     let n = topology(&ch, "cross").await;
     let t = crate::kafka::topics("cross");
@@ -384,6 +391,7 @@ dead_letter = {{ kafka = {{ cluster = "main", topic = "{kdlq}" }} }}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqp_unroutable_republish_holds_instead_of_losing() {
+    let _shared = RABBIT.read().await;
     let (_c, ch) = channel().await;
     let n = topology(&ch, "unroutable").await;
     // A trusted exchange with no binding: every mandatory publish comes back unroutable.

@@ -1,4 +1,4 @@
-//! The Kafka gate end to end: against the tansu broker process over TCP (started by
+//! The Kafka gate end to end: against the Apache Kafka broker over TCP (started by
 //! scripts/test), and against librdkafka's mock cluster for fault injection.
 
 use std::collections::{BTreeMap, HashMap};
@@ -16,15 +16,17 @@ use tokio_util::sync::CancellationToken;
 
 use crate::util::*;
 
-fn tansu() -> String {
+/// The shared test broker's address; fails, saying what is missing, when nothing answers there.
+pub fn kafka() -> String {
     let addr = std::env::var("TOKENGATE_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into());
     assert!(
         std::net::TcpStream::connect(&addr).is_ok(),
-        "a Kafka-protocol broker is required at {addr}; scripts/test starts tansu there"
+        "Apache Kafka is required at {addr}; scripts/test starts it (scripts/kafka/broker start)"
     );
     addr
 }
 
+#[derive(Clone)]
 pub struct Topics {
     pub untrusted: String,
     pub trusted: String,
@@ -65,7 +67,6 @@ pub fn gate_config_with(
         r#"{preamble}
 [kafka.main]
 bootstrap_servers = "{bootstrap}"
-properties = {{ "linger.ms" = "20" }}
 [routes.{route}]
 issuers = ["idp"]
 require = [{{ claim = "scope", any_of = ["orders:write"] }}]
@@ -111,8 +112,7 @@ pub type Msg = (String, String, Vec<(String, String)>);
 
 /// Produces (key, payload, headers) in order, batching as a real producer would.
 pub async fn produce(bootstrap: &str, topic: &str, msgs: &[Msg]) {
-    let p: FutureProducer =
-        ClientConfig::new().set("bootstrap.servers", bootstrap).set("linger.ms", "20").create().unwrap();
+    let p: FutureProducer = ClientConfig::new().set("bootstrap.servers", bootstrap).create().unwrap();
     let mut pending = Vec::new();
     for (k, v, hs) in msgs {
         let mut headers = OwnedHeaders::new();
@@ -176,7 +176,7 @@ pub async fn wait_committed(bootstrap: &str, group: &str, topic: &str, partition
     }
 }
 
-fn auth(alg: Algorithm, extra: serde_json::Value) -> Vec<(String, String)> {
+pub fn auth(alg: Algorithm, extra: serde_json::Value) -> Vec<(String, String)> {
     let mut c = json!({"iat": tokengate::verify::unix_now() - 5, "exp": tokengate::verify::unix_now() + 600});
     for (k, v) in extra.as_object().unwrap() {
         c[k] = v.clone();
@@ -219,8 +219,8 @@ fn mix(valid_per_key: usize) -> (Vec<Msg>, BTreeMap<String, &'static str>) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tansu_every_outcome_reaches_its_topic_with_headers_and_offsets_commit() {
-    let bs = tansu();
+async fn kafka_every_outcome_reaches_its_topic_with_headers_and_offsets_commit() {
+    let bs = kafka();
     let t = topics("outcomes");
     create_topics(&bs, &[&t.untrusted, &t.trusted, &t.dead_letter], 3).await;
     let prefix = unique_prefix("kafka");
@@ -283,8 +283,8 @@ async fn tansu_every_outcome_reaches_its_topic_with_headers_and_offsets_commit()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tansu_two_instances_in_one_group_share_partitions_without_loss() {
-    let bs = tansu();
+async fn kafka_two_instances_in_one_group_share_partitions_without_loss() {
+    let bs = kafka();
     let t = topics("scale");
     create_topics(&bs, &[&t.untrusted, &t.trusted, &t.dead_letter], 4).await;
     let group = format!("gate-{}", uuid::Uuid::new_v4().simple());
@@ -306,8 +306,8 @@ async fn tansu_two_instances_in_one_group_share_partitions_without_loss() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tansu_messages_from_python_confluent_kafka_pass() {
-    let bs = tansu();
+async fn kafka_messages_from_python_confluent_kafka_pass() {
+    let bs = kafka();
     let t = topics("python");
     create_topics(&bs, &[&t.untrusted, &t.trusted, &t.dead_letter], 1).await;
     let group = format!("gate-{}", uuid::Uuid::new_v4().simple());
@@ -320,7 +320,7 @@ async fn tansu_messages_from_python_confluent_kafka_pass() {
 import sys
 from confluent_kafka import Producer
 bs, topic, token = sys.argv[1:4]
-p = Producer({"bootstrap.servers": bs, "linger.ms": 20})
+p = Producer({"bootstrap.servers": bs})
 for i in range(10):
     p.produce(topic, key=b"py", value=b"py-%d" % i, headers=[("Authorization", b"Bearer " + token.encode())])
 assert p.flush(30) == 0
@@ -498,7 +498,7 @@ mod mock {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_serves_health_ready_metrics_and_stops_cleanly_on_sigterm() {
-    let bs = tansu();
+    let bs = kafka();
     let t = topics("daemon");
     create_topics(&bs, &[&t.untrusted, &t.trusted, &t.dead_letter], 2).await;
     let group = format!("daemon-{}", uuid::Uuid::new_v4().simple());
