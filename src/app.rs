@@ -128,6 +128,11 @@ pub async fn run_routes(settings: &Settings, gate: Arc<Gate>, cancel: Cancellati
                 let extra: Vec<_> = k.properties.clone().into_iter().collect();
                 let mut config = crate::sink::kafka::client_config(&bootstrap, &props, &extra);
                 config.set("group.id", &k.group);
+                if let Some(id) = &settings.raw.instance_id
+                    && config.get("group.instance.id").is_none()
+                {
+                    config.set("group.instance.id", format!("{id}.{}", rules.name));
+                }
                 let topics = match &k.topic_regex {
                     Some(re) if re.starts_with('^') => vec![re.clone()],
                     Some(re) => vec![format!("^{re}")],

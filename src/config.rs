@@ -123,6 +123,10 @@ pub struct Config {
     /// How long shutdown may take to drain in-flight messages and commit.
     #[serde(default = "default_shutdown_timeout")]
     pub shutdown_timeout: Dur,
+    /// This instance's stable name (e.g. a StatefulSet pod name). When set, every Kafka source
+    /// joins its group as a static member (`group.instance.id = "{instance_id}.{route}"`), so a
+    /// restart within `session.timeout.ms` gets its partitions back without a rebalance.
+    pub instance_id: Option<String>,
 }
 
 /// A Kafka cluster (`[kafka.NAME]`).
@@ -799,6 +803,12 @@ fn validate(raw: Config, base: &Path, problems: &mut Vec<Problem>) -> Settings {
         }
         if let Some(Err(m)) = r.password.as_ref().map(|s| s.resolve(base)) {
             c.add("redis.password", m);
+        }
+    }
+    if let Some(id) = &raw.instance_id {
+        let ok = |ch: char| ch.is_ascii_alphanumeric() || matches!(ch, '.' | '_' | '-');
+        if id.is_empty() || id.len() > 200 || !id.chars().all(ok) {
+            c.add("instance_id", "must be 1 to 200 characters of A-Z a-z 0-9 . _ - (it names a Kafka group member)");
         }
     }
     if !raw.admin.listen.is_empty() && raw.admin.listen.parse::<std::net::SocketAddr>().is_err() {

@@ -6,5 +6,6 @@ mod amqp;
 mod cli;
 mod jwks;
 mod kafka;
+mod kafka_failover;
 mod revocation;
 mod verify;

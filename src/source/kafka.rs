@@ -206,7 +206,7 @@ type Decided = (Arc<str>, Envelope, u64, Result<Outcome, crate::gate::Hold>);
 struct Loop {
     route: Arc<Route>,
     decisions: FuturesOrdered<tokio::task::JoinHandle<Vec<Decided>>>,
-    consumer: StreamConsumer<Ctx>,
+    consumer: Arc<StreamConsumer<Ctx>>,
     tracker: Arc<Mutex<Tracker>>,
     inflight: FuturesUnordered<Pin<Box<dyn Future<Output = Done> + Send>>>,
     guard: Guard,
@@ -232,10 +232,13 @@ pub async fn run(
         .set("enable.auto.offset.store", "false")
         .set("auto.commit.interval.ms", interval)
         .set("auto.offset.reset", reset);
-    let consumer: StreamConsumer<Ctx> =
-        src.config.create_with_context(Ctx { route: route.rules.name.clone(), tracker: Arc::clone(&tracker) })?;
+    let consumer: Arc<StreamConsumer<Ctx>> = Arc::new(
+        src.config.create_with_context(Ctx { route: route.rules.name.clone(), tracker: Arc::clone(&tracker) })?,
+    );
     let topics: Vec<&str> = src.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
+    let probe_topic = src.topics.first().filter(|t| !t.starts_with('^')).cloned();
+    let probe = tokio::spawn(probe(Arc::clone(&consumer), probe_topic, Arc::clone(&route), cancel.clone()));
     route.status.running.store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(route = %route.rules.name, topics = ?src.topics, trusted = %route.trusted.describe(), dead_letter = %route.dead_letter.describe(), "route started");
     let guard = Guard::new(&route.rules.name, route.guard.clone());
@@ -253,7 +256,35 @@ pub async fn run(
     };
     l.consume().await;
     l.shutdown(drain_timeout).await;
+    probe.abort();
     Ok(())
+}
+
+/// How often the source broker is asked for metadata, and how long it may take to answer.
+/// A fetch loop alone does not notice a dead or frozen broker (librdkafka retries quietly), so
+/// readiness asks actively: two failed probes in a row (about 5 s) mark the route not ready.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+async fn probe(
+    consumer: Arc<StreamConsumer<Ctx>>,
+    topic: Option<String>,
+    route: Arc<Route>,
+    cancel: CancellationToken,
+) {
+    let mut failures = 0u32;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(PROBE_EVERY) => {}
+        }
+        let (c, t) = (Arc::clone(&consumer), topic.clone());
+        let ok = tokio::task::spawn_blocking(move || c.client().fetch_metadata(t.as_deref(), PROBE_TIMEOUT).is_ok())
+            .await
+            .unwrap_or(false);
+        failures = if ok { 0 } else { failures + 1 };
+        route.status.set_broker_down(&route.rules.name, failures >= 2);
+    }
 }
 
 impl Loop {
@@ -315,7 +346,7 @@ impl Loop {
 
     fn store_confirmed(&self) {
         let mut tracker = self.tracker.lock().expect("not poisoned");
-        store(&self.consumer, tracker.take_storable());
+        store(&*self.consumer, tracker.take_storable());
         metrics::gauge!("tokengate_in_flight", "route" => self.route.rules.name.clone())
             .set(tracker.in_flight() as f64);
     }

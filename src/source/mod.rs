@@ -41,12 +41,27 @@ pub struct RouteStatus {
     pub holding: AtomicBool,
     /// Paused by the dead-letter guard.
     pub paused: AtomicBool,
+    /// The source broker does not answer (an active probe, so an idle route notices too).
+    pub broker_down: AtomicBool,
 }
 
 impl RouteStatus {
     /// Whether the route is making progress.
     pub fn ready(&self) -> bool {
-        self.running.load(Ordering::Relaxed) && !self.holding.load(Ordering::Relaxed)
+        self.running.load(Ordering::Relaxed)
+            && !self.holding.load(Ordering::Relaxed)
+            && !self.broker_down.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_broker_down(&self, route: &str, down: bool) {
+        if self.broker_down.swap(down, Ordering::Relaxed) != down {
+            metrics::gauge!("tokengate_broker_up", "route" => route.to_owned()).set(f64::from(u8::from(!down)));
+            if down {
+                tracing::warn!(route, "source broker does not answer: route not ready");
+            } else {
+                tracing::info!(route, "source broker answers again");
+            }
+        }
     }
 
     pub(crate) fn set_holding(&self, route: &str, on: bool) {
