@@ -129,6 +129,24 @@ pub async fn produce(bootstrap: &str, topic: &str, msgs: &[Msg]) {
 
 /// Reads `topic` from the start until `n` messages arrived (or fails after `secs`).
 pub async fn consume(bootstrap: &str, topic: &str, n: usize, secs: u64) -> Vec<OwnedMessage> {
+    consume_until(bootstrap, topic, secs, |got| got.len() >= n).await
+}
+
+/// Reads `topic` from the start until `n` distinct payloads arrived (at least once allows
+/// duplicates: a rebalance re-reads what was not committed yet).
+pub async fn consume_distinct(bootstrap: &str, topic: &str, n: usize, secs: u64) -> Vec<OwnedMessage> {
+    consume_until(bootstrap, topic, secs, |got| {
+        got.iter().map(|m| m.payload()).collect::<std::collections::HashSet<_>>().len() >= n
+    })
+    .await
+}
+
+async fn consume_until(
+    bootstrap: &str,
+    topic: &str,
+    secs: u64,
+    done: impl Fn(&[OwnedMessage]) -> bool,
+) -> Vec<OwnedMessage> {
     let c: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", format!("reader-{}", uuid::Uuid::new_v4().simple()))
@@ -139,12 +157,12 @@ pub async fn consume(bootstrap: &str, topic: &str, n: usize, secs: u64) -> Vec<O
     c.subscribe(&[topic]).unwrap();
     let mut out = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(secs);
-    while out.len() < n && Instant::now() < deadline {
+    while !done(&out) && Instant::now() < deadline {
         if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(500), c.recv()).await {
             out.push(m.detach());
         }
     }
-    assert!(out.len() >= n, "{topic}: {} of {n} messages within {secs}s", out.len());
+    assert!(done(&out), "{topic}: only {} messages within {secs}s", out.len());
     out
 }
 
@@ -294,7 +312,7 @@ async fn kafka_two_instances_in_one_group_share_partitions_without_loss() {
     let good = auth(Algorithm::HS256, json!({}));
     let msgs: Vec<Msg> = (0..2000).map(|i| (format!("key-{}", i % 50), format!("m{i}"), good.clone())).collect();
     produce(&bs, &t.untrusted, &msgs).await;
-    let trusted = consume(&bs, &t.trusted, 2000, 90).await;
+    let trusted = consume_distinct(&bs, &t.trusted, 2000, 90).await;
     wait_committed(&bs, &group, &t.untrusted, 4, 2000).await;
     a.stop().await;
     b.stop().await;
@@ -368,7 +386,7 @@ mod mock {
         let gate = Running::start(&gate_config(&bs, &t, group, "orders", None)).await;
         tokio::time::sleep(Duration::from_secs(3)).await;
         heal(&mock);
-        let trusted = consume(&bs, &t.trusted, 300, 90).await;
+        let trusted = consume_distinct(&bs, &t.trusted, 300, 90).await;
         let dead = consume(&bs, &t.dead_letter, want.len(), 60).await;
         wait_committed(&bs, group, &t.untrusted, 3, msgs.len() as i64).await;
         gate.stop().await;
@@ -420,7 +438,7 @@ mod mock {
         assert!(committed(&bs, "hold-gate", &t.untrusted, 1) <= 51, "held messages are not committed");
 
         let _redis = OwnRedis::start(port);
-        let all = consume(&bs, &t.trusted, 100, 60).await;
+        let all = consume_distinct(&bs, &t.trusted, 100, 60).await;
         let payloads: std::collections::HashSet<Vec<u8>> = all.iter().map(|m| m.payload().unwrap().to_vec()).collect();
         assert_eq!(payloads.len(), 100, "processing resumed by itself");
         wait_committed(&bs, "hold-gate", &t.untrusted, 1, 100).await;
