@@ -65,6 +65,7 @@ async fn ready(State(s): State<AdminState>) -> impl IntoResponse {
                 "holding": st.holding.load(std::sync::atomic::Ordering::Relaxed),
                 "paused": st.paused.load(std::sync::atomic::Ordering::Relaxed),
                 "broker_up": !st.broker_down.load(std::sync::atomic::Ordering::Relaxed),
+                "failed": st.failure(),
             })
         })
         .collect();

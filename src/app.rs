@@ -104,6 +104,9 @@ pub async fn run_routes(settings: &Settings, gate: Arc<Gate>, cancel: Cancellati
     // Before any route registers its counters, so that they report to the endpoint.
     let recorder = if settings.raw.admin.listen.is_empty() { None } else { crate::admin::install_metrics() };
     let mut statuses = Vec::new();
+    // The first route that failed for good: the process shuts down and exits with its error.
+    let fatal: Arc<std::sync::Mutex<Option<anyhow::Error>>> = Arc::default();
+    let max = settings.raw.max_route_failures;
     for rules in &settings.routes {
         let rc = &settings.raw.routes[&rules.name];
         let (Some(src), Some(trusted), Some(dead_letter)) = (&rc.source, &rc.trusted, &rc.dead_letter) else {
@@ -138,17 +141,19 @@ pub async fn run_routes(settings: &Settings, gate: Arc<Gate>, cancel: Cancellati
                     Some(re) => vec![format!("^{re}")],
                     None => k.topics.clone(),
                 };
-                let cancel = cancel.clone();
-                let name = rules.name.clone();
-                tasks.spawn(async move {
-                    if let Err(e) =
-                        source::kafka::run(route, source::kafka::KafkaSource { config, topics }, cancel.clone(), drain)
-                            .await
-                    {
-                        tracing::error!(route = %name, error = %e, "route failed");
-                        cancel.cancel();
-                    }
-                });
+                let c = cancel.clone();
+                let start = move || {
+                    let src = source::kafka::KafkaSource { config: config.clone(), topics: topics.clone() };
+                    source::kafka::run(Arc::clone(&route), src, c.clone(), drain)
+                };
+                tasks.spawn(supervised(
+                    rules.name.clone(),
+                    status_of(&statuses),
+                    cancel.clone(),
+                    fatal.clone(),
+                    max,
+                    start,
+                ));
             }
             SourceConfig::Amqp(a) => {
                 let mut arguments = lapin::types::FieldTable::default();
@@ -165,14 +170,17 @@ pub async fn run_routes(settings: &Settings, gate: Arc<Gate>, cancel: Cancellati
                     arguments,
                     prefetch: a.prefetch,
                 };
-                let cancel = cancel.clone();
-                let name = rules.name.clone();
-                tasks.spawn(async move {
-                    if let Err(e) = source::amqp::run(route, src, cancel.clone(), drain).await {
-                        tracing::error!(route = %name, error = %e, "route failed");
-                        cancel.cancel();
-                    }
-                });
+                let src = Arc::new(src);
+                let c = cancel.clone();
+                let start = move || source::amqp::run(Arc::clone(&route), Arc::clone(&src), c.clone(), drain);
+                tasks.spawn(supervised(
+                    rules.name.clone(),
+                    status_of(&statuses),
+                    cancel.clone(),
+                    fatal.clone(),
+                    max,
+                    start,
+                ));
             }
         }
     }
@@ -196,7 +204,33 @@ pub async fn run_routes(settings: &Settings, gate: Arc<Gate>, cancel: Cancellati
     if tokio::time::timeout(drain + Duration::from_secs(5), tasks.wait()).await.is_err() {
         tracing::error!("shutdown deadline passed; unconfirmed messages will be read again on restart");
     }
-    Ok(())
+    match fatal.lock().expect("not poisoned").take() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// The status of the route registered last.
+fn status_of(statuses: &[(String, Arc<RouteStatus>)]) -> Arc<RouteStatus> {
+    Arc::clone(&statuses.last().expect("registered before its task starts").1)
+}
+
+/// A route task under [`source::supervise`]; a route that fails for good stops the process.
+async fn supervised<F, Fut>(
+    name: String,
+    status: Arc<RouteStatus>,
+    cancel: CancellationToken,
+    fatal: Arc<std::sync::Mutex<Option<anyhow::Error>>>,
+    max_failures: u32,
+    start: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    if let Err(e) = source::supervise(&name, &status, &cancel, max_failures, start).await {
+        fatal.lock().expect("not poisoned").get_or_insert(e);
+        cancel.cancel();
+    }
 }
 
 /// `tokengate run`: the daemon, until SIGINT or SIGTERM.

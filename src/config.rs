@@ -66,7 +66,7 @@ impl Secret {
                 .ok_or_else(|| format!("environment variable {name} is not set")),
             Secret::File(p) => {
                 let p = base.join(p);
-                let mut v = std::fs::read(&p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+                let mut v = read_file(&p)?;
                 if v.last() == Some(&b'\n') {
                     v.pop();
                 }
@@ -127,6 +127,10 @@ pub struct Config {
     /// joins its group as a static member (`group.instance.id = "{instance_id}.{route}"`), so a
     /// restart within `session.timeout.ms` gets its partitions back without a rebalance.
     pub instance_id: Option<String>,
+    /// Unexpected ends of a route task in a row (each restarted with backoff) before the process
+    /// exits non-zero so that its supervisor (systemd, Kubernetes) restarts it.
+    #[serde(default = "default_max_route_failures")]
+    pub max_route_failures: u32,
 }
 
 /// A Kafka cluster (`[kafka.NAME]`).
@@ -457,6 +461,9 @@ impl Default for CacheConfig {
     }
 }
 
+fn default_max_route_failures() -> u32 {
+    5
+}
 fn default_shutdown_timeout() -> Dur {
     Dur(Duration::from_secs(30))
 }
@@ -553,6 +560,27 @@ impl Settings {
     pub fn route(&self, name: &str) -> Option<&RouteRules> {
         self.routes.iter().find(|r| r.name == name)
     }
+}
+
+/// The largest key, secret or JWKS file read: far above any real one, and a path such as
+/// `/dev/zero` or a FIFO gives an error instead of a hang or an exhausted memory.
+const MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Reads a file the config names, bounded by [`MAX_FILE_BYTES`].
+fn read_file(p: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read as _;
+    let meta = std::fs::metadata(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+    if !meta.is_file() {
+        return Err(format!("{} is not a regular file", p.display()));
+    }
+    let mut v = Vec::new();
+    std::fs::File::open(p)
+        .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_end(&mut v))
+        .map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+    if v.len() as u64 > MAX_FILE_BYTES {
+        return Err(format!("{} is larger than {MAX_FILE_BYTES} bytes", p.display()));
+    }
+    Ok(v)
 }
 
 /// Reads, overrides from `env`, and validates a config file.
@@ -726,6 +754,11 @@ fn validate(raw: Config, base: &Path, problems: &mut Vec<Problem>) -> Settings {
     let mut routes = Vec::new();
     for (name, rc) in &raw.routes {
         let p = format!("routes.{name}");
+        // A route name becomes a metric label, an AMQP consumer tag and part of a Kafka member id.
+        let ok = |ch: char| ch.is_ascii_alphanumeric() || matches!(ch, '.' | '_' | '-');
+        if name.is_empty() || name.len() > 100 || !name.chars().all(ok) {
+            c.add(p.clone(), "a route name is 1 to 100 characters of A-Z a-z 0-9 . _ -");
+        }
         for (i, iss) in rc.issuers.iter().enumerate() {
             if !raw.issuers.contains_key(iss) {
                 c.add(format!("{p}.issuers.{i}"), format!("no issuer named {iss:?}"));
@@ -853,8 +886,11 @@ fn check_route_io(c: &mut Check, p: &str, rc: &RouteConfig, raw: &Config) {
             if !raw.amqp.contains_key(&a.broker) {
                 c.add(format!("{p}.source.amqp.broker"), format!("no [amqp.{}] broker", a.broker));
             }
-            if a.queue.is_empty() {
-                c.add(format!("{p}.source.amqp.queue"), "must not be empty");
+            if a.queue.is_empty() || a.queue.len() > 255 {
+                c.add(format!("{p}.source.amqp.queue"), "must be 1 to 255 bytes (an AMQP short string)");
+            }
+            for k in a.arguments.keys().filter(|k| k.len() > 255) {
+                c.add(format!("{p}.source.amqp.arguments.{k}"), "names are at most 255 bytes (AMQP short strings)");
             }
             if a.prefetch == 0 {
                 c.add(format!("{p}.source.amqp.prefetch"), "must be positive (0 would mean unbounded)");
@@ -874,6 +910,9 @@ fn check_route_io(c: &mut Check, p: &str, rc: &RouteConfig, raw: &Config) {
             }
             Some(SinkConfig::Amqp(a)) if !raw.amqp.contains_key(&a.broker) => {
                 c.add(format!("{p}.{field}.amqp.broker"), format!("no [amqp.{}] broker", a.broker));
+            }
+            Some(SinkConfig::Amqp(a)) if a.exchange.len() > 255 => {
+                c.add(format!("{p}.{field}.amqp.exchange"), "must be at most 255 bytes (an AMQP short string)");
             }
             Some(SinkConfig::Amqp(_)) => {}
             None => {}
@@ -933,11 +972,11 @@ fn load_key(
     }
     if let Some(f) = &kc.pem_file {
         let f = base.join(f);
-        let pem = std::fs::read(&f).map_err(|e| format!("cannot read {}: {e}", f.display()))?;
+        let pem = read_file(&f)?;
         return verify::keys::pem(kc.kid.clone(), &pem, &allowed).map(|k| vec![k]);
     }
     let f = base.join(kc.jwks_file.as_ref().expect("one source is set"));
-    let doc = std::fs::read(&f).map_err(|e| format!("cannot read {}: {e}", f.display()))?;
+    let doc = read_file(&f)?;
     let (keys, skipped) = verify::keys::jwks(&doc, &allowed, true)?;
     for s in skipped {
         tracing::warn!(file = %f.display(), skipped = %s, "JWKS key skipped");

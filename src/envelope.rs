@@ -42,6 +42,22 @@ pub enum Origin {
 }
 
 impl Origin {
+    /// The AMQP routing key, or the Kafka topic: an AMQP destination's default routing key.
+    pub fn routing_key(&self) -> &str {
+        match self {
+            Origin::Kafka { topic, .. } => topic,
+            Origin::Amqp { routing_key, .. } => routing_key,
+        }
+    }
+
+    /// The Kafka topic (empty for AMQP sources).
+    pub fn topic(&self) -> &str {
+        match self {
+            Origin::Kafka { topic, .. } => topic,
+            Origin::Amqp { .. } => "",
+        }
+    }
+
     /// `(header suffix, value)` pairs describing the source.
     pub fn describe(&self) -> Vec<(&'static str, String)> {
         match self {
@@ -79,6 +95,9 @@ pub struct Envelope {
     pub amqp: Option<AmqpProperties>,
     /// The original AMQP header table, to republish typed values unchanged.
     pub amqp_headers: Option<lapin::types::FieldTable>,
+    /// What of the message could not be read faithfully (e.g. a header name that is not UTF-8):
+    /// such a message is dead-lettered as `malformed` with this detail.
+    pub defect: Option<String>,
 }
 
 /// A message to publish.
@@ -92,8 +111,8 @@ pub struct Outgoing {
     pub headers: Vec<(String, HeaderData)>,
     /// Timestamp in milliseconds.
     pub timestamp_ms: Option<i64>,
-    /// The source's AMQP routing key, if any (the default routing key of AMQP destinations).
-    pub routing_key: Option<String>,
+    /// Where the message came from (AMQP destinations derive their routing key from it).
+    pub origin: Origin,
     /// AMQP properties to carry, if the source was AMQP.
     pub amqp: Option<AmqpProperties>,
     /// Typed AMQP headers of the source to carry (minus removed ones).

@@ -83,6 +83,11 @@ impl Gate {
         if !self.verify {
             return Ok(Outcome::Forward(forward(route, env, None)));
         }
+        if let Some(defect) = &env.defect {
+            let r = Rejection::new(Reason::Malformed, defect.clone());
+            self.log_rejection(route, &r, None);
+            return Ok(Outcome::DeadLetter(dead_letter(route, env, &r, None, SystemTime::now()), r));
+        }
         let headers = env.headers.iter().map(|(n, d)| (n.as_str(), header_value(d)));
         let (token, verdict) = match route.token.extract(headers) {
             Ok(t) => (Some(t), self.verifier.verify(&route.policy, t, now).await?),
@@ -151,16 +156,12 @@ fn text(s: impl Into<String>) -> HeaderData {
 }
 
 fn base(env: &Envelope, headers: Vec<(String, HeaderData)>) -> Outgoing {
-    let routing_key = match &env.origin {
-        crate::envelope::Origin::Amqp { routing_key, .. } => Some(routing_key.clone()),
-        crate::envelope::Origin::Kafka { .. } => None,
-    };
     Outgoing {
         key: env.key.clone(),
         payload: env.payload.clone(),
         headers,
         timestamp_ms: env.timestamp_ms,
-        routing_key,
+        origin: env.origin.clone(),
         amqp: env.amqp.clone(),
         amqp_headers: env.amqp_headers.clone(),
     }
@@ -270,6 +271,7 @@ mod tests {
             origin: Origin::Kafka { topic: "t".into(), partition: 2, offset: 9 },
             amqp: None,
             amqp_headers: None,
+            defect: None,
         }
     }
 

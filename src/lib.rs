@@ -15,8 +15,12 @@
 //! - [`revocation`]: the Redis revocation list, its key schema and invalidated local cache.
 //! - [`envelope`]: a message from any broker ([`envelope::Envelope`]) and what goes out.
 //! - [`gate`]: the core, `Gate::handle(route, envelope) -> Outcome` (forward / dead-letter) or a hold.
-//! - [`source`]: consume loops with their ack rules: [`source::kafka`] (ordered offset commits,
-//!   parallel decisions) and [`source::amqp`] (manual acks after confirm, bounded prefetch).
+//! - [`pipeline`]: the one message path of every route: decide many at once, publish each verdict
+//!   in read order (what a destination cannot carry becomes a `malformed` dead letter), hand
+//!   confirmations back in order.
+//! - [`source`]: intake, envelope conversion and ack rule per broker: [`source::kafka`] (ordered
+//!   offset commits, rewinds) and [`source::amqp`] (manual acks after confirm, bounded prefetch);
+//!   every route task is supervised ([`source::supervise`]).
 //! - [`sink`]: publishing with broker confirmation: [`sink::kafka`] (idempotent, `acks=all`) and
 //!   [`sink::amqp`] (publisher confirms, `mandatory`).
 //! - [`app`]: `tokengate run` wiring (routes, admin endpoint, shutdown).
@@ -34,6 +38,7 @@ pub mod demo;
 pub mod envelope;
 pub mod gate;
 pub mod ops;
+pub mod pipeline;
 pub mod revocation;
 pub mod sink;
 pub mod source;

@@ -19,13 +19,13 @@ use crate::kafka::{Running, consume, create_topics, header, produce};
 use crate::util::*;
 
 /// Held shared by every test that uses the shared RabbitMQ, exclusively by the one that restarts it.
-static RABBIT: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+pub static RABBIT: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 pub fn amqp_url() -> String {
     std::env::var("TOKENGATE_TEST_AMQP").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
-async fn channel() -> (Connection, Channel) {
+pub async fn channel() -> (Connection, Channel) {
     let url = amqp_url();
     let conn = Connection::connect(&url, ConnectionProperties::default())
         .await
@@ -35,16 +35,16 @@ async fn channel() -> (Connection, Channel) {
     (conn, ch)
 }
 
-struct Names {
-    queue_in: String,
-    ex_ok: String,
-    q_ok: String,
-    ex_dlq: String,
-    q_dlq: String,
+pub struct Names {
+    pub queue_in: String,
+    pub ex_ok: String,
+    pub q_ok: String,
+    pub ex_dlq: String,
+    pub q_dlq: String,
 }
 
 /// Declares exchanges and durable queues for one test (topic exchanges bound with `#`).
-async fn topology(ch: &Channel, test: &str) -> Names {
+pub async fn topology(ch: &Channel, test: &str) -> Names {
     let id = uuid::Uuid::new_v4().simple().to_string();
     let n = Names {
         queue_in: format!("{test}-in-{id}"),
@@ -99,7 +99,7 @@ dead_letter = {{ amqp = {{ broker = "rabbit", exchange = "{dlq}" }} }}
     )
 }
 
-async fn publish(ch: &Channel, queue: &str, body: &[u8], props: BasicProperties) {
+pub async fn publish(ch: &Channel, queue: &str, body: &[u8], props: BasicProperties) {
     ch.basic_publish("".into(), queue.into(), BasicPublishOptions::default(), body, props)
         .await
         .unwrap()
@@ -107,7 +107,7 @@ async fn publish(ch: &Channel, queue: &str, body: &[u8], props: BasicProperties)
         .unwrap();
 }
 
-fn props_with(headers: Vec<(&str, AMQPValue)>) -> BasicProperties {
+pub fn props_with(headers: Vec<(&str, AMQPValue)>) -> BasicProperties {
     let mut t = FieldTable::default();
     for (k, v) in headers {
         t.insert(k.into(), v);
@@ -115,7 +115,7 @@ fn props_with(headers: Vec<(&str, AMQPValue)>) -> BasicProperties {
     BasicProperties::default().with_headers(t).with_delivery_mode(2)
 }
 
-fn bearer(alg: Algorithm, extra: serde_json::Value) -> AMQPValue {
+pub fn bearer(alg: Algorithm, extra: serde_json::Value) -> AMQPValue {
     let mut c = json!({"iat": tokengate::verify::unix_now() - 5, "exp": tokengate::verify::unix_now() + 600});
     for (k, v) in extra.as_object().unwrap() {
         c[k] = v.clone();
@@ -124,7 +124,7 @@ fn bearer(alg: Algorithm, extra: serde_json::Value) -> AMQPValue {
 }
 
 /// Takes `n` messages off `queue` (fails after `secs`).
-async fn drain(ch: &Channel, queue: &str, n: usize, secs: u64) -> Vec<lapin::message::Delivery> {
+pub async fn drain(ch: &Channel, queue: &str, n: usize, secs: u64) -> Vec<lapin::message::Delivery> {
     let mut out = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(secs);
     while out.len() < n {
@@ -137,7 +137,7 @@ async fn drain(ch: &Channel, queue: &str, n: usize, secs: u64) -> Vec<lapin::mes
     out
 }
 
-fn hdr(d: &lapin::message::Delivery, name: &str) -> Option<String> {
+pub fn hdr(d: &lapin::message::Delivery, name: &str) -> Option<String> {
     d.properties.headers().as_ref()?.inner().get(name).map(|v| match v {
         AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
         other => format!("{other:?}"),

@@ -504,3 +504,42 @@ async fn static_member_killed_and_restarted_is_back_at_work_within_seconds() {
     a2.stop();
     b.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_that_keeps_failing_is_named_by_ready_then_ends_the_process_non_zero() {
+    let bs = kafka();
+    let t = topics("supervised");
+    create_topics(&bs, &[&t.untrusted, &t.trusted, &t.dead_letter], 1).await;
+    let port = free_port();
+    // librdkafka refuses this value when the consumer is created: the route task fails each time.
+    let text = format!(
+        "max_route_failures = 2\n{}",
+        instance_config(&bs, &t, "g", "broken", r#""fetch.wait.max.ms" = "soon""#, None, Some(port))
+    );
+    let mut gate = GateProcess::spawn(&text);
+    let http = reqwest::Client::new();
+    let started = Instant::now();
+    let mut named = None;
+    let status = loop {
+        if let Some(s) = gate.child.try_wait().unwrap() {
+            break s;
+        }
+        if let Ok(r) = http.get(format!("http://127.0.0.1:{port}/ready")).send().await
+            && r.status() == 503
+        {
+            let body: serde_json::Value = r.json().await.unwrap();
+            if let Some(why) = body["routes"][0]["failed"].as_str() {
+                named = Some((body["routes"][0]["route"].clone(), why.to_owned()));
+            }
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "still running:\n{}", gate.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let logs = gate.logs();
+    assert!(!status.success(), "exits non-zero so that an orchestrator restarts it: {status:?}");
+    let (route, why) = named.expect("/ready named the failed route while it was restarting");
+    assert_eq!(route, "broken");
+    assert!(why.contains("fetch.wait.max.ms"), "{why}");
+    assert!(logs.contains("route ended unexpectedly; restarting it"), "{logs}");
+    assert!(logs.contains("route keeps failing; exiting"), "{logs}");
+}

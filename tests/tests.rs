@@ -4,8 +4,10 @@ mod util;
 
 mod amqp;
 mod cli;
+mod hostile;
 mod jwks;
 mod kafka;
 mod kafka_failover;
+mod properties;
 mod revocation;
 mod verify;

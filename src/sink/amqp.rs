@@ -12,6 +12,13 @@ use crate::envelope::{HeaderData, Outgoing};
 /// Persistent, so a confirmed message survives a broker restart on a durable queue.
 const PERSISTENT: u8 = 2;
 
+/// AMQP short strings (routing keys, header names) hold at most 255 bytes.
+pub const MAX_SHORT_STRING: usize = 255;
+
+/// The most header-table bytes a message may carry: the whole content header must fit in one
+/// frame, and RabbitMQ's default `frame_max` is 128 KiB (a few KiB are left for the properties).
+pub const MAX_HEADER_BYTES: usize = 120 * 1024;
+
 /// A confirmed publisher to one exchange.
 pub struct AmqpSink {
     url: String,
@@ -38,19 +45,52 @@ impl AmqpSink {
         &self.exchange
     }
 
-    fn routing_key(&self, out: &Outgoing) -> String {
-        let source = out.routing_key.clone().unwrap_or_else(|| {
-            header_text(out, "x-tokengate-source-topic")
-                .or_else(|| header_text(out, "source-topic"))
-                .unwrap_or_default()
-        });
+    /// The routing key for `out`: the template with `{routing_key}` (the source's routing key, or
+    /// the topic of a Kafka source), `{topic}` (the Kafka topic) and `{key}` (the Kafka key,
+    /// lossily UTF-8) filled in; without a template the source's routing key.
+    pub fn routing_key(&self, out: &Outgoing) -> String {
+        let source = out.origin.routing_key();
         match &self.routing_key {
-            None => source,
+            None => source.to_owned(),
             Some(t) => t
-                .replace("{routing_key}", &source)
-                .replace("{topic}", &header_text(out, "x-tokengate-source-topic").unwrap_or_default())
+                .replace("{routing_key}", source)
+                .replace("{topic}", out.origin.topic())
                 .replace("{key}", &out.key.as_deref().map(String::from_utf8_lossy).unwrap_or_default()),
         }
+    }
+
+    /// Whether this destination can carry `out` unchanged; if not, why (for a `malformed` detail).
+    pub fn check(&self, out: &Outgoing) -> Result<(), String> {
+        let key = self.routing_key(out);
+        if key.len() > MAX_SHORT_STRING {
+            return Err(format!("routing key renders to {} bytes; AMQP allows {MAX_SHORT_STRING}", key.len()));
+        }
+        if let Some((i, (name, _))) = out.headers.iter().enumerate().find(|(_, (n, _))| n.len() > MAX_SHORT_STRING) {
+            return Err(format!(
+                "header #{i} name of {} bytes ({}); AMQP allows {MAX_SHORT_STRING}",
+                name.len(),
+                crate::verify::jwt::shorten(name)
+            ));
+        }
+        let bytes = header_bytes(out);
+        if bytes > MAX_HEADER_BYTES {
+            return Err(format!("headers of {bytes} bytes; an AMQP destination takes at most {MAX_HEADER_BYTES}"));
+        }
+        Ok(())
+    }
+
+    /// Makes `out` fit this destination by dropping what cannot be carried (dead letters must
+    /// always be publishable); returns how many headers were dropped. The routing key is cut to
+    /// 255 bytes at publish time.
+    pub fn make_fit(&self, out: &mut Outgoing, keep_prefix: &str) -> usize {
+        let before = out.headers.len();
+        out.headers.retain(|(n, _)| n.len() <= MAX_SHORT_STRING);
+        if header_bytes(out) > MAX_HEADER_BYTES {
+            // Keep the gate's own headers (reason, detail, source): they say why it is here.
+            out.headers.retain(|(n, _)| n.starts_with(keep_prefix));
+            out.amqp_headers = None;
+        }
+        before - out.headers.len()
     }
 
     /// Publishes `out`; the future resolves on the broker's confirm.
@@ -63,7 +103,7 @@ impl AmqpSink {
         let confirm = channel
             .basic_publish(
                 ShortString::from(self.exchange.as_str()),
-                ShortString::from(self.routing_key(out)),
+                ShortString::try_new(cut(self.routing_key(out), MAX_SHORT_STRING)).unwrap_or_default(),
                 BasicPublishOptions { mandatory: true, ..Default::default() },
                 out.payload.as_deref().unwrap_or_default(),
                 properties(out),
@@ -91,11 +131,32 @@ impl AmqpSink {
     }
 }
 
-fn header_text(out: &Outgoing, name: &str) -> Option<String> {
-    out.headers.iter().find(|(n, _)| n == name).and_then(|(_, v)| match v {
-        HeaderData::Bytes(b) => Some(String::from_utf8_lossy(b).into_owned()),
-        _ => None,
-    })
+/// `s` cut to at most `max` bytes at a character boundary.
+fn cut(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+/// About what the header table takes on the wire: name, type tag, length and value per header.
+fn header_bytes(out: &Outgoing) -> usize {
+    out.headers
+        .iter()
+        .map(|(n, v)| {
+            1 + n.len()
+                + 5
+                + match v {
+                    HeaderData::Bytes(b) => b.len(),
+                    HeaderData::Null => 0,
+                    HeaderData::Typed { text, .. } => text.len(),
+                }
+        })
+        .sum()
 }
 
 /// Opens a connection and a channel in confirm mode, bounded by the AMQP timeout.
@@ -127,7 +188,10 @@ fn properties(out: &Outgoing) -> BasicProperties {
                 .and_then(|t| t.inner().get(name.as_str()).cloned())
                 .unwrap_or_else(|| AMQPValue::LongString(LongString::from(text.as_bytes().to_vec()))),
         };
-        table.insert(ShortString::from(name.as_str()), v);
+        // Names that AMQP cannot carry were dead-lettered or dropped before; never panic on one.
+        if let Ok(name) = ShortString::try_new(name.as_str()) {
+            table.insert(name, v);
+        }
     }
     let base = match &out.amqp {
         Some(p) => p.clone(),
@@ -140,4 +204,65 @@ fn properties(out: &Outgoing) -> BasicProperties {
         }
     };
     base.with_headers(table)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::Origin;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    fn outgoing(headers: Vec<(String, Vec<u8>)>, key: Vec<u8>, routing_key: String) -> Outgoing {
+        Outgoing {
+            key: Some(key),
+            payload: Some(b"p".to_vec()),
+            headers: headers.into_iter().map(|(n, v)| (n, HeaderData::Bytes(v))).collect(),
+            timestamp_ms: Some(-5),
+            origin: Origin::Amqp { queue: "q".into(), exchange: "x".into(), routing_key, delivery_tag: 1 },
+            amqp: None,
+            amqp_headers: None,
+        }
+    }
+
+    fn sink() -> AmqpSink {
+        AmqpSink::new("amqp://127.0.0.1:1/%2f", "ex", Some("{routing_key}.{key}".into()))
+    }
+
+    #[test]
+    fn check_names_what_does_not_fit() {
+        let s = sink();
+        let long_name = outgoing(vec![("n".repeat(256), vec![])], b"k".to_vec(), "rk".into());
+        assert!(s.check(&long_name).unwrap_err().contains("header #0 name of 256 bytes"));
+        let long_key = outgoing(vec![], vec![b'k'; 300], "rk".into());
+        assert!(s.check(&long_key).unwrap_err().contains("routing key renders to 303 bytes"));
+        let big = outgoing(vec![("big".into(), vec![0; MAX_HEADER_BYTES])], b"k".to_vec(), "rk".into());
+        assert!(s.check(&big).unwrap_err().contains("headers of"));
+        assert_eq!(cut("é".repeat(200), 255).len(), 254, "cut at a character boundary");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// Whatever a producer sent, a dead letter made to fit is publishable: names and table
+        /// size fit, the routing key is cut at publish, and building the properties never panics.
+        #[test]
+        fn a_dead_letter_made_to_fit_always_fits(
+            headers in vec((".{0,300}", vec(any::<u8>(), 0..3000)), 0..120),
+            key in vec(any::<u8>(), 0..600),
+            routing_key in ".{0,255}",
+        ) {
+            let s = sink();
+            let mut out = outgoing(headers, key, routing_key);
+            let _ = properties(&out);
+            let checked = s.check(&out);
+            let dropped = s.make_fit(&mut out, "x-tokengate-");
+            prop_assert!(checked.is_err() || dropped == 0, "what fits is not cut");
+            if let Err(e) = s.check(&out) {
+                prop_assert!(e.starts_with("routing key"), "{}", e);
+            }
+            prop_assert!(cut(s.routing_key(&out), MAX_SHORT_STRING).len() <= MAX_SHORT_STRING);
+            let _ = properties(&out);
+        }
+    }
 }

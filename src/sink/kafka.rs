@@ -15,7 +15,12 @@ const PINNED: &[(&str, &str)] = &[("acks", "all"), ("enable.idempotence", "true"
 pub struct KafkaSink {
     producer: FutureProducer,
     topic: String,
+    /// The producer's `message.max.bytes`: a larger record is refused before it is sent.
+    max_bytes: usize,
 }
+
+/// librdkafka's default `message.max.bytes`.
+const DEFAULT_MAX_BYTES: usize = 1_000_000;
 
 /// Builds a librdkafka config: cluster settings, then per-client overrides, then pinned values.
 pub fn client_config(bootstrap: &str, cluster: &[(String, String)], extra: &[(String, String)]) -> ClientConfig {
@@ -37,7 +42,35 @@ impl KafkaSink {
         for (k, v) in PINNED {
             config.set(*k, *v);
         }
-        Ok(KafkaSink { producer: config.create()?, topic: topic.to_owned() })
+        let max_bytes = config.get("message.max.bytes").and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_MAX_BYTES);
+        Ok(KafkaSink { producer: config.create()?, topic: topic.to_owned(), max_bytes })
+    }
+
+    /// Whether the topic can take `out` (librdkafka refuses records over `message.max.bytes`).
+    pub fn check(&self, out: &Outgoing) -> Result<(), String> {
+        let size = record_bytes(out);
+        if size > self.max_bytes {
+            return Err(format!(
+                "record of about {size} bytes; the destination's message.max.bytes is {}",
+                self.max_bytes
+            ));
+        }
+        Ok(())
+    }
+
+    /// Makes a dead letter fit: headers first, then the payload, are dropped while it is too large.
+    /// Returns what was dropped.
+    pub fn make_fit(&self, out: &mut Outgoing, keep_prefix: &str) -> usize {
+        if self.check(out).is_ok() {
+            return 0;
+        }
+        let before = out.headers.len();
+        out.headers.retain(|(n, _)| n.starts_with(keep_prefix));
+        let mut dropped = before - out.headers.len();
+        if self.check(out).is_err() && out.payload.take().is_some() {
+            dropped += 1;
+        }
+        dropped
     }
 
     /// The topic.
@@ -46,6 +79,8 @@ impl KafkaSink {
     }
 
     /// Enqueues without waiting; the confirmation comes through the returned future.
+    ///
+    /// Header names are written as they are (Kafka takes any bytes); values likewise.
     pub fn send(&self, out: &Outgoing) -> Result<Confirm, PublishError> {
         let mut headers = OwnedHeaders::new_with_capacity(out.headers.len());
         for (name, value) in &out.headers {
@@ -78,4 +113,22 @@ impl KafkaSink {
             Err((e, _)) => Err(PublishError::Failed(e.to_string())),
         }
     }
+}
+
+/// About what a record takes against `message.max.bytes`: key, payload, headers and overhead.
+fn record_bytes(out: &Outgoing) -> usize {
+    let headers: usize = out
+        .headers
+        .iter()
+        .map(|(n, v)| {
+            n.len()
+                + match v {
+                    HeaderData::Bytes(b) => b.len(),
+                    HeaderData::Null => 0,
+                    HeaderData::Typed { text, .. } => text.len(),
+                }
+                + 10
+        })
+        .sum();
+    out.key.as_ref().map_or(0, Vec::len) + out.payload.as_ref().map_or(0, Vec::len) + headers + 100
 }

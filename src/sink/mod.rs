@@ -42,6 +42,23 @@ impl Sink {
         }
     }
 
+    /// Whether the destination can carry `out` unchanged; if not, why.
+    pub fn check(&self, out: &Outgoing) -> Result<(), String> {
+        match self {
+            Sink::Kafka(k) => k.check(out),
+            Sink::Amqp(a) => a.check(out),
+        }
+    }
+
+    /// Drops what the destination cannot carry (headers not starting with `keep_prefix` first);
+    /// returns how many parts were dropped. For dead letters, which must always be publishable.
+    pub fn make_fit(&self, out: &mut Outgoing, keep_prefix: &str) -> usize {
+        match self {
+            Sink::Kafka(k) => k.make_fit(out, keep_prefix),
+            Sink::Amqp(a) => a.make_fit(out, keep_prefix),
+        }
+    }
+
     /// Where it publishes, for logs.
     pub fn describe(&self) -> String {
         match self {

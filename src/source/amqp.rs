@@ -1,15 +1,14 @@
-//! The AMQP consume loop: manual acks, a bounded prefetch, and an ack only after the republish
-//! is confirmed. A failed publish nacks with requeue (redelivered, never dropped); a lost
+//! The AMQP source: intake with manual acks and a bounded prefetch, the conversion of a delivery
+//! to an envelope, and its acknowledgement rule (ack only after the republish is confirmed; a
+//! failed publish nacks with requeue). The per-message steps are [`crate::pipeline`]'s. A lost
 //! connection or channel reconnects with backoff, and unacked deliveries come back.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt as _;
 use futures_util::StreamExt as _;
-use futures_util::stream::FuturesUnordered;
 use lapin::Acker;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueDeclareOptions};
@@ -19,8 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Backoff, Route};
 use crate::envelope::{Envelope, HeaderData, Origin};
-use crate::gate::{Guard, Outcome};
-use crate::sink::PublishError;
+use crate::pipeline::{Acks, CHUNK, Pipeline, Settled};
 
 /// An AMQP source's settings.
 pub struct AmqpSource {
@@ -36,32 +34,21 @@ pub struct AmqpSource {
     pub prefetch: u16,
 }
 
-type Done = (Acker, Result<(), PublishError>);
-
 /// Longest wait for a connection handshake or an ack on a broker that stopped answering.
 pub const AMQP_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A session's hold state: a failed publish pauses intake until `until` (confirmations of other
-/// deliveries keep being settled meanwhile), with a backoff that grows while failures repeat.
-#[derive(Default)]
-struct Holding {
-    backoff: Backoff,
-    until: Option<tokio::time::Instant>,
-}
 
 /// Runs one AMQP route until `cancel`, reconnecting after losses.
 pub async fn run(
     route: Arc<Route>,
-    src: AmqpSource,
+    src: Arc<AmqpSource>,
     cancel: CancellationToken,
     drain_timeout: Duration,
 ) -> anyhow::Result<()> {
     let mut backoff = Backoff::default();
     tracing::info!(route = %route.rules.name, queue = %src.queue, trusted = %route.trusted.describe(), dead_letter = %route.dead_letter.describe(), "route started");
-    let mut guard = Guard::new(&route.rules.name, route.guard.clone());
     loop {
         let started = Instant::now();
-        match session(&route, &src, &cancel, drain_timeout, &mut guard).await {
+        match session(&route, &src, &cancel, drain_timeout).await {
             Ok(()) => return Ok(()),
             Err(e) => {
                 route.status.running.store(false, Ordering::Relaxed);
@@ -99,6 +86,7 @@ pub fn envelope(d: &Delivery, queue: &str) -> Envelope {
         },
         amqp: Some(d.properties.clone().with_headers(FieldTable::default())),
         amqp_headers: table,
+        defect: None,
     }
 }
 
@@ -118,12 +106,18 @@ fn header_data(v: &AMQPValue) -> HeaderData {
     }
 }
 
+/// AMQP's publish-time rule is the default: every delivery is published; acks follow confirms.
+struct AmqpAcks;
+
+impl Acks for AmqpAcks {
+    type Ack = Acker;
+}
+
 async fn session(
     route: &Arc<Route>,
     src: &AmqpSource,
     cancel: &CancellationToken,
     drain_timeout: Duration,
-    guard: &mut Guard,
 ) -> anyhow::Result<()> {
     let name = route.rules.name.clone();
     // A broker that accepts TCP while still starting can leave a handshake hanging: bound it.
@@ -152,55 +146,52 @@ async fn session(
         .map_err(|_| anyhow::anyhow!("AMQP connection setup timed out"))??;
     let mut liveness = tokio::time::interval(Duration::from_secs(1));
     route.status.running.store(true, Ordering::Relaxed);
-    let mut inflight: FuturesUnordered<Pin<Box<dyn Future<Output = Done> + Send>>> = FuturesUnordered::new();
-    let mut h = Holding::default();
+    let mut pipe: Pipeline<Acker> = Pipeline::new(Arc::clone(route));
+    let mut failure = None;
     loop {
+        let wake = pipe.wake_at();
         tokio::select! {
             biased;
             _ = cancel.cancelled() => break,
-            Some(done) = inflight.next(), if !inflight.is_empty() => settle(route, done, &mut h).await?,
-            _ = tokio::time::sleep_until(h.until.unwrap_or_else(tokio::time::Instant::now)), if h.until.is_some() => {
-                h.until = None;
-            }
+            Some(done) = pipe.confirmations.next(), if !pipe.confirmations.is_empty() => settle(&mut pipe, done).await?,
+            Some(chunk) = pipe.decisions.next(), if !pipe.decisions.is_empty() => pipe.decided(chunk),
+            _ = tokio::time::sleep_until(wake.unwrap_or_else(tokio::time::Instant::now)), if wake.is_some() => {}
             // The consumer stream does not always end when the connection dies: check it.
             _ = liveness.tick() => {
                 if !conn.status().connected() || !channel.status().connected() {
                     anyhow::bail!("AMQP connection lost");
                 }
             }
-            delivery = consumer.next(), if inflight.len() < usize::from(src.prefetch) && h.until.is_none() => {
+            delivery = consumer.next(), if pipe.has_room() => {
                 let Some(delivery) = delivery else { anyhow::bail!("the broker cancelled the consumer") };
                 let delivery = delivery?;
-                let env = envelope(&delivery, &src.queue);
-                let Some(outcome) = decide(route, &env, &mut inflight, &mut h, cancel).await? else { break };
-                route.metrics.record(&outcome);
-                let (out, dead) = match outcome {
-                    Outcome::Forward(out) => (out, false),
-                    Outcome::DeadLetter(out, _) => (out, true),
-                };
-                let sink = if dead { &route.dead_letter } else { &route.trusted };
-                let acker = delivery.acker;
-                match sink.send(&out).await {
-                    Ok(confirm) => inflight.push(Box::pin(async move { (acker, confirm.await) })),
-                    Err(e) => {
-                        // Not published: give it back to the queue and hold before the next one.
-                        inflight.push(Box::pin(async move { (acker, Err(e)) }));
+                let mut batch = vec![(envelope(&delivery, &src.queue), delivery.acker)];
+                // Take what is already buffered, without waiting, to decide it in one task.
+                while batch.len() < CHUNK {
+                    match consumer.next().now_or_never() {
+                        Some(Some(Ok(d))) => batch.push((envelope(&d, &src.queue), d.acker)),
+                        Some(Some(Err(e))) => {
+                            failure = Some(e);
+                            break;
+                        }
+                        _ => break,
                     }
                 }
-                if let Some(pause) = guard.record(dead) {
-                    route.status.paused.store(true, Ordering::Relaxed);
-                    wait(route, pause, &mut inflight, &mut h, cancel).await?;
-                    route.status.paused.store(false, Ordering::Relaxed);
-                }
+                pipe.submit(batch);
             }
+        }
+        pipe.pump(&mut AmqpAcks).await;
+        if let Some(e) = failure.take() {
+            // Unacked deliveries go back to the queue when the session ends.
+            return Err(e.into());
         }
     }
     // Shutdown: settle what is in flight; anything unconfirmed stays unacked and is redelivered.
     let deadline = Instant::now() + drain_timeout;
     while let Ok(Some(done)) =
-        tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), inflight.next()).await
+        tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), pipe.confirmations.next()).await
     {
-        let _ = settle(route, done, &mut h).await;
+        let _ = settle(&mut pipe, done).await;
     }
     let _ = channel.close(200, "shutdown".into()).await;
     let _ = conn.close(200, "shutdown".into()).await;
@@ -209,74 +200,21 @@ async fn session(
     Ok(())
 }
 
-/// Acks a confirmed republish; nacks (requeue) a failed one and pauses intake.
-async fn settle(route: &Route, (acker, result): Done, h: &mut Holding) -> anyhow::Result<()> {
+/// AMQP's acknowledgement rule: ack a confirmed republish; nack (requeue) a failed one and
+/// pause intake.
+async fn settle(pipe: &mut Pipeline<Acker>, (acker, result): Settled<Acker>) -> anyhow::Result<()> {
     match result {
         Ok(()) => {
             tokio::time::timeout(AMQP_TIMEOUT, acker.ack(BasicAckOptions::default()))
                 .await
                 .map_err(|_| anyhow::anyhow!("ack timed out"))??;
-            if h.until.is_none() {
-                route.status.set_holding(&route.rules.name, false);
-                h.backoff.reset();
-            }
         }
         Err(e) => {
-            metrics::counter!("tokengate_publish_errors_total", "route" => route.rules.name.clone()).increment(1);
-            route.status.set_holding(&route.rules.name, true);
-            let now = tokio::time::Instant::now();
-            if h.until.is_none_or(|t| t <= now) {
-                let d = h.backoff.next_delay();
-                h.until = Some(now + d);
-                tracing::warn!(route = %route.rules.name, error = %e, pause_ms = d.as_millis() as u64, "publish failed; delivery requeued, intake paused");
-            }
+            pipe.pause_after_failure(&e);
             // If the channel is gone the broker requeues it anyway.
             let nack = acker.nack(BasicNackOptions { requeue: true, ..Default::default() });
             let _ = tokio::time::timeout(AMQP_TIMEOUT, nack).await;
         }
     }
     Ok(())
-}
-
-/// Decides with holds: retries with backoff while still settling confirmations. `None` on cancel.
-async fn decide(
-    route: &Route,
-    env: &Envelope,
-    inflight: &mut FuturesUnordered<Pin<Box<dyn Future<Output = Done> + Send>>>,
-    h: &mut Holding,
-    cancel: &CancellationToken,
-) -> anyhow::Result<Option<Outcome>> {
-    loop {
-        match route.gate.handle(&route.rules, env, crate::verify::unix_now()).await {
-            Ok(o) => return Ok(Some(o)),
-            Err(hold) => {
-                route.status.set_holding(&route.rules.name, true);
-                metrics::counter!("tokengate_holds_total", "route" => route.rules.name.clone(), "cause" => hold.cause()).increment(1);
-                let d = h.backoff.next_delay();
-                tracing::warn!(route = %route.rules.name, error = %hold, retry_in_ms = d.as_millis() as u64, "holding: message cannot be decided now");
-                wait(route, d, inflight, h, cancel).await?;
-                if cancel.is_cancelled() {
-                    return Ok(None);
-                }
-            }
-        }
-    }
-}
-
-async fn wait(
-    route: &Route,
-    d: Duration,
-    inflight: &mut FuturesUnordered<Pin<Box<dyn Future<Output = Done> + Send>>>,
-    h: &mut Holding,
-    cancel: &CancellationToken,
-) -> anyhow::Result<()> {
-    let until = tokio::time::Instant::now() + d;
-    loop {
-        tokio::select! {
-            biased;
-            _ = cancel.cancelled() => return Ok(()),
-            _ = tokio::time::sleep_until(until) => return Ok(()),
-            Some(done) = inflight.next(), if !inflight.is_empty() => settle(route, done, h).await?,
-        }
-    }
 }

@@ -8,26 +8,23 @@
 //! decided (keys or revocation list unavailable) is retried with backoff: the route holds.
 
 use std::collections::{HashMap, VecDeque};
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt as _;
 use futures_util::StreamExt as _;
-use futures_util::stream::{FuturesOrdered, FuturesUnordered};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
 use rdkafka::{ClientConfig, ClientContext, Offset};
 use tokio_util::sync::CancellationToken;
 
-use super::{Backoff, Route};
+use super::Route;
 use crate::envelope::{Envelope, HeaderData, Origin};
-use crate::gate::{Guard, Outcome};
-use crate::sink::PublishError;
+use crate::pipeline::{Acks, CHUNK, Pipeline, Settled};
 
 type TopicPartition = (Arc<str>, i32);
-type Done = (TopicPartition, i64, u64, Result<(), PublishError>);
+/// How a Kafka message is acknowledged: its partition, offset, and the epoch it was read in.
+type Ack = (TopicPartition, i64, u64);
 
 /// In-flight messages per partition, in offset order.
 #[derive(Default)]
@@ -104,10 +101,6 @@ impl Tracker {
         }
         out
     }
-
-    fn in_flight(&self) -> usize {
-        self.parts.values().map(|p| p.pending.len()).sum()
-    }
 }
 
 fn store<X: ConsumerContext>(consumer: &impl Consumer<X>, offsets: Vec<(TopicPartition, i64)>) {
@@ -156,16 +149,37 @@ pub struct KafkaSource {
     pub topics: Vec<String>,
 }
 
-/// Copies a Kafka record into an envelope.
+/// A Kafka record's headers as bytes: rdkafka's own iterator panics on a name that is not UTF-8.
+fn raw_headers(m: &BorrowedMessage<'_>) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    let Some(h) = m.headers() else { return Vec::new() };
+    let mut hdrs: *mut rdkafka::bindings::rd_kafka_headers_t = std::ptr::null_mut();
+    // SAFETY: `m` is a live message; librdkafka hands out a pointer to headers it owns, valid
+    // while `m` is, and we copy everything out before returning.
+    let err = unsafe { rdkafka::bindings::rd_kafka_message_headers(m.ptr(), &mut hdrs) };
+    if err != rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR || hdrs.is_null() {
+        return Vec::new();
+    }
+    let mut out = Vec::with_capacity(h.count());
+    for idx in 0..h.count() {
+        let (mut name, mut value, mut size) = (std::ptr::null(), std::ptr::null(), 0usize);
+        // SAFETY: as above; `idx` is below the count, and the out-pointers are valid locals.
+        let err = unsafe { rdkafka::bindings::rd_kafka_header_get_all(hdrs, idx, &mut name, &mut value, &mut size) };
+        if err != rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR || name.is_null() {
+            continue;
+        }
+        // SAFETY: librdkafka's header names are NUL-terminated; values are `size` bytes.
+        let name = unsafe { std::ffi::CStr::from_ptr(name) }.to_bytes().to_vec();
+        let value =
+            (!value.is_null()).then(|| unsafe { std::slice::from_raw_parts(value.cast::<u8>(), size) }.to_vec());
+        out.push((name, value));
+    }
+    out
+}
+
+/// Copies a Kafka record into an envelope. A header name that is not UTF-8 is kept lossily and
+/// makes the message `malformed` (every route holds header names to UTF-8, as AMQP does).
 pub fn envelope(m: &BorrowedMessage<'_>, topic: &Arc<str>) -> Envelope {
-    let headers = m
-        .headers()
-        .map(|h| {
-            h.iter()
-                .map(|h| (h.key.to_owned(), h.value.map_or(HeaderData::Null, |v| HeaderData::Bytes(v.to_vec()))))
-                .collect()
-        })
-        .unwrap_or_default();
+    let (headers, defect) = headers_from_bytes(raw_headers(m));
     Envelope {
         key: m.key().map(<[u8]>::to_vec),
         payload: m.payload().map(<[u8]>::to_vec),
@@ -174,7 +188,28 @@ pub fn envelope(m: &BorrowedMessage<'_>, topic: &Arc<str>) -> Envelope {
         origin: Origin::Kafka { topic: Arc::clone(topic), partition: m.partition(), offset: m.offset() },
         amqp: None,
         amqp_headers: None,
+        defect,
     }
+}
+
+/// Kafka headers (names and values of any bytes) as envelope headers, and the first defect.
+pub fn headers_from_bytes(raw: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> (Vec<(String, HeaderData)>, Option<String>) {
+    let mut defect = None;
+    let headers = raw
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, value))| {
+            let name = String::from_utf8(name).unwrap_or_else(|e| {
+                let lossy = String::from_utf8_lossy(e.as_bytes()).into_owned();
+                defect.get_or_insert_with(|| {
+                    format!("header #{i} name is not UTF-8 ({})", crate::verify::jwt::shorten(&lossy))
+                });
+                lossy
+            });
+            (name, value.map_or(HeaderData::Null, HeaderData::Bytes))
+        })
+        .collect();
+    (headers, defect)
 }
 
 /// Copies a record out of the consumer, with its topic interned and its partition's epoch.
@@ -182,39 +217,42 @@ fn intake(
     topics: &mut HashMap<String, Arc<str>>,
     tracker: &Mutex<Tracker>,
     m: &BorrowedMessage<'_>,
-) -> (Arc<str>, Envelope, u64) {
+) -> (Envelope, Ack) {
     // Looked up by &str first: no allocation per message once the topic is known.
     let topic = match topics.get(m.topic()) {
         Some(t) => Arc::clone(t),
         None => Arc::clone(topics.entry(m.topic().to_owned()).or_insert_with(|| Arc::from(m.topic()))),
     };
     let env = envelope(m, &topic);
-    let epoch = tracker.lock().expect("not poisoned").epoch(&(Arc::clone(&topic), m.partition()));
-    (topic, env, epoch)
+    let tp = (topic, m.partition());
+    let epoch = tracker.lock().expect("not poisoned").epoch(&tp);
+    (env, (tp, m.offset(), epoch))
 }
 
-/// Messages decided together on a worker thread: verification runs on every core while
-/// publishes keep the read order. Small enough that a chunk is decided in well under a millisecond
-/// when tokens are cached.
-const CHUNK: usize = 64;
-/// Chunks being decided at once (bounds messages read but not yet published).
-const CHUNKS_IN_DECISION: usize = 4;
+/// Kafka's publish-time rule: only messages of the partition's current epoch are published, and
+/// each published one is tracked until confirmed.
+struct KafkaAcks(Arc<Mutex<Tracker>>);
 
-/// A decided message: topic, envelope, the partition epoch it was read in, the decision.
-type Decided = (Arc<str>, Envelope, u64, Result<Outcome, crate::gate::Hold>);
+impl Acks for KafkaAcks {
+    type Ack = Ack;
+
+    fn current(&mut self, (tp, _, epoch): &Ack) -> bool {
+        self.0.lock().expect("not poisoned").epoch(tp) == *epoch
+    }
+
+    fn published(&mut self, (tp, offset, epoch): &Ack) {
+        self.0.lock().expect("not poisoned").add(tp, *offset, *epoch);
+    }
+}
 
 struct Loop {
     route: Arc<Route>,
-    decisions: FuturesOrdered<tokio::task::JoinHandle<Vec<Decided>>>,
+    pipe: Pipeline<Ack>,
+    acks: KafkaAcks,
     consumer: Arc<StreamConsumer<Ctx>>,
     tracker: Arc<Mutex<Tracker>>,
-    inflight: FuturesUnordered<Pin<Box<dyn Future<Output = Done> + Send>>>,
-    guard: Guard,
-    backoff: Backoff,
     topics: HashMap<String, Arc<str>>,
     cancel: CancellationToken,
-    /// After a failed publish, intake pauses until then (confirmations keep flowing).
-    hold_until: Option<tokio::time::Instant>,
 }
 
 /// Runs one Kafka route until `cancel`, then drains and commits within `drain_timeout`.
@@ -241,18 +279,14 @@ pub async fn run(
     let probe = tokio::spawn(probe(Arc::clone(&consumer), probe_topic, Arc::clone(&route), cancel.clone()));
     route.status.running.store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(route = %route.rules.name, topics = ?src.topics, trusted = %route.trusted.describe(), dead_letter = %route.dead_letter.describe(), "route started");
-    let guard = Guard::new(&route.rules.name, route.guard.clone());
     let mut l = Loop {
+        pipe: Pipeline::new(Arc::clone(&route)),
+        acks: KafkaAcks(Arc::clone(&tracker)),
         route,
-        decisions: FuturesOrdered::new(),
         consumer,
         tracker,
-        inflight: FuturesUnordered::new(),
-        guard,
-        backoff: Backoff::default(),
         topics: HashMap::new(),
         cancel,
-        hold_until: None,
     };
     l.consume().await;
     l.shutdown(drain_timeout).await;
@@ -292,24 +326,15 @@ impl Loop {
         let mut store_tick = tokio::time::interval(Duration::from_millis(100));
         store_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let room = self.inflight.len() < self.route.max_in_flight;
+            let wake = self.pipe.wake_at();
             tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => return,
-                Some(done) = self.inflight.next(), if !self.inflight.is_empty() => self.on_done(done),
+                Some(done) = self.pipe.confirmations.next(), if !self.pipe.confirmations.is_empty() => self.settle(done),
                 _ = store_tick.tick() => self.store_confirmed(),
-                _ = tokio::time::sleep_until(self.hold_until.unwrap_or_else(tokio::time::Instant::now)), if self.hold_until.is_some() => {
-                    self.hold_until = None;
-                }
-                Some(chunk) = self.decisions.next(), if !self.decisions.is_empty() => {
-                    for decided in chunk.expect("decision tasks do not panic") {
-                        self.publish(decided).await;
-                        if self.cancel.is_cancelled() {
-                            return;
-                        }
-                    }
-                }
-                msg = self.consumer.recv(), if room && self.hold_until.is_none() && self.decisions.len() < CHUNKS_IN_DECISION => match msg {
+                Some(chunk) = self.pipe.decisions.next(), if !self.pipe.decisions.is_empty() => self.pipe.decided(chunk),
+                _ = tokio::time::sleep_until(wake.unwrap_or_else(tokio::time::Instant::now)), if wake.is_some() => {}
+                msg = self.consumer.recv(), if self.pipe.has_room() => match msg {
                     Ok(m) => {
                         let mut batch = vec![intake(&mut self.topics, &self.tracker, &m)];
                         drop(m);
@@ -320,116 +345,32 @@ impl Loop {
                                 _ => break,
                             }
                         }
-                        self.decide(batch);
+                        self.pipe.submit(batch);
                     }
                     Err(e) => {
                         tracing::warn!(route = %self.route.rules.name, error = %e, "consumer error");
-                        self.wait(Duration::from_millis(200)).await;
+                        tokio::time::sleep(Duration::from_millis(200)).await;
                     }
                 },
             }
+            self.pipe.pump(&mut self.acks).await;
         }
-    }
-
-    fn decide(&mut self, batch: Vec<(Arc<str>, Envelope, u64)>) {
-        let route = Arc::clone(&self.route);
-        self.decisions.push_back(tokio::spawn(async move {
-            let now = crate::verify::unix_now();
-            let mut out = Vec::with_capacity(batch.len());
-            for (topic, env, epoch) in batch {
-                let decision = route.gate.handle(&route.rules, &env, now).await;
-                out.push((topic, env, epoch, decision));
-            }
-            out
-        }));
     }
 
     fn store_confirmed(&self) {
         let mut tracker = self.tracker.lock().expect("not poisoned");
         store(&*self.consumer, tracker.take_storable());
         metrics::gauge!("tokengate_in_flight", "route" => self.route.rules.name.clone())
-            .set(tracker.in_flight() as f64);
+            .set(self.pipe.in_flight() as f64);
     }
 
-    /// Waits `d` while still taking confirmations, so holds never stall offset progress.
-    async fn wait(&mut self, d: Duration) {
-        let until = tokio::time::Instant::now() + d;
-        loop {
-            tokio::select! {
-                biased;
-                _ = self.cancel.cancelled() => return,
-                _ = tokio::time::sleep_until(until) => return,
-                Some(done) = self.inflight.next(), if !self.inflight.is_empty() => self.on_done(done),
-            }
-        }
-    }
-
-    /// Publishes one decided message (holding first if it could not be decided), then tracks it.
-    async fn publish(&mut self, (topic, env, epoch, mut decision): Decided) {
-        let Origin::Kafka { partition, offset, .. } = env.origin else { unreachable!("a Kafka envelope") };
-        let tp: TopicPartition = (topic, partition);
-        if self.tracker.lock().expect("not poisoned").epoch(&tp) != epoch {
-            return; // read before a rewind or revocation: it will be read again
-        }
-        let route = Arc::clone(&self.route);
-        let name = &route.rules.name;
-        let outcome = loop {
-            match decision {
-                Ok(o) => break o,
-                Err(hold) => {
-                    route.status.set_holding(name, true);
-                    metrics::counter!("tokengate_holds_total", "route" => name.clone(), "cause" => hold.cause())
-                        .increment(1);
-                    let d = self.backoff.next_delay();
-                    tracing::warn!(route = %name, error = %hold, retry_in_ms = d.as_millis() as u64, "holding: message cannot be decided now");
-                    self.wait(d).await;
-                    if self.cancel.is_cancelled() {
-                        return; // not tracked, not committed: read again after restart
-                    }
-                    decision = route.gate.handle(&route.rules, &env, crate::verify::unix_now()).await;
-                }
-            }
-        };
-        route.metrics.record(&outcome);
-        let (out, dead) = match outcome {
-            Outcome::Forward(out) => (out, false),
-            Outcome::DeadLetter(out, _) => (out, true),
-        };
-        let sink = if dead { &route.dead_letter } else { &route.trusted };
-        let confirm = loop {
-            match sink.send(&out).await {
-                Ok(c) => break c,
-                Err(PublishError::Backpressure) => self.wait(Duration::from_millis(5)).await,
-                Err(PublishError::Failed(e)) => {
-                    route.status.set_holding(name, true);
-                    let d = self.backoff.next_delay();
-                    tracing::warn!(route = %name, error = %e, retry_in_ms = d.as_millis() as u64, "holding: publish refused");
-                    self.wait(d).await;
-                }
-            }
-            if self.cancel.is_cancelled() {
-                return;
-            }
-        };
-        route.status.set_holding(name, false);
-        self.backoff.reset();
-        if !self.tracker.lock().expect("not poisoned").add(&tp, offset, epoch) {
-            return; // rewound while we published: it will be read and published again
-        }
-        self.inflight.push(Box::pin(async move { (tp, offset, epoch, confirm.await) }));
-        if let Some(pause) = self.guard.record(dead) {
-            route.status.paused.store(true, std::sync::atomic::Ordering::Relaxed);
-            self.wait(pause).await;
-            route.status.paused.store(false, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
-
-    fn on_done(&mut self, (tp, offset, epoch, result): Done) {
+    /// Kafka's acknowledgement rule: confirmed offsets advance the partition; a failure rewinds it
+    /// to its first unconfirmed message (read and published again: at least once, never a skip).
+    fn settle(&mut self, ((tp, offset, epoch), result): Settled<Ack>) {
         let ok = result.is_ok();
         let rewind = self.tracker.lock().expect("not poisoned").complete(&tp, offset, epoch, ok);
         let (Some(to), Err(e)) = (rewind, result) else { return };
         let name = self.route.rules.name.clone();
-        metrics::counter!("tokengate_publish_errors_total", "route" => name.clone()).increment(1);
         tracing::error!(route = %name, topic = %tp.0, partition = tp.1, offset, rewind_to = to, error = %e, "publish failed; rewinding the partition to the first unconfirmed message");
         if let Err(e) = self.consumer.seek(&tp.0, tp.1, Offset::Offset(to), Duration::from_secs(10)) {
             // Without the seek we cannot re-read the message: restart consumption from the
@@ -439,17 +380,16 @@ impl Loop {
             let topics: Vec<String> = self.topics.keys().cloned().collect();
             let _ = self.consumer.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>());
         }
-        self.route.status.set_holding(&name, true);
-        self.hold_until = Some(tokio::time::Instant::now() + self.backoff.next_delay());
+        self.pipe.pause_after_failure(&e);
     }
 
     async fn shutdown(&mut self, drain_timeout: Duration) {
         let name = self.route.rules.name.clone();
         let deadline = Instant::now() + drain_timeout;
-        let pending = self.inflight.len();
-        while !self.inflight.is_empty() && Instant::now() < deadline {
-            match tokio::time::timeout(deadline - Instant::now(), self.inflight.next()).await {
-                Ok(Some((tp, offset, epoch, res))) => {
+        let pending = self.pipe.confirmations.len();
+        while !self.pipe.confirmations.is_empty() && Instant::now() < deadline {
+            match tokio::time::timeout(deadline - Instant::now(), self.pipe.confirmations.next()).await {
+                Ok(Some(((tp, offset, epoch), res))) => {
                     self.tracker.lock().expect("not poisoned").complete(&tp, offset, epoch, res.is_ok());
                 }
                 _ => break,
@@ -457,7 +397,7 @@ impl Loop {
         }
         self.store_confirmed();
         let commit = self.consumer.commit_consumer_state(CommitMode::Sync);
-        let left = self.inflight.len();
+        let left = self.pipe.confirmations.len();
         tracing::info!(route = %name, drained = pending - left, unconfirmed = left, commit = ?commit.err(), "route stopped");
         self.route.status.running.store(false, std::sync::atomic::Ordering::Relaxed);
     }
@@ -466,6 +406,32 @@ impl Loop {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Kafka headers of any bytes become envelope headers one for one: UTF-8 names exactly,
+        /// others lossily with a defect naming the first, values byte for byte.
+        #[test]
+        fn headers_of_any_bytes_map_one_for_one(
+            raw in vec((vec(any::<u8>(), 0..40), proptest::option::of(vec(any::<u8>(), 0..100))), 0..50),
+        ) {
+            let (headers, defect) = headers_from_bytes(raw.clone());
+            prop_assert_eq!(headers.len(), raw.len());
+            let first_bad = raw.iter().position(|(n, _)| std::str::from_utf8(n).is_err());
+            prop_assert_eq!(defect.is_some(), first_bad.is_some());
+            if let (Some(i), Some(d)) = (first_bad, &defect) {
+                prop_assert!(d.starts_with(&format!("header #{i} name is not UTF-8")), "{}", d);
+            }
+            for ((name, value), (n, v)) in raw.iter().zip(&headers) {
+                if let Ok(s) = std::str::from_utf8(name) {
+                    prop_assert_eq!(s, n.as_str());
+                }
+                let want = value.clone().map_or(HeaderData::Null, HeaderData::Bytes);
+                prop_assert_eq!(&want, v);
+            }
+        }
+    }
 
     #[test]
     fn offsets_advance_only_over_contiguous_confirmations() {
@@ -483,7 +449,7 @@ mod tests {
         assert_eq!(t.complete(&tp, 14, e, false), Some(13));
         assert_eq!(t.complete(&tp, 13, e, true), None);
         assert!(t.take_storable().is_empty());
-        assert_eq!(t.in_flight(), 0);
+        assert!(t.parts.values().all(|p| p.pending.is_empty()));
         assert_ne!(t.epoch(&tp), e, "a rewind starts a new epoch");
         assert!(!t.add(&tp, 15, e), "messages read before the rewind are not tracked");
         let other: TopicPartition = (Arc::from("t"), 1);

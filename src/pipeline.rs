@@ -1,0 +1,264 @@
+//! The one message path, shared by every source and sink: decide many messages at once, publish
+//! each verdict in read order to the trusted or dead-letter destination, and hand the broker's
+//! confirmations back in publish order for the source's acknowledgement rule.
+//!
+//! A source owns intake and acknowledgement; it loops over one `select!` of its intake,
+//! [`Pipeline::confirmations`], [`Pipeline::decisions`] and [`Pipeline::wake_at`], and calls
+//! [`Pipeline::pump`] after each event. Publishing in read order keeps the order of each Kafka
+//! partition and each AMQP routing key. Nothing in here waits on a timer: a message that cannot be
+//! decided or published now stays at the head with a retry time, and confirmations keep flowing.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
+
+use futures_util::stream::FuturesOrdered;
+use tokio::time::Instant;
+
+use crate::envelope::{Envelope, HeaderData};
+use crate::gate::{self, Guard, Hold, Outcome};
+use crate::sink::PublishError;
+use crate::source::{Backoff, Route};
+use crate::verify::{Reason, Rejection};
+
+/// Messages decided together on one worker task: verification runs on every core while the
+/// revocation lookups of a chunk overlap. Small enough that a chunk of cached tokens is decided
+/// in well under a millisecond.
+pub const CHUNK: usize = 64;
+
+/// How long to wait before sending again when the client's queue is full.
+const BACKPRESSURE_WAIT: Duration = Duration::from_millis(5);
+
+/// What a source does when a message is about to be published.
+pub trait Acks {
+    /// The source's handle to acknowledge one message (Kafka: partition, offset and epoch;
+    /// AMQP: the delivery's acker).
+    type Ack: Send + 'static;
+
+    /// Whether a message read earlier is still to be published. `false` drops it unpublished:
+    /// the source will read it again (a rewound or revoked Kafka partition).
+    fn current(&mut self, _ack: &Self::Ack) -> bool {
+        true
+    }
+
+    /// The message was handed to its destination; its confirmation follows.
+    fn published(&mut self, _ack: &Self::Ack) {}
+}
+
+/// A message with its acknowledgement handle and its decision (`None`: decide again).
+pub struct Item<A> {
+    env: Envelope,
+    ack: A,
+    decision: Option<Result<Outcome, Hold>>,
+}
+
+type Chunk<A> = tokio::task::JoinHandle<Vec<Item<A>>>;
+/// A published message's acknowledgement handle and the broker's answer.
+pub type Settled<A> = (A, Result<(), PublishError>);
+type Confirmation<A> = Pin<Box<dyn Future<Output = Settled<A>> + Send>>;
+
+/// The shared per-message path of one route.
+pub struct Pipeline<A> {
+    route: Arc<Route>,
+    /// Chunks being decided on worker tasks, in read order.
+    pub decisions: FuturesOrdered<Chunk<A>>,
+    /// Messages inside `decisions`.
+    deciding: usize,
+    /// Decided messages waiting to be published, in read order.
+    ready: VecDeque<Item<A>>,
+    /// Published messages awaiting the broker's confirmation, in publish order.
+    pub confirmations: FuturesOrdered<Confirmation<A>>,
+    guard: Guard,
+    backoff: Backoff,
+    /// The head of `ready` waits until then (a hold, a refused publish, a full queue, a guard pause).
+    retry_at: Option<Instant>,
+    /// Intake pauses until then (a failed confirmation).
+    intake_at: Option<Instant>,
+}
+
+impl<A: Send + 'static> Pipeline<A> {
+    /// The path of `route`.
+    pub fn new(route: Arc<Route>) -> Pipeline<A> {
+        let guard = Guard::new(&route.rules.name, route.guard.clone());
+        Pipeline {
+            route,
+            decisions: FuturesOrdered::new(),
+            deciding: 0,
+            ready: VecDeque::new(),
+            confirmations: FuturesOrdered::new(),
+            guard,
+            backoff: Backoff::default(),
+            retry_at: None,
+            intake_at: None,
+        }
+    }
+
+    /// Messages taken from the broker and not yet confirmed.
+    pub fn in_flight(&self) -> usize {
+        self.deciding + self.ready.len() + self.confirmations.len()
+    }
+
+    /// Whether the source may take another message: under `max_in_flight` and not holding.
+    pub fn has_room(&self) -> bool {
+        self.in_flight() < self.route.max_in_flight && self.retry_at.is_none() && self.intake_at.is_none()
+    }
+
+    /// When something waits on a timer (for the source's `select!`), if anything does.
+    pub fn wake_at(&self) -> Option<Instant> {
+        match (self.retry_at, self.intake_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Starts deciding a batch read in order.
+    pub fn submit(&mut self, batch: Vec<(Envelope, A)>) {
+        let route = Arc::clone(&self.route);
+        self.deciding += batch.len();
+        self.decisions.push_back(tokio::spawn(async move {
+            let now = crate::verify::unix_now();
+            let decide = batch.into_iter().map(|(env, ack)| {
+                let route = &route;
+                async move {
+                    let decision = route.gate.handle(&route.rules, &env, now).await;
+                    Item { env, ack, decision: Some(decision) }
+                }
+            });
+            futures_util::future::join_all(decide).await
+        }));
+    }
+
+    /// Takes a decided chunk (from [`Self::decisions`]) into the publish queue.
+    pub fn decided(&mut self, chunk: Result<Vec<Item<A>>, tokio::task::JoinError>) {
+        match chunk {
+            Ok(items) => {
+                self.deciding -= items.len();
+                self.ready.extend(items);
+            }
+            // A decision task only ends like this on a bug (a panic): the route's supervisor
+            // restarts the route, and what was not acknowledged is delivered again.
+            Err(e) => panic!("a decision task failed: {e}"),
+        }
+    }
+
+    /// A confirmation failed: pause intake with backoff (the source re-reads or requeues it).
+    pub fn pause_after_failure(&mut self, error: &PublishError) {
+        let name = &self.route.rules.name;
+        metrics::counter!("tokengate_publish_errors_total", "route" => name.clone()).increment(1);
+        self.route.status.set_holding(name, true);
+        let now = Instant::now();
+        if self.intake_at.is_none_or(|t| t <= now) {
+            let d = self.backoff.next_delay();
+            self.intake_at = Some(now + d);
+            tracing::warn!(route = %name, error = %error, pause_ms = d.as_millis() as u64, "publish failed; intake paused");
+        }
+    }
+
+    /// Publishes what is ready, in order, until something has to wait. Call after every event.
+    pub async fn pump(&mut self, acks: &mut impl Acks<Ack = A>) {
+        let now = Instant::now();
+        if self.intake_at.is_some_and(|t| t <= now) {
+            self.intake_at = None;
+        }
+        if self.retry_at.is_some_and(|t| t > now) {
+            return;
+        }
+        if self.retry_at.take().is_some() {
+            self.route.status.paused.store(false, Ordering::Relaxed);
+        }
+        while let Some(item) = self.ready.front_mut() {
+            if !acks.current(&item.ack) {
+                self.ready.pop_front();
+                continue;
+            }
+            let name = &self.route.rules.name;
+            let decision = match item.decision.take() {
+                Some(Ok(o)) => Ok(o),
+                // A hold decided with its chunk may be stale by now (the outage it met may be
+                // over): decide again before waiting on it.
+                Some(Err(_)) | None => {
+                    self.route.gate.handle(&self.route.rules, &item.env, crate::verify::unix_now()).await
+                }
+            };
+            let outcome = match decision {
+                Ok(o) => o,
+                Err(hold) => {
+                    self.route.status.set_holding(name, true);
+                    metrics::counter!("tokengate_holds_total", "route" => name.clone(), "cause" => hold.cause())
+                        .increment(1);
+                    let d = self.backoff.next_delay();
+                    tracing::warn!(route = %name, error = %hold, retry_in_ms = d.as_millis() as u64, "holding: message cannot be decided now");
+                    self.retry_at = Some(Instant::now() + d);
+                    return; // decided again when the retry is due
+                }
+            };
+            let (out, dead) = fit(&self.route, &item.env, outcome);
+            let sink = if dead { &self.route.dead_letter } else { &self.route.trusted };
+            match sink.send(&out).await {
+                Ok(confirm) => {
+                    let item = self.ready.pop_front().expect("the head was just published");
+                    acks.published(&item.ack);
+                    let ack = item.ack;
+                    self.confirmations.push_back(Box::pin(async move { (ack, confirm.await) }));
+                }
+                Err(e) => {
+                    // Not published: the message stays at the head, decided again on retry.
+                    let d = match e {
+                        PublishError::Backpressure => BACKPRESSURE_WAIT,
+                        PublishError::Failed(ref why) => {
+                            self.route.status.set_holding(name, true);
+                            let d = self.backoff.next_delay();
+                            tracing::warn!(route = %name, error = %why, retry_in_ms = d.as_millis() as u64, "holding: publish refused");
+                            d
+                        }
+                    };
+                    self.retry_at = Some(Instant::now() + d);
+                    return;
+                }
+            }
+            if self.intake_at.is_none() {
+                self.route.status.set_holding(name, false);
+                self.backoff.reset();
+            }
+            if let Some(pause) = self.guard.record(dead) {
+                self.route.status.paused.store(true, Ordering::Relaxed);
+                self.retry_at = Some(Instant::now() + pause);
+                return;
+            }
+        }
+    }
+}
+
+/// The message to publish and whether it is a dead letter, counted. A verdict the trusted
+/// destination cannot carry becomes a `malformed` dead letter; a dead letter is cut to fit.
+fn fit(route: &Route, env: &Envelope, outcome: Outcome) -> (crate::envelope::Outgoing, bool) {
+    {
+        let rules = &route.rules;
+        let outcome = match outcome {
+            Outcome::Forward(out) => match route.trusted.check(&out) {
+                Ok(()) => Outcome::Forward(out),
+                Err(why) => {
+                    let r =
+                        Rejection::new(Reason::Malformed, format!("the trusted destination cannot carry it: {why}"));
+                    Outcome::DeadLetter(gate::dead_letter(rules, env, &r, None, SystemTime::now()), r)
+                }
+            },
+            dead => dead,
+        };
+        route.metrics.record(&outcome);
+        match outcome {
+            Outcome::Forward(out) => (out, false),
+            Outcome::DeadLetter(mut out, _) => {
+                let dropped = route.dead_letter.make_fit(&mut out, &rules.header_prefix);
+                if dropped > 0 {
+                    let name = format!("{}dropped", rules.header_prefix);
+                    out.headers.push((name, HeaderData::Bytes(dropped.to_string().into_bytes())));
+                }
+                (out, true)
+            }
+        }
+    }
+}
