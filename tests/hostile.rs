@@ -282,3 +282,67 @@ dead_letter = {{ amqp = {{ broker = "rabbit", exchange = "{dlq}" }} }}
     assert_eq!(bodies, ["valid-after", "odd-headers"]);
     assert_eq!(ok[0].routing_key.as_str(), "short.short");
 }
+
+/// AMQP basic properties with only a headers table: `entries` are raw (name, type tag, value bytes).
+fn raw_properties(entries: &[(&[u8], u8, Vec<u8>)]) -> Vec<u8> {
+    let mut table = Vec::new();
+    for (name, tag, value) in entries {
+        table.push(name.len() as u8);
+        table.extend_from_slice(name);
+        table.push(*tag);
+        table.extend_from_slice(value);
+    }
+    let mut p = (1u16 << 13).to_be_bytes().to_vec(); // property flags: headers only
+    p.extend_from_slice(&(table.len() as u32).to_be_bytes());
+    p.extend_from_slice(&table);
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_amqp_client_cannot_decode_is_dead_lettered_after_bounded_attempts() {
+    let _shared = RABBIT.read().await;
+    let (_c, ch) = channel().await;
+    let n = topology(&ch, "poison").await;
+    let text = format!(
+        r#"{preamble}
+[amqp.rabbit]
+url = "{url}"
+[routes.poison]
+source = {{ amqp = {{ broker = "rabbit", queue = "{q}", declare = true, prefetch = 50 }} }}
+trusted = {{ amqp = {{ broker = "rabbit", exchange = "{ok}" }} }}
+dead_letter = {{ amqp = {{ broker = "rabbit", exchange = "{dlq}" }} }}
+"#,
+        preamble = gate_preamble(None),
+        url = amqp_url(),
+        q = n.queue_in,
+        ok = n.ex_ok,
+        dlq = n.ex_dlq,
+    );
+    let good = bearer(Algorithm::HS256, json!({}));
+    publish(&ch, &n.queue_in, b"before", props_with(vec![("authorization", good.clone())])).await;
+    // A header name that is not UTF-8: RabbitMQ takes short strings as bytes and passes it through;
+    // the client library cannot parse it and drops the connection on every delivery.
+    let AMQPValue::LongString(tok) = &good else { unreachable!() };
+    let mut long_string = (tok.as_bytes().len() as u32).to_be_bytes().to_vec();
+    long_string.extend_from_slice(tok.as_bytes());
+    let poison =
+        raw_properties(&[(b"authorization", b'S', long_string), (b"x-\xff\xfe", b'S', vec![0, 0, 0, 1, b'v'])]);
+    tokengate::source::poison::publish_raw(&amqp_url(), "", &n.queue_in, &poison, b"poison-body").await.unwrap();
+    publish(&ch, &n.queue_in, b"after", props_with(vec![("authorization", good.clone())])).await;
+
+    let gate = Running::start(&text).await;
+    // "before" may arrive twice: the connection the poison killed can take its ack along.
+    let mut bodies = Vec::new();
+    while !bodies.iter().any(|b| b == "after") {
+        let d = drain(&ch, &n.q_ok, 1, 90).await;
+        bodies.push(String::from_utf8_lossy(&d[0].data).into_owned());
+    }
+    let dead = drain(&ch, &n.q_dlq, 1, 90).await;
+    gate.stop().await;
+    assert!(bodies.iter().all(|b| b == "before" || b == "after") && bodies[0] == "before", "{bodies:?}");
+    assert_eq!(dead[0].data, b"poison-body");
+    assert_eq!(hdr(&dead[0], "x-tokengate-reason").as_deref(), Some("malformed"));
+    let detail = hdr(&dead[0], "x-tokengate-detail").unwrap();
+    assert!(detail.contains("cannot decode this message's properties"), "{detail}");
+    assert_eq!(hdr(&dead[0], "x-tokengate-raw-properties"), Some(hex::encode(&poison)));
+}

@@ -37,6 +37,11 @@ pub struct AmqpSource {
 /// Longest wait for a connection handshake or an ack on a broker that stopped answering.
 pub const AMQP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Sessions in a row that ended on a delivery the AMQP client library could not decode before
+/// the head of the queue is taken off and dead-lettered ([`super::poison`]). The first runs at the
+/// route's prefetch, the next ones one delivery at a time, so that the poison is the head.
+const POISON_ATTEMPTS: u32 = 3;
+
 /// Runs one AMQP route until `cancel`, reconnecting after losses.
 pub async fn run(
     route: Arc<Route>,
@@ -45,25 +50,93 @@ pub async fn run(
     drain_timeout: Duration,
 ) -> anyhow::Result<()> {
     let mut backoff = Backoff::default();
+    let mut undecodable = 0u32;
     tracing::info!(route = %route.rules.name, queue = %src.queue, trusted = %route.trusted.describe(), dead_letter = %route.dead_letter.describe(), "route started");
     loop {
         let started = Instant::now();
-        match session(&route, &src, &cancel, drain_timeout).await {
-            Ok(()) => return Ok(()),
-            Err(e) => {
-                route.status.running.store(false, Ordering::Relaxed);
-                if started.elapsed() > Duration::from_secs(30) {
-                    backoff.reset();
-                }
-                let d = backoff.next_delay();
-                tracing::warn!(route = %route.rules.name, error = %e, retry_in_ms = d.as_millis() as u64, "AMQP session lost; reconnecting (unacked deliveries will be redelivered)");
-                tokio::select! {
-                    _ = cancel.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(d) => {}
+        let prefetch = if undecodable > 0 { 1 } else { src.prefetch };
+        let Err(e) = session(&route, &src, prefetch, &cancel, drain_timeout).await else { return Ok(()) };
+        route.status.running.store(false, Ordering::Relaxed);
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff.reset();
+            undecodable = 0;
+        }
+        if is_undecodable(&e) {
+            undecodable += 1;
+            tracing::warn!(route = %route.rules.name, attempt = undecodable, of = POISON_ATTEMPTS, error = %e, "a delivery the AMQP client cannot decode ended the session");
+            if undecodable >= POISON_ATTEMPTS {
+                match remove_poison(&route, &src).await {
+                    Ok(removed) => {
+                        undecodable = 0;
+                        if !removed {
+                            tracing::warn!(route = %route.rules.name, "the queue's head decodes; the poison message is elsewhere (another consumer?)");
+                        }
+                    }
+                    Err(why) => {
+                        tracing::error!(route = %route.rules.name, error = %why, "cannot take the poison message off the queue; it holds the route until an operator removes it")
+                    }
                 }
             }
         }
+        let d = backoff.next_delay();
+        tracing::warn!(route = %route.rules.name, error = %e, retry_in_ms = d.as_millis() as u64, "AMQP session lost; reconnecting (unacked deliveries will be redelivered)");
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(d) => {}
+        }
     }
+}
+
+/// Whether a session ended because the client library could not parse what the broker sent.
+fn is_undecodable(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<lapin::Error>().is_some_and(|l| matches!(l.kind(), lapin::ErrorKind::ParsingError(_)))
+            || c.to_string().contains("failed to parse")
+    })
+}
+
+/// Takes the queue's head off with a raw `basic.get`; if the client library cannot decode it,
+/// dead-letters it (`malformed`) and acknowledges it once the dead letter is confirmed.
+/// Returns whether a poison message was removed.
+async fn remove_poison(route: &Route, src: &AmqpSource) -> Result<bool, String> {
+    let Some(raw) = super::poison::take_head(&src.url, &src.queue).await? else { return Ok(false) };
+    let Some(why) = raw.undecodable() else {
+        raw.requeue().await?;
+        return Ok(false);
+    };
+    let p = &route.rules.header_prefix;
+    let env = Envelope {
+        key: None,
+        payload: Some(raw.body.clone()),
+        headers: Vec::new(),
+        timestamp_ms: None,
+        origin: Origin::Amqp {
+            queue: src.queue.clone(),
+            exchange: raw.exchange.clone(),
+            routing_key: raw.routing_key.clone(),
+            delivery_tag: raw.delivery_tag,
+        },
+        amqp: None,
+        amqp_headers: None,
+        defect: None,
+    };
+    let detail = format!(
+        "the AMQP client cannot decode this message's properties ({}); taken off the queue after {POISON_ATTEMPTS} failed deliveries",
+        crate::verify::jwt::shorten(&why)
+    );
+    let r = crate::verify::Rejection::new(crate::verify::Reason::Malformed, detail);
+    let mut out = crate::gate::dead_letter(&route.rules, &env, &r, None, std::time::SystemTime::now());
+    // The undecodable property bytes, for whoever investigates (bounded: one AMQP frame at most).
+    let raw_props = &raw.properties[..raw.properties.len().min(64 * 1024)];
+    out.headers.push((format!("{p}raw-properties"), HeaderData::Bytes(hex::encode(raw_props).into_bytes())));
+    route.dead_letter.make_fit(&mut out, p);
+    let confirm = route.dead_letter.send(&out).await.map_err(|e| e.to_string())?;
+    confirm.await.map_err(|e| e.to_string())?;
+    let bytes = raw.body.len();
+    raw.ack().await?;
+    metrics::counter!("tokengate_poison_messages_total", "route" => route.rules.name.clone()).increment(1);
+    tracing::error!(route = %route.rules.name, bytes, "poison message dead-lettered: the AMQP client library cannot decode its properties");
+    Ok(true)
 }
 
 /// Turns an AMQP delivery into an envelope; non-string header values keep their type name.
@@ -116,6 +189,7 @@ impl Acks for AmqpAcks {
 async fn session(
     route: &Arc<Route>,
     src: &AmqpSource,
+    prefetch: u16,
     cancel: &CancellationToken,
     drain_timeout: Duration,
 ) -> anyhow::Result<()> {
@@ -128,7 +202,7 @@ async fn session(
         )
         .await?;
         let channel = conn.create_channel().await?;
-        channel.basic_qos(src.prefetch, BasicQosOptions::default()).await?;
+        channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
         let options = QueueDeclareOptions { passive: !src.declare, durable: true, ..Default::default() };
         channel.queue_declare(ShortString::from(src.queue.as_str()), options, src.arguments.clone()).await?;
         let consumer = channel
@@ -145,6 +219,7 @@ async fn session(
         .await
         .map_err(|_| anyhow::anyhow!("AMQP connection setup timed out"))??;
     let mut liveness = tokio::time::interval(Duration::from_secs(1));
+    let (session_start, mut prefetch) = (Instant::now(), prefetch);
     route.status.running.store(true, Ordering::Relaxed);
     let mut pipe: Pipeline<Acker> = Pipeline::new(Arc::clone(route));
     let mut failure = None;
@@ -160,6 +235,12 @@ async fn session(
             _ = liveness.tick() => {
                 if !conn.status().connected() || !channel.status().connected() {
                     anyhow::bail!("AMQP connection lost");
+                }
+                // One delivery at a time only while looking for a poison message: a session that
+                // has run a while without meeting it goes back to the route's prefetch.
+                if prefetch < src.prefetch && session_start.elapsed() > Duration::from_secs(5) {
+                    channel.basic_qos(src.prefetch, BasicQosOptions::default()).await?;
+                    prefetch = src.prefetch;
                 }
             }
             delivery = consumer.next(), if pipe.has_room() => {

@@ -4,6 +4,7 @@
 
 pub mod amqp;
 pub mod kafka;
+pub mod poison;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
