@@ -365,7 +365,8 @@ fn read_token(arg: &str) -> anyhow::Result<String> {
         return Ok(arg.trim().to_owned());
     }
     let mut s = String::new();
-    std::io::stdin().take(MAX_STDIN).read_to_string(&mut s).context("reading the token from stdin")?;
+    std::io::stdin().take(MAX_STDIN + 1).read_to_string(&mut s).context("reading the token from stdin")?;
+    anyhow::ensure!(s.len() as u64 <= MAX_STDIN, "the token on stdin is larger than {MAX_STDIN} bytes; refused");
     Ok(s.trim().to_owned())
 }
 

@@ -97,6 +97,10 @@ impl<'de> Deserialize<'de> for Dur {
     }
 }
 
+/// The largest `leeway` an issuer may have. Revocation entries of expiring tokens outlive the
+/// token's `exp` by this much plus a margin, without knowing which issuer will see the token.
+pub const MAX_LEEWAY_SECS: u64 = 300;
+
 /// The whole config file.
 #[derive(Debug, Deserialize)]
 pub struct Config {
@@ -284,7 +288,7 @@ pub struct IssuerConfig {
     pub audiences: Vec<String>,
     /// Allowed algorithms, e.g. `["RS256"]`. `none` is never allowed.
     pub algorithms: Vec<String>,
-    /// Clock skew tolerated on `exp`, `nbf`, `iat`.
+    /// Clock skew tolerated on `exp`, `nbf`, `iat`; at most [`MAX_LEEWAY_SECS`].
     #[serde(default = "default_leeway")]
     pub leeway: Dur,
     /// Refuse tokens without `exp`.
@@ -313,6 +317,10 @@ pub struct IssuerConfig {
     /// HTTP timeout of one JWKS fetch.
     #[serde(default = "default_jwks_timeout")]
     pub jwks_timeout: Dur,
+    /// Accept `http://` for `jwks_url`, `discovery_url` and the discovered `jwks_uri`. For local
+    /// tests only: keys fetched in clear text can be replaced by anyone on the path.
+    #[serde(default)]
+    pub allow_insecure_http: bool,
 }
 
 /// A fixed key of an issuer (`[[issuers.NAME.keys]]`): exactly one of `secret`, `pem_file`, `jwks_file`.
@@ -422,12 +430,24 @@ pub struct TokenConfig {
     /// Remove the token header from republished messages, so bearer tokens do not leak downstream.
     #[serde(default = "yes")]
     pub strip: bool,
+    /// Keep the whole token in dead letters. Off by default: the token header of a dead letter
+    /// is replaced by `redacted; fingerprint=<hex>`, because anyone who may read the dead-letter
+    /// destination could replay a token that is still valid (say, rejected only by the route's
+    /// scope rules). Turn on only where the dead-letter destination is as protected as the token.
+    #[serde(default)]
+    pub keep_in_dead_letters: bool,
 }
 
 impl Default for TokenConfig {
     fn default() -> Self {
         let d = TokenSpec::default();
-        TokenConfig { header: d.header, require_bearer: d.require_bearer, max_bytes: d.max_bytes, strip: true }
+        TokenConfig {
+            header: d.header,
+            require_bearer: d.require_bearer,
+            max_bytes: d.max_bytes,
+            strip: true,
+            keep_in_dead_letters: false,
+        }
     }
 }
 
@@ -533,6 +553,8 @@ pub struct RouteRules {
     pub token: TokenSpec,
     /// Whether to strip the token header on republish.
     pub strip_token: bool,
+    /// Whether dead letters keep the token header as received (else it is redacted).
+    pub dead_letter_keeps_token: bool,
     /// Issuer, role, scope and claim rules.
     pub policy: Policy,
     /// Claim path -> header name for accepted messages.
@@ -600,7 +622,14 @@ pub fn process_env() -> Vec<(String, String)> {
 /// Parses and validates config text; relative file paths are resolved against `base`.
 pub fn parse(text: &str, env: &[(String, String)], base: &Path) -> Result<Settings, Vec<Problem>> {
     let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-        vec![Problem { path: String::new(), message: e.to_string().trim().replace('\n', " ") }]
+        // The message and where, never the offending line: it may hold a secret.
+        let at = e.span().map_or(String::new(), |s| {
+            let before = &text[..s.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {column}: ")
+        });
+        vec![Problem { path: String::new(), message: format!("{at}{}", hide_values(e.message().trim())) }]
     })?;
     let mut problems = Vec::new();
     let mut de = toml::Value::Table(table);
@@ -617,12 +646,24 @@ pub fn parse(text: &str, env: &[(String, String)], base: &Path) -> Result<Settin
     let raw = match raw {
         Ok(raw) => raw,
         Err(e) => {
-            problems.push(Problem { path: String::new(), message: e.to_string().trim().replace('\n', " ") });
+            let message = hide_values(e.to_string().trim()).replace('\n', " ");
+            problems.push(Problem { path: String::new(), message });
             return Err(problems);
         }
     };
     let settings = validate(raw, base, &mut problems);
     if problems.is_empty() { Ok(settings) } else { Err(problems) }
+}
+
+/// A parser message with the values it quotes hidden: a value written where a secret reference
+/// belongs (`secret = "hunter2"`) must not be echoed to a terminal or a CI log.
+fn hide_values(message: &str) -> String {
+    static QUOTED: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    let re = QUOTED.get_or_init(|| {
+        regex::Regex::new(r#"(unknown variant |string |value |found |invalid [a-z ]+: )(`[^`]*`|"(?:[^"\\]|\\.)*")"#)
+            .expect("a valid regex")
+    });
+    re.replace_all(message, "${1}(value hidden)").into_owned()
 }
 
 fn apply_override(root: &mut toml::Value, key: &str, raw: &str) -> Result<(), String> {
@@ -718,14 +759,27 @@ fn validate(raw: Config, base: &Path, problems: &mut Vec<Problem>) -> Settings {
             (None, None) => None,
         };
         for (field, url) in [("jwks_url", &ic.jwks_url), ("discovery_url", &ic.discovery_url)] {
-            if let Some(u) = url
-                && !(u.starts_with("https://") || u.starts_with("http://"))
-            {
-                c.add(format!("{p}.{field}"), "must be an http(s) URL");
+            let Some(u) = url else { continue };
+            if !(u.starts_with("https://") || u.starts_with("http://")) {
+                c.add(format!("{p}.{field}"), "must be an https:// URL");
+            } else if u.starts_with("http://") && !ic.allow_insecure_http {
+                c.add(
+                    format!("{p}.{field}"),
+                    "http:// is refused: keys fetched in clear text can be replaced on the way; use https:// \
+                     (allow_insecure_http = true is for local tests only)",
+                );
+            } else if u.starts_with("http://") {
+                tracing::warn!(issuer = %name, field, "allow_insecure_http: signing keys are fetched in clear text; for local tests only");
             }
         }
         if keys.is_empty() && remote.is_none() && ic.keys.is_empty() {
             c.add(&p, "has no keys: add [[keys]], jwks_url or discovery_url");
+        }
+        if ic.leeway.0 > Duration::from_secs(MAX_LEEWAY_SECS) {
+            c.add(
+                format!("{p}.leeway"),
+                format!("at most {MAX_LEEWAY_SECS}s: revocations of expiring tokens are kept that long past exp"),
+            );
         }
         if ic.jwks_min_refetch.0 < Duration::from_secs(1) {
             c.add(format!("{p}.jwks_min_refetch"), "must be at least 1s (it bounds fetches caused by unknown kids)");
@@ -735,6 +789,7 @@ fn validate(raw: Config, base: &Path, problems: &mut Vec<Problem>) -> Settings {
             refresh: ic.jwks_refresh.0.max(Duration::from_secs(1)),
             min_refetch: ic.jwks_min_refetch.0.max(Duration::from_secs(1)),
             timeout: ic.jwks_timeout.0,
+            allow_http: ic.allow_insecure_http,
         });
         issuers.push(verify::Issuer {
             name: Arc::from(name.as_str()),
@@ -798,6 +853,7 @@ fn validate(raw: Config, base: &Path, problems: &mut Vec<Problem>) -> Settings {
                 max_bytes: rc.token.max_bytes,
             },
             strip_token: rc.token.strip,
+            dead_letter_keeps_token: rc.token.keep_in_dead_letters,
             policy: Policy { issuers: rc.issuers.clone(), require, equals },
             identity_headers: rc
                 .identity_headers
@@ -1030,6 +1086,37 @@ mod tests {
         let s = parse(GOOD, &[], Path::new(".")).ok().unwrap();
         assert_eq!(s.routes[0].policy.equals[0].1, serde_json::json!("acme"));
         assert_eq!(s.issuers[0].checks.leeway, 30);
+    }
+
+    #[test]
+    fn clear_text_key_urls_are_refused_unless_allowed_for_tests() {
+        let remote = |extra: &str| {
+            format!(
+                "[issuers.r]\niss = \"x\"\nalgorithms = [\"RS256\"]\njwks_url = \"http://idp.local/certs\"\n{extra}"
+            )
+        };
+        let got = problems(&remote(""), &[]);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].path, "issuers.r.jwks_url");
+        assert!(got[0].message.starts_with("http:// is refused"), "{got:?}");
+        assert_eq!(problems(&remote("allow_insecure_http = true"), &[]), vec![]);
+    }
+
+    #[test]
+    fn errors_name_the_field_never_the_value() {
+        let inline = GOOD.replace(r#"secret = { env = "TG_TEST_SECRET_CFG" }"#, r#"secret = "hunter2-inline-secret""#);
+        let typed = GOOD.replace(r#"secret = { env = "TG_TEST_SECRET_CFG" }"#, r#"secret = { env = 42 }"#).replace(
+            r#"iss = "https://idp.example""#,
+            r#"iss = "https://idp.example"
+        leeway = "hunter2-as-duration""#,
+        );
+        let syntax = "[redis]\nurl = \"redis://x\"\npassword = hunter2-unquoted\n";
+        for text in [inline.as_str(), typed.as_str(), syntax] {
+            let got = format!("{:?}", problems(text, &[]));
+            assert!(!got.contains("hunter2"), "a value was echoed: {got}");
+            assert!(!got.is_empty());
+        }
+        assert!(format!("{:?}", problems(syntax, &[])).contains("line 3"), "the position is kept");
     }
 
     #[test]

@@ -51,7 +51,8 @@ pub struct Gate {
     revocations: Option<Arc<Revocations>>,
     on_unavailable: OnUnavailable,
     verify: bool,
-    last_logged: Mutex<HashMap<(String, Reason), Instant>>,
+    /// Per route and reason: when a rejection was last logged, and how many were not since.
+    last_logged: Mutex<HashMap<(String, Reason), (Option<Instant>, u64)>>,
 }
 
 /// A rejection of each reason is logged at most this often per route; all are counted.
@@ -105,7 +106,10 @@ impl Gate {
             (verdict, _) => verdict,
         };
         Ok(match verdict {
-            Ok(v) => Outcome::Forward(forward(route, env, Some(&v))),
+            Ok(v) => {
+                tracing::trace!(route = %route.name, fingerprint = %v.fingerprint, kid = v.kid.as_deref().unwrap_or("-"), "token accepted");
+                Outcome::Forward(forward(route, env, Some(&v)))
+            }
             Err(r) => {
                 let fp = token.map(verify::fingerprint);
                 self.log_rejection(route, &r, fp.as_deref());
@@ -115,15 +119,17 @@ impl Gate {
     }
 
     /// Rejections are counted by the source ([`crate::telemetry::RouteMetrics`]) and logged
-    /// here, sampled: WARN per rejection would be too loud at volume.
+    /// here rate-limited (one line per route and reason every 10 s, saying how many were not
+    /// logged): a hostile producer must not be able to flood the logs.
     fn log_rejection(&self, route: &RouteRules, r: &Rejection, fp: Option<&str>) {
         let mut last = self.last_logged.lock().expect("not poisoned");
-        let due = last.get(&(route.name.clone(), r.reason)).is_none_or(|t| t.elapsed() >= REJECTION_LOG_EVERY);
-        if due {
-            last.insert((route.name.clone(), r.reason), Instant::now());
-            tracing::info!(route = %route.name, reason = r.reason.code(), detail = %r.detail, fingerprint = fp.unwrap_or("-"), "token rejected (sampled: one per reason per 10s)");
+        let entry = last.entry((route.name.clone(), r.reason)).or_insert((None, 0));
+        if entry.0.is_none_or(|t| t.elapsed() >= REJECTION_LOG_EVERY) {
+            let suppressed = std::mem::take(&mut entry.1);
+            entry.0 = Some(Instant::now());
+            tracing::info!(route = %route.name, reason = r.reason.code(), detail = %r.detail, fingerprint = fp.unwrap_or("-"), suppressed, "token rejected (one line per route and reason every 10s; suppressed: not logged since)");
         } else {
-            tracing::debug!(route = %route.name, reason = r.reason.code(), detail = %r.detail, fingerprint = fp.unwrap_or("-"), "token rejected");
+            entry.1 += 1;
         }
     }
 }
@@ -174,6 +180,12 @@ pub fn forward(route: &RouteRules, env: &Envelope, v: Option<&Verified>) -> Outg
     if let Some(v) = v {
         for (claim, header) in &route.identity_headers {
             match claim.get(&v.claims) {
+                // A string with control characters (CR, LF, NUL, ...) is written JSON-encoded,
+                // quoted and escaped, on every broker: a consumer that splits or logs header
+                // values line by line cannot be fooled into reading a second header or line.
+                Some(Value::String(s)) if s.chars().any(char::is_control) => {
+                    headers.push((header.clone(), text(Value::String(s.clone()).to_string())));
+                }
                 Some(Value::String(s)) => headers.push((header.clone(), text(s.clone()))),
                 Some(other) => headers.push((header.clone(), text(other.to_string()))),
                 None => {}
@@ -195,6 +207,15 @@ pub fn forward(route: &RouteRules, env: &Envelope, v: Option<&Verified>) -> Outg
 /// The dead-letter copy: the original message plus the reason, detail, source and time.
 pub fn dead_letter(route: &RouteRules, env: &Envelope, r: &Rejection, fp: Option<&str>, at: SystemTime) -> Outgoing {
     let mut headers = kept_headers(route, env, false);
+    if !route.dead_letter_keeps_token {
+        // A dead letter must not hand a replayable token to whoever reads the dead-letter topic.
+        let redacted = fp.map_or_else(|| "redacted".to_owned(), |fp| format!("redacted; fingerprint={fp}"));
+        for (name, value) in &mut headers {
+            if name.eq_ignore_ascii_case(&route.token.header) {
+                *value = text(redacted.clone());
+            }
+        }
+    }
     let p = &route.header_prefix;
     headers.push((format!("{p}reason"), text(r.reason.code())));
     headers.push((format!("{p}detail"), text(r.detail.clone())));
@@ -256,6 +277,7 @@ mod tests {
             name: "r".into(),
             token: TokenSpec::default(),
             strip_token: true,
+            dead_letter_keeps_token: false,
             policy: Policy::default(),
             identity_headers: vec![(ClaimPath("sub".into()), "x-user".into())],
             header_prefix: "x-tokengate-".into(),
@@ -300,7 +322,12 @@ mod tests {
         );
         let dl = dead_letter(&route(), &e, &Rejection::new(Reason::Expired, "old"), Some("fp"), SystemTime::UNIX_EPOCH);
         let n = names(&dl);
-        assert!(n.contains(&"Authorization"), "dead letters keep the original token header");
+        assert!(n.contains(&"Authorization"), "dead letters keep the token header's place");
+        let token = dl.headers.iter().find(|(n, _)| n == "Authorization").map(|(_, v)| v.clone());
+        assert_eq!(token, Some(text("redacted; fingerprint=fp")), "but never the replayable token");
+        let keep = RouteRules { dead_letter_keeps_token: true, ..route() };
+        let kept = dead_letter(&keep, &e, &Rejection::new(Reason::Expired, "old"), Some("fp"), SystemTime::UNIX_EPOCH);
+        assert!(kept.headers.iter().any(|(n, v)| n == "Authorization" && *v == text("Bearer x")), "opt-in keeps it");
         assert!(!n.contains(&"X-Tokengate-Issuer") && !n.contains(&"x-user"));
         let get = |k: &str| dl.headers.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
         assert_eq!(get("x-tokengate-reason"), Some(text("expired")));

@@ -124,7 +124,7 @@ pub fn inspect(token: &str, now: i64) -> anyhow::Result<Value> {
         "header": header,
         "claims": claims,
         "fingerprint": verify::fingerprint(token),
-        "expires_in_secs": exp.map(|e| e - now),
+        "expires_in_secs": exp.map(|e| e.saturating_sub(now)),
         "expired": exp.map(|e| e <= now),
     }))
 }
@@ -165,7 +165,7 @@ pub async fn verify_token(
                 "alg": format!("{:?}", v.alg),
                 "sub": v.std.sub,
                 "fingerprint": v.fingerprint,
-                "expires_in_secs": v.std.exp.map(|e| e - now),
+                "expires_in_secs": v.std.exp.map(|e| e.saturating_sub(now)),
             }),
         ),
         Err(r) => (
@@ -225,8 +225,9 @@ pub struct Written {
 /// lifetime an identity provider should issue, short enough that the list cleans itself.
 pub const DEFAULT_JTI_TTL: Duration = Duration::from_secs(24 * 3600);
 
-/// Margin added to a token's remaining lifetime, matching the verifier's default leeway.
-const REVOCATION_LEEWAY_SECS: i64 = 30;
+/// Margin added to a token's remaining lifetime: the largest leeway any issuer may have (the
+/// config refuses more) plus 30 s, so that no issuer accepts the token after its entry expires.
+pub const REVOCATION_LEEWAY_SECS: i64 = crate::config::MAX_LEEWAY_SECS as i64 + 30;
 
 /// Parses a time: unix seconds, RFC 3339 (`2026-11-24T10:00:00Z`), or `now`.
 pub fn parse_time(s: &str, now: i64) -> anyhow::Result<i64> {
@@ -265,7 +266,11 @@ fn entries(sel: &Selector, now: i64) -> anyhow::Result<Vec<(crate::revocation::K
             let t = t.strip_prefix("Bearer ").unwrap_or(t);
             let (_, claims) =
                 verify::jwt::decode_unverified(t).map_err(|r| anyhow::anyhow!("--token: {}", r.detail))?;
-            let until = claims.get("exp").and_then(Value::as_i64).map(|e| e.max(now) + REVOCATION_LEEWAY_SECS).or(day);
+            let until = claims
+                .get("exp")
+                .and_then(Value::as_i64)
+                .map(|e| e.max(now).saturating_add(REVOCATION_LEEWAY_SECS))
+                .or(day);
             match claims.get("jti").and_then(Value::as_str) {
                 Some(j) if !j.is_empty() => vec![(Kind::Jti, j.to_owned(), until)],
                 _ => vec![(Kind::Fp, verify::fingerprint(t), until)],

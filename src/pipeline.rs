@@ -32,6 +32,12 @@ pub const CHUNK: usize = 64;
 /// How long to wait before sending again when the client's queue is full.
 const BACKPRESSURE_WAIT: Duration = Duration::from_millis(5);
 
+/// The longest wait before deciding a held message again. Deciding it again is cheap while the
+/// revocation list or the keys are unavailable (both answer at once from local state, and key
+/// fetches are rate-limited), and it resumes the route within a second of the outage's end.
+/// A hold is logged when it starts and then every [`HOLD_LOG_EVERY`] retries.
+const HOLD_RETRY_MAX: Duration = Duration::from_millis(500);
+
 /// What a source does when a message is about to be published.
 pub trait Acks {
     /// The source's handle to acknowledge one message (Kafka: partition, offset and epoch;
@@ -77,7 +83,12 @@ pub struct Pipeline<A> {
     retry_at: Option<Instant>,
     /// Intake pauses until then (a failed confirmation).
     intake_at: Option<Instant>,
+    /// Retries of the current hold (for logging).
+    hold_retries: u64,
 }
+
+/// Retries of a hold between two log lines (about 10 s at the capped retry interval).
+const HOLD_LOG_EVERY: u64 = 20;
 
 impl<A: Send + 'static> Pipeline<A> {
     /// The path of `route`.
@@ -93,6 +104,7 @@ impl<A: Send + 'static> Pipeline<A> {
             backoff: Backoff::default(),
             retry_at: None,
             intake_at: None,
+            hold_retries: 0,
         }
     }
 
@@ -189,8 +201,11 @@ impl<A: Send + 'static> Pipeline<A> {
                     self.route.status.set_holding(name, true);
                     metrics::counter!("tokengate_holds_total", "route" => name.clone(), "cause" => hold.cause())
                         .increment(1);
-                    let d = self.backoff.next_delay();
-                    tracing::warn!(route = %name, error = %hold, retry_in_ms = d.as_millis() as u64, "holding: message cannot be decided now");
+                    let d = self.backoff.next_delay().min(HOLD_RETRY_MAX);
+                    if self.hold_retries % HOLD_LOG_EVERY == 0 {
+                        tracing::warn!(route = %name, error = %hold, retries = self.hold_retries, retry_in_ms = d.as_millis() as u64, "holding: message cannot be decided now");
+                    }
+                    self.hold_retries += 1;
                     self.retry_at = Some(Instant::now() + d);
                     return; // decided again when the retry is due
                 }
@@ -222,6 +237,10 @@ impl<A: Send + 'static> Pipeline<A> {
             if self.intake_at.is_none() {
                 self.route.status.set_holding(name, false);
                 self.backoff.reset();
+            }
+            if self.hold_retries > 0 {
+                tracing::info!(route = %name, retries = self.hold_retries, "hold over: deciding again");
+                self.hold_retries = 0;
             }
             if let Some(pause) = self.guard.record(dead) {
                 self.route.status.paused.store(true, Ordering::Relaxed);

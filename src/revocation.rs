@@ -1,7 +1,8 @@
 //! The revocation list in Redis, its key schema, and a local cache that Redis invalidates.
 //!
 //! # Key schema (a stable contract; ids are written raw, any bytes allowed)
-//! - `{prefix}revoked:jti:<jti>` = reason: that token (TTL: its remaining lifetime + leeway).
+//! - `{prefix}revoked:jti:<jti>` = reason: that token (TTL: its remaining lifetime + 330 s, the
+//!   largest leeway an issuer may have plus a margin; 24 h when its `exp` is unknown).
 //! - `{prefix}revoked:sub:<sub>` = unix time: every token of that subject issued at or before it
 //!   (and every token of that subject without `iat`).
 //! - `{prefix}revoked:kid:<kid>` = reason: every token signed with that key.
@@ -24,6 +25,9 @@ use redis::{AsyncConnectionConfig, ProtocolVersion, PushInfo, PushKind};
 use tokio_util::sync::CancellationToken;
 
 use crate::verify::{Reason, Rejection, Verified, jwt::shorten};
+
+/// The longest wait between two connection attempts while Redis is down.
+const RECONNECT_MAX: Duration = Duration::from_millis(500);
 
 /// Default key prefix.
 pub const DEFAULT_PREFIX: &str = "tokengate:";
@@ -325,7 +329,9 @@ impl Tracked {
         }
     }
 
-    /// Keeps one tracked connection up, proving it alive every `HEARTBEAT`.
+    /// Keeps one tracked connection up, proving it alive every `HEARTBEAT`. While Redis is down
+    /// it tries again at least every [`RECONNECT_MAX`]: a connection attempt to a dead Redis
+    /// costs nothing, and routes resume within about a second of Redis answering again.
     async fn supervise(self: Arc<Self>, cancel: CancellationToken) {
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -354,11 +360,13 @@ impl Tracked {
             self.drop_cache();
             *self.conn.lock().expect("not poisoned") = None;
             metrics::gauge!("tokengate_revocation_up").set(0.0);
+            // Jitter spreads the reconnects of many instances after a Redis restart.
+            let jittered = backoff.mul_f64(rand::random_range(0.8..1.2));
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(jittered) => {}
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            backoff = (backoff * 2).min(RECONNECT_MAX);
         }
     }
 

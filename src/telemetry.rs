@@ -6,17 +6,28 @@ use tracing_subscriber::EnvFilter;
 use crate::gate::Outcome;
 use crate::verify::Reason;
 
+/// Third-party clients that log wire frames at debug and trace: connection handshakes with the
+/// broker password (lapin, amq-protocol) and message headers with bearer tokens. They never log
+/// below `info`, whatever `RUST_LOG` asks for.
+const WIRE_LOGGERS: &[&str] = &["lapin", "amq_protocol", "pinky_swear", "redis", "reqwest", "hyper", "h2", "rustls"];
+
+/// Whether an event may be logged at all (see [`WIRE_LOGGERS`]).
+pub fn loggable(target: &str, level: &tracing::Level) -> bool {
+    *level <= tracing::Level::INFO || !WIRE_LOGGERS.iter().any(|t| target.starts_with(t))
+}
+
 /// Starts logging to stderr; the default level is `info`.
 pub fn init_logs() {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     // librdkafka reports every reconnect attempt; warn keeps its real problems visible.
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,librdkafka=warn,rdkafka=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = if std::env::var("TOKENGATE_LOG_FORMAT").as_deref() == Ok("json") {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
+    let wire = tracing_subscriber::filter::filter_fn(|m| loggable(m.target(), m.level()));
+    let json = std::env::var("TOKENGATE_LOG_FORMAT").as_deref() == Ok("json");
+    let text = (!json).then(|| tracing_subscriber::fmt::layer().with_writer(std::io::stderr));
+    let json = json.then(|| tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr));
+    let _ = tracing_subscriber::registry().with(filter).with(wire).with(text).with(json).try_init();
 }
 
 /// A route's per-message counters, registered once so the hot path is an atomic add.

@@ -434,3 +434,149 @@ async fn amqp_unroutable_republish_holds_instead_of_losing() {
     assert_eq!(got.iter().map(|d| d.data.clone()).collect::<HashSet<_>>().len(), 5, "nothing lost");
     gate.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_logs_never_print_the_broker_password_or_a_token() {
+    let _shared = RABBIT.read().await;
+    let (_c, ch) = channel().await;
+    let n = topology(&ch, "trace").await;
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let (user, password) = (format!("tg-trace-{id}"), format!("pw-{id}"));
+    rabbitmqctl(&["add_user", &user, &password]);
+    rabbitmqctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
+    let text = format!(
+        r#"{preamble}
+[amqp.rabbit]
+url = "amqp://{user}@127.0.0.1:5672/%2f"
+password = {{ env = "TG_TRACE_AMQP_PASSWORD" }}
+[routes.traced]
+issuers = ["idp"]
+require = [{{ claim = "scope", any_of = ["orders:write"] }}]
+source = {{ amqp = {{ broker = "rabbit", queue = "{q}", declare = true }} }}
+trusted = {{ amqp = {{ broker = "rabbit", exchange = "{ok}" }} }}
+dead_letter = {{ amqp = {{ broker = "rabbit", exchange = "{dlq}" }} }}
+"#,
+        preamble = gate_preamble(None),
+        q = n.queue_in,
+        ok = n.ex_ok,
+        dlq = n.ex_dlq,
+    );
+    let good = bearer(Algorithm::ES256, json!({}));
+    let weak = bearer(Algorithm::HS256, json!({"scope": "orders:read"}));
+    for (i, tok) in [&good, &good, &weak].into_iter().enumerate() {
+        publish(&ch, &n.queue_in, format!("m{i}").as_bytes(), props_with(vec![("authorization", tok.clone())])).await;
+    }
+    let gate = crate::kafka_failover::GateProcess::spawn_with_env(
+        &text,
+        &[("RUST_LOG", "trace"), ("TG_TRACE_AMQP_PASSWORD", password.as_str())],
+    );
+    drain(&ch, &n.q_ok, 2, 60).await;
+    drain(&ch, &n.q_dlq, 1, 60).await;
+    let logs = gate.stop();
+    rabbitmqctl(&["delete_user", &user]);
+    assert!(logs.contains("TRACE") && logs.contains("token accepted"), "the run logged at trace level:\n{logs}");
+    assert!(!logs.contains(&password), "the broker password was logged");
+    for tok in [&good, &weak] {
+        let AMQPValue::LongString(t) = tok else { unreachable!() };
+        let t = String::from_utf8_lossy(t.as_bytes()).into_owned();
+        let (_, sig) = t.rsplit_once('.').unwrap();
+        assert!(!logs.contains(sig), "a token was logged");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outages_of_1_10_and_60_seconds_hold_every_route_and_it_resumes_within_a_second() {
+    use rdkafka::consumer::{Consumer as _, StreamConsumer};
+    let _shared = RABBIT.read().await;
+    let bs = crate::kafka::kafka();
+    let (_c, ch) = channel().await;
+    let n = topology(&ch, "outage").await;
+    let t = crate::kafka::topics("outage");
+    create_topics(&bs, &[&t.untrusted, &t.trusted, &t.dead_letter], 1).await;
+    let port = free_port();
+    let mut redis = OwnRedis::start(port);
+    let text = format!(
+        r#"{preamble}
+[amqp.rabbit]
+url = "{url}"
+[kafka.main]
+bootstrap_servers = "{bs}"
+[routes.a]
+source = {{ amqp = {{ broker = "rabbit", queue = "{q}", declare = true }} }}
+trusted = {{ amqp = {{ broker = "rabbit", exchange = "{ok}" }} }}
+dead_letter = {{ amqp = {{ broker = "rabbit", exchange = "{dlq}" }} }}
+[routes.k]
+source = {{ kafka = {{ cluster = "main", topics = ["{kin}"], group = "outage-{id}" }} }}
+trusted = {{ kafka = {{ cluster = "main", topic = "{kok}" }} }}
+dead_letter = {{ kafka = {{ cluster = "main", topic = "{kdlq}" }} }}
+"#,
+        preamble = gate_preamble(Some((redis.url(), unique_prefix("outage")))),
+        url = amqp_url(),
+        q = n.queue_in,
+        ok = n.ex_ok,
+        dlq = n.ex_dlq,
+        kin = t.untrusted,
+        kok = t.trusted,
+        kdlq = t.dead_letter,
+        id = uuid::Uuid::new_v4().simple(),
+    );
+    let gate = Running::start(&text).await;
+    // Assigned, not subscribed: no group join in the timing.
+    let reader: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &bs)
+        .set("group.id", format!("reader-{}", uuid::Uuid::new_v4().simple()))
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(&t.trusted, 0, rdkafka::Offset::Beginning).unwrap();
+    reader.assign(&tpl).unwrap();
+    let good = bearer(Algorithm::HS256, json!({}));
+    let AMQPValue::LongString(tok) = &good else { unreachable!() };
+    let kafka_auth = vec![("authorization".to_owned(), String::from_utf8_lossy(tok.as_bytes()).into_owned())];
+    let send = |i: usize| {
+        let (ch, q, bs, topic, auth, good) =
+            (ch.clone(), n.queue_in.clone(), bs.clone(), t.untrusted.clone(), kafka_auth.clone(), good.clone());
+        async move {
+            publish(&ch, &q, format!("a{i}").as_bytes(), props_with(vec![("authorization", good)])).await;
+            produce(&bs, &topic, &[("k".into(), format!("k{i}"), auth)]).await;
+        }
+    };
+    // Both routes' message `i` on their trusted destinations (fails after `secs`).
+    let arrived = |i: usize, secs: u64| {
+        let (ch, q_ok, reader) = (ch.clone(), n.q_ok.clone(), &reader);
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(secs);
+            let (mut a, mut k) = (false, false);
+            while !(a && k) {
+                assert!(Instant::now() < deadline, "message {i}: amqp {a}, kafka {k} within {secs}s");
+                if !a
+                    && let Some(m) = ch.basic_get(q_ok.as_str().into(), BasicGetOptions { no_ack: true }).await.unwrap()
+                {
+                    assert_eq!(m.delivery.data, format!("a{i}").into_bytes(), "in order, nothing else");
+                    a = true;
+                }
+                if !k && let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(20), reader.recv()).await {
+                    assert_eq!(rdkafka::Message::payload(&m), Some(format!("k{i}").as_bytes()));
+                    k = true;
+                }
+            }
+        }
+    };
+    send(0).await;
+    arrived(0, 60).await;
+    for (i, outage) in [(1, 1), (2, 10), (3, 60)] {
+        redis.stop();
+        send(i).await;
+        tokio::time::sleep(Duration::from_secs(outage)).await;
+        assert_eq!(ready_count(&ch, &n.q_ok).await, 0, "nothing passes while Redis is down (fail closed)");
+        redis = OwnRedis::start(port);
+        let back = Instant::now();
+        arrived(i, 30).await;
+        let took = back.elapsed();
+        eprintln!("Redis outage of {outage}s: both routes resumed {:.2}s after Redis answered", took.as_secs_f64());
+        assert!(took < Duration::from_millis(2500), "resumed {:.2}s after Redis answered", took.as_secs_f64());
+    }
+    gate.stop().await;
+    drop(redis);
+}

@@ -59,6 +59,7 @@ audiences = ["tokengate"]
 algorithms = ["RS256", "ES256"]
 {field} = "{url}"
 jwks_min_refetch = "{min_refetch}"
+allow_insecure_http = true
 "#
     )
 }

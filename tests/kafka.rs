@@ -295,6 +295,9 @@ async fn kafka_every_outcome_reaches_its_topic_with_headers_and_offsets_commit()
     let want: BTreeMap<String, String> = want.into_iter().map(|(k, v)| (k, v.to_owned())).collect();
     assert_eq!(got, want);
     for m in &dead {
+        if let Some(token) = header(m, "authorization") {
+            assert!(token.starts_with("redacted"), "a dead letter carries a replayable token: {token}");
+        }
         assert!(header(m, "x-tokengate-detail").is_some() && header(m, "x-tokengate-rejected-at").is_some());
         assert_eq!(header(m, "x-tokengate-source-topic").as_deref(), Some(t.untrusted.as_str()));
     }

@@ -108,6 +108,10 @@ pub struct GateProcess {
 
 impl GateProcess {
     pub fn spawn(config: &str) -> GateProcess {
+        GateProcess::spawn_with_env(config, &[("RUST_LOG", "info")])
+    }
+
+    pub fn spawn_with_env(config: &str, env: &[(&str, &str)]) -> GateProcess {
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("tokengate.toml");
         std::fs::write(&cfg, config).unwrap();
@@ -115,7 +119,7 @@ impl GateProcess {
         let child = Command::new(env!("CARGO_BIN_EXE_tokengate"))
             .args(["run", "--config", cfg.to_str().unwrap()])
             .env("TG_TEST_SECRET", SECRET)
-            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -133,14 +137,14 @@ impl GateProcess {
         let _ = self.child.wait();
     }
 
-    /// SIGTERM; asserts a clean exit within the shutdown deadline.
-    pub fn stop(mut self) {
+    /// SIGTERM; asserts a clean exit within the shutdown deadline; returns the whole log.
+    pub fn stop(mut self) -> String {
         signal(self.child.id(), "TERM");
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
                 assert!(s.success(), "gate exited with {s:?}; log:\n{}", self.logs());
-                return;
+                return self.logs();
             }
             assert!(Instant::now() < deadline, "gate did not stop within 30s; log:\n{}", self.logs());
             std::thread::sleep(Duration::from_millis(100));

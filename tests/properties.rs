@@ -69,3 +69,29 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn identity_claims_with_control_characters_are_written_json_encoded() {
+    let (verifier, routes) = engine(&route_config());
+    let gate = Gate::new(verifier, None, OnUnavailable::Hold);
+    for (sub, want) in [
+        ("alice\r\nx-admin: 1", r#""alice\r\nx-admin: 1""#),
+        ("nul\u{0}byte", r#""nul\u0000byte""#),
+        ("plain alice", "plain alice"),
+    ] {
+        let tok = token(Algorithm::HS256, json!({"sub": sub, "iat": NOW - 5, "exp": NOW + 600}));
+        let env = Envelope {
+            key: None,
+            payload: None,
+            headers: vec![("authorization".into(), HeaderData::Bytes(format!("Bearer {tok}").into_bytes()))],
+            timestamp_ms: None,
+            origin: Origin::Kafka { topic: "t".into(), partition: 0, offset: 0 },
+            amqp: None,
+            amqp_headers: None,
+            defect: None,
+        };
+        let Ok(Outcome::Forward(out)) = now_or_never(gate.handle(&routes[0], &env, NOW)) else { panic!("accepted") };
+        let got = out.headers.iter().find(|(n, _)| n == "x-tokengate-sub").map(|(_, v)| v.clone());
+        assert_eq!(got, Some(HeaderData::Bytes(want.as_bytes().to_vec())));
+    }
+}

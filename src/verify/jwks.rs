@@ -47,6 +47,8 @@ pub struct RemoteSettings {
     pub min_refetch: Duration,
     /// HTTP timeout of one fetch.
     pub timeout: Duration,
+    /// Whether `http://` URLs may be fetched (local tests only).
+    pub allow_http: bool,
 }
 
 struct FetchState {
@@ -209,6 +211,9 @@ impl IssuerKeys {
                 let doc: serde_json::Value = serde_json::from_slice(&get(&remote.client, &url).await?)
                     .map_err(|e| format!("discovery document is not JSON: {e}"))?;
                 let uri = doc["jwks_uri"].as_str().ok_or("discovery document has no jwks_uri")?.to_owned();
+                if !(uri.starts_with("https://") || (remote.settings.allow_http && uri.starts_with("http://"))) {
+                    return Err(format!("discovered jwks_uri {} is not https://", crate::verify::jwt::shorten(&uri)));
+                }
                 state.jwks_uri = Some(uri.clone());
                 uri
             }

@@ -88,9 +88,49 @@ pub fn hmac(kid: Option<String>, secret: &[u8], allowed: &[Algorithm]) -> Result
     Key::new(kid, KeyKind::Hmac, DecodingKey::from_secret(secret), allowed)
 }
 
-/// Loads a PEM public key (RSA, EC P-256/P-384 or Ed25519), pinned to `allowed`.
+/// The shortest RSA modulus accepted: NIST SP 800-131A disallows shorter keys for signatures,
+/// and 1024-bit moduli are within reach of a well-funded attacker.
+pub const MIN_RSA_BITS: usize = 2048;
+
+/// Refuses an RSA modulus (big-endian bytes) shorter than [`MIN_RSA_BITS`].
+fn check_rsa_modulus(n: &[u8]) -> Result<(), String> {
+    let n = &n[n.iter().take_while(|b| **b == 0).count()..];
+    let bits = n.first().map_or(0, |b| n.len() * 8 - b.leading_zeros() as usize);
+    if bits < MIN_RSA_BITS {
+        return Err(format!("RSA key of {bits} bits; at least {MIN_RSA_BITS} are required"));
+    }
+    Ok(())
+}
+
+/// The modulus of a PKCS#1 `RSAPublicKey` (DER: SEQUENCE { INTEGER n, INTEGER e }).
+fn pkcs1_modulus(der: &[u8]) -> Option<&[u8]> {
+    fn header(b: &[u8], tag: u8) -> Option<(usize, &[u8])> {
+        let (&t, rest) = b.split_first()?;
+        if t != tag {
+            return None;
+        }
+        let (&l, rest) = rest.split_first()?;
+        if l < 0x80 {
+            return Some((usize::from(l), rest));
+        }
+        let n = usize::from(l & 0x7f);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n].iter().fold(0usize, |a, b| (a << 8) | usize::from(*b));
+        Some((len, &rest[n..]))
+    }
+    let (_, body) = header(der, 0x30)?;
+    let (len, rest) = header(body, 0x02)?;
+    rest.get(..len)
+}
+
+/// Loads a PEM public key (RSA of at least [`MIN_RSA_BITS`], EC P-256/P-384 or Ed25519), pinned
+/// to `allowed`.
 pub fn pem(kid: Option<String>, pem: &[u8], allowed: &[Algorithm]) -> Result<Key, String> {
     if let Ok(k) = DecodingKey::from_rsa_pem(pem) {
+        let der = k.try_get_as_bytes().map_err(|e| format!("bad RSA key: {e}"))?;
+        check_rsa_modulus(pkcs1_modulus(der).ok_or("bad RSA key: no modulus")?)?;
         return Key::new(kid, KeyKind::Rsa, k, allowed);
     }
     if let Ok(k) = DecodingKey::from_ec_pem(pem) {
@@ -132,8 +172,21 @@ fn jwk(item: &Value, allowed: &[Algorithm], allow_secrets: bool) -> Result<Key, 
     if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)) {
         return Err("use is enc".into());
     }
+    // A key whose operations are listed but do not include verify is not a verification key.
+    if let Some(ops) = &jwk.common.key_operations
+        && !ops.iter().any(|o| matches!(o, jsonwebtoken::jwk::KeyOperations::Verify))
+    {
+        return Err("key_ops lacks verify".into());
+    }
     let kind = match &jwk.algorithm {
-        AlgorithmParameters::RSA(_) => KeyKind::Rsa,
+        AlgorithmParameters::RSA(p) => {
+            use base64::Engine as _;
+            let n = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(p.n.trim_end_matches('='))
+                .map_err(|e| format!("bad RSA modulus: {e}"))?;
+            check_rsa_modulus(&n)?;
+            KeyKind::Rsa
+        }
         AlgorithmParameters::EllipticCurve(p) => match p.curve {
             EllipticCurve::P256 => KeyKind::P256,
             EllipticCurve::P384 => KeyKind::P384,
@@ -256,5 +309,27 @@ mod tests {
         assert_eq!(keys.len(), 1);
         assert!(jwks(b"{}", &[Algorithm::HS256], true).is_err());
         assert!(jwks(b"nope", &[Algorithm::HS256], true).is_err());
+    }
+
+    #[test]
+    fn short_rsa_keys_and_keys_not_for_verifying_are_refused() {
+        let short = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/keys/rsa1024.pub.pem")).unwrap();
+        let err = pem(None, &short, &[Algorithm::RS256]).unwrap_err();
+        assert_eq!(err, "RSA key of 1024 bits; at least 2048 are required");
+        let good = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/keys/rsa.pub.pem")).unwrap();
+        assert!(pem(None, &good, &[Algorithm::RS256]).is_ok());
+        let doc = format!(
+            r#"{{"keys":[
+            {{"kty":"RSA","kid":"short","n":"pk6Vr8fCirojBC62_2pO7-Vlap-1bUeoV5zcKcTO3VD0iNM6hqQlNOvSiZ5ETUu3z2Hss8u3VpWogMNLiongpiGaql_ri24-KcM1OwIKfSKoUlKzL4iaAOdbduKN2p0N3tePShmqQx8Q7dxsbh9bPM04YHYLASvwgF_UmmQwaGU","e":"AQAB"}},
+            {{"kty":"oct","kid":"enc-only","key_ops":["encrypt"],"k":"c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0MTI"}},
+            {{"kty":"oct","kid":"verify","key_ops":["verify"],"k":"c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0MTI"}}
+        ]}}"#
+        );
+        let (keys, skipped) = jwks(doc.as_bytes(), &[Algorithm::RS256, Algorithm::HS256], true).unwrap();
+        assert_eq!(keys.iter().map(|k| k.kid.as_deref()).collect::<Vec<_>>(), vec![Some("verify")]);
+        assert_eq!(
+            skipped,
+            vec!["key 0: RSA key of 1024 bits; at least 2048 are required", "key 1: key_ops lacks verify"]
+        );
     }
 }
