@@ -35,10 +35,13 @@ pub enum Command {
     },
     /// Show the gate working on an embedded Kafka (nothing needs to be running).
     Demo,
-    /// Validate a config file: exit 0, or print every problem and exit 1.
+    /// Validate a config file: exit 0, or print every problem and exit 78 (EX_CONFIG).
     CheckConfig {
         /// The TOML config file.
         file: PathBuf,
+        /// Fail on warnings too (inline passwords, readable secret files, a public admin endpoint).
+        #[arg(long)]
+        strict: bool,
     },
     /// Token tools for producers and operators.
     #[command(subcommand)]
@@ -233,6 +236,9 @@ pub struct MintArgs {
     pub now: Option<i64>,
 }
 
+/// EX_CONFIG from sysexits.h: the config is wrong, and restarting will not help.
+const EX_CONFIG: u8 = 78;
+
 /// Runs the command line and returns the process exit code.
 pub fn run(cli: Cli) -> ExitCode {
     let rt = match tokio::runtime::Runtime::new() {
@@ -258,8 +264,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 Ok(s) => s,
                 Err(e) => {
                     eprint!("{e}");
-                    // EX_CONFIG from sysexits.h: the config is wrong, restarting will not help.
-                    return Ok(ExitCode::from(78));
+                    return Ok(ExitCode::from(EX_CONFIG));
                 }
             };
             crate::app::run(settings).await?;
@@ -269,14 +274,22 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             crate::demo::run().await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::CheckConfig { file } => match config::load(&file, &config::process_env()) {
+        Command::CheckConfig { file, strict } => match config::load(&file, &config::process_env()) {
             Ok(s) => {
+                let warnings = config::warnings(&s);
+                for w in &warnings {
+                    eprintln!("{}: warning: {}: {}", file.display(), w.path, w.message);
+                }
+                if strict && !warnings.is_empty() {
+                    eprintln!("{}: {} warning(s), failing because of --strict", file.display(), warnings.len());
+                    return Ok(ExitCode::from(EX_CONFIG));
+                }
                 println!("{}: OK ({} issuer(s), {} route(s))", file.display(), s.issuers.len(), s.routes.len());
                 Ok(ExitCode::SUCCESS)
             }
             Err(e) => {
                 eprint!("{e}");
-                Ok(ExitCode::FAILURE)
+                Ok(ExitCode::from(EX_CONFIG))
             }
         },
         Command::Revoke { selector, before, reason, ttl, until, redis } => {

@@ -605,6 +605,69 @@ fn read_file(p: &Path) -> Result<Vec<u8>, String> {
     Ok(v)
 }
 
+/// What a valid config does that an operator should know about (`check-config` prints these;
+/// `--strict` fails on them): passwords written into URLs, secret files that other users can
+/// read, an admin endpoint reachable from other hosts.
+pub fn warnings(s: &Settings) -> Vec<Problem> {
+    let mut out = Vec::new();
+    let mut warn = |path: String, message: &str| out.push(Problem { path, message: message.to_owned() });
+    let inline_password = |u: &str| url::Url::parse(u).is_ok_and(|u| u.password().is_some());
+    for (name, a) in &s.raw.amqp {
+        if inline_password(&a.url) {
+            warn(format!("amqp.{name}.url"), "holds a password; put it in password = { env = ... } or { file = ... }");
+        }
+    }
+    if let Some(r) = &s.raw.redis
+        && inline_password(&r.url)
+    {
+        warn("redis.url".into(), "holds a password; put it in password = { env = ... } or { file = ... }");
+    }
+    for (name, k) in &s.raw.kafka {
+        for prop in k.properties.keys().filter(|p| p.contains("jaas") || p.contains("credentials")) {
+            warn(format!("kafka.{name}.properties.{prop}"), "may hold credentials; use secret_properties");
+        }
+    }
+    let mut secret_files: Vec<(String, &PathBuf)> = Vec::new();
+    for (name, ic) in &s.raw.issuers {
+        for (i, k) in ic.keys.iter().enumerate() {
+            if let Some(Secret::File(f)) = &k.secret {
+                secret_files.push((format!("issuers.{name}.keys.{i}.secret"), f));
+            }
+        }
+    }
+    for (name, a) in &s.raw.amqp {
+        if let Some(Secret::File(f)) = &a.password {
+            secret_files.push((format!("amqp.{name}.password"), f));
+        }
+    }
+    if let Some(Some(Secret::File(f))) = s.raw.redis.as_ref().map(|r| &r.password) {
+        secret_files.push(("redis.password".into(), f));
+    }
+    for (name, k) in &s.raw.kafka {
+        for (prop, sec) in &k.secret_properties {
+            if let Secret::File(f) = sec {
+                secret_files.push((format!("kafka.{name}.secret_properties.{prop}"), f));
+            }
+        }
+    }
+    #[cfg(unix)]
+    for (path, f) in secret_files {
+        use std::os::unix::fs::PermissionsExt as _;
+        if std::fs::metadata(s.base.join(f)).is_ok_and(|m| m.permissions().mode() & 0o077 != 0) {
+            warn(path, "the secret file is readable or writable by group or others; chmod 600 it");
+        }
+    }
+    if let Ok(addr) = s.raw.admin.listen.parse::<std::net::SocketAddr>()
+        && !addr.ip().is_loopback()
+    {
+        warn(
+            "admin.listen".into(),
+            "is reachable from other hosts; /metrics and /ready are unauthenticated (bind 127.0.0.1 unless a proxy or network policy guards it)",
+        );
+    }
+    out
+}
+
 /// Reads, overrides from `env`, and validates a config file.
 pub fn load(path: &Path, env: &[(String, String)]) -> Result<Settings, ConfigError> {
     let fail = |problems| ConfigError { file: path.to_owned(), problems };

@@ -168,7 +168,7 @@ fn check_config_reports_every_problem_with_paths() {
     let mut f = tempfile::NamedTempFile::new().unwrap();
     write!(f, "[issuers.a]\niss = \"x\"\nalgorithms = [\"none\"]\ntypo = 1\n[routes.r]\nissuers = [\"b\"]\n").unwrap();
     let out = tokengate(&["check-config", f.path().to_str().unwrap()], None);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(78), "EX_CONFIG");
     let err = text(&out.stderr);
     for want in ["issuers.a.typo", "issuers.a.algorithms.0", "issuers.a: has no keys", "routes.r.issuers.0"] {
         assert!(err.contains(want), "{want} not in {err}");
@@ -205,4 +205,36 @@ fn run_with_a_broken_config_exits_78_listing_every_problem() {
     for want in ["routes.r.source.kafka.cluster", "routes.r.trusted", "routes.r.dead_letter", "redis.url"] {
         assert!(err.contains(want), "{want} not in {err}");
     }
+}
+
+#[test]
+fn check_config_warns_about_careless_secrets_and_strict_fails_on_them() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("hmac.secret");
+    std::fs::write(&secret, "0123456789abcdef0123456789abcdef-world-readable").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let cfg = dir.path().join("tokengate.toml");
+    std::fs::write(
+        &cfg,
+        "[admin]\nlisten = \"0.0.0.0:9900\"\n[amqp.r]\nurl = \"amqp://user:inline-pw@127.0.0.1:5672/%2f\"\n\
+         [issuers.a]\niss = \"x\"\nalgorithms = [\"HS256\"]\n[[issuers.a.keys]]\nalgorithms = [\"HS256\"]\n\
+         secret = { file = \"hmac.secret\" }\n",
+    )
+    .unwrap();
+    let out = tokengate(&["check-config", cfg.to_str().unwrap()], None);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "warnings alone pass: {err}");
+    for want in ["warning: amqp.r.url: holds a password", "warning: issuers.a.keys.0.secret", "warning: admin.listen"] {
+        assert!(err.contains(want), "{want} not in {err}");
+    }
+    assert!(!err.contains("inline-pw"), "a warning echoed the password: {err}");
+    let out = tokengate(&["check-config", "--strict", cfg.to_str().unwrap()], None);
+    assert_eq!(out.status.code(), Some(78), "--strict fails on warnings");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let fixed =
+        std::fs::read_to_string(&cfg).unwrap().replace("0.0.0.0", "127.0.0.1").replace("user:inline-pw@", "user@");
+    std::fs::write(&cfg, fixed).unwrap();
+    let out = tokengate(&["check-config", "--strict", cfg.to_str().unwrap()], None);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }
