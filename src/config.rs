@@ -321,6 +321,10 @@ pub struct IssuerConfig {
     /// tests only: keys fetched in clear text can be replaced by anyone on the path.
     #[serde(default)]
     pub allow_insecure_http: bool,
+    /// How long into an identity-provider outage a token with an unknown `kid` is held before it
+    /// is dead-lettered as `key_unavailable` (known keys keep working all along).
+    #[serde(default = "default_unknown_kid_max_wait")]
+    pub unknown_kid_max_wait: Dur,
 }
 
 /// A fixed key of an issuer (`[[issuers.NAME.keys]]`): exactly one of `secret`, `pem_file`, `jwks_file`.
@@ -527,6 +531,11 @@ fn default_jwks_refresh() -> Dur {
 }
 fn default_jwks_min_refetch() -> Dur {
     Dur(Duration::from_secs(30))
+}
+fn default_unknown_kid_max_wait() -> Dur {
+    // Long enough to ride out a blip of the identity provider, short enough that a producer
+    // sending unknown kids cannot stall its route for a whole outage.
+    Dur(Duration::from_secs(60))
 }
 fn default_jwks_timeout() -> Dur {
     Dur(Duration::from_secs(5))
@@ -853,6 +862,7 @@ fn validate(raw: Config, base: &Path, problems: &mut Vec<Problem>) -> Settings {
             min_refetch: ic.jwks_min_refetch.0.max(Duration::from_secs(1)),
             timeout: ic.jwks_timeout.0,
             allow_http: ic.allow_insecure_http,
+            unknown_kid_max_wait: ic.unknown_kid_max_wait.0,
         });
         issuers.push(verify::Issuer {
             name: Arc::from(name.as_str()),

@@ -145,3 +145,27 @@ async fn never_fetched_keys_hold_instead_of_rejecting() {
     assert_eq!(v.start().await.len(), 1);
     assert!(v.verify(&Policy::default(), &token(Algorithm::RS256, json!({})), NOW).await.is_err());
 }
+
+#[tokio::test]
+async fn during_an_outage_an_unknown_kid_is_held_at_most_unknown_kid_max_wait_then_dead_lettered() {
+    let (idp, base) = start_idp().await;
+    let text = format!("{}unknown_kid_max_wait = \"2s\"\n", remote_config("jwks_url", &format!("{base}/certs"), "1s"));
+    let v = started(&text).await;
+    let p = Policy::default();
+    idp.down.store(true, Ordering::SeqCst);
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    // Early in the outage: held (an error, never an accept), while known keys keep working.
+    assert!(v.verify(&p, &rsa2_token("rsa2"), NOW).await.is_err(), "held early in the outage");
+    assert!(v.verify(&p, &token(Algorithm::ES256, json!({})), NOW).await.unwrap().is_ok());
+    // Past unknown_kid_max_wait into the outage: dead-lettered with its own reason.
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let r = v.verify(&p, &rsa2_token("rsa2"), NOW).await.unwrap().unwrap_err();
+    assert_eq!(r.reason, Reason::KeyUnavailable, "{r:?}");
+    assert!(r.detail.contains("could not be fetched for"), "{}", r.detail);
+    assert!(v.verify(&p, &token(Algorithm::ES256, json!({})), NOW).await.unwrap().is_ok(), "known keys still work");
+    // The provider back: the same token is decided on its merits again.
+    idp.down.store(false, Ordering::SeqCst);
+    idp.set("jwks_rotated.json");
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert!(v.verify(&p, &rsa2_token("rsa2"), NOW).await.unwrap().is_ok());
+}

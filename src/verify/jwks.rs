@@ -25,6 +25,9 @@ pub struct KeysUnavailable {
     pub issuer: String,
     /// Why.
     pub detail: String,
+    /// The identity provider has been unreachable for longer than the issuer's
+    /// `unknown_kid_max_wait`: a token with an unknown kid is dead-lettered, not held.
+    pub give_up: bool,
 }
 
 /// Where a remote key set lives.
@@ -49,6 +52,8 @@ pub struct RemoteSettings {
     pub timeout: Duration,
     /// Whether `http://` URLs may be fetched (local tests only).
     pub allow_http: bool,
+    /// How long into an outage a token with an unknown kid is held before it is dead-lettered.
+    pub unknown_kid_max_wait: Duration,
 }
 
 struct FetchState {
@@ -57,6 +62,8 @@ struct FetchState {
     last_error: Option<String>,
     jwks_uri: Option<String>,
     body_digest: Option<Vec<u8>>,
+    /// Since when fetches fail (the outage's start), if they do.
+    failing_since: Option<Instant>,
 }
 
 struct Remote {
@@ -104,6 +111,7 @@ impl IssuerKeys {
                 last_ok: None,
                 last_error: None,
                 jwks_uri: None,
+                failing_since: None,
                 body_digest: None,
             }),
             settings,
@@ -155,14 +163,22 @@ impl IssuerKeys {
             return Ok(()); // another task fetched while we waited
         }
         let recent = state.last_attempt.is_some_and(|t| t.elapsed() < remote.settings.min_refetch);
+        let give_up = |state: &FetchState, mut u: KeysUnavailable| {
+            let outage = state.failing_since.map_or(Duration::ZERO, |t| t.elapsed());
+            u.give_up = outage >= remote.settings.unknown_kid_max_wait;
+            u.detail = format!("the key set could not be fetched for {}s: {}", outage.as_secs(), u.detail);
+            u
+        };
         if recent {
             if let Some(e) = &state.last_error {
-                return Err(self.unavailable(e.clone()));
+                return Err(give_up(&state, self.unavailable(e.clone())));
             }
             remote.unknown_kids.insert(kid.to_owned(), ());
             return Ok(());
         }
-        self.fetch(remote, &mut state).await?;
+        if let Err(u) = self.fetch(remote, &mut state).await {
+            return Err(give_up(&state, u));
+        }
         if !self.current.load().keys.iter().any(|k| k.kid.as_deref() == Some(kid)) {
             remote.unknown_kids.insert(kid.to_owned(), ());
         }
@@ -181,7 +197,7 @@ impl IssuerKeys {
     }
 
     fn unavailable(&self, detail: String) -> KeysUnavailable {
-        KeysUnavailable { issuer: self.issuer.clone(), detail }
+        KeysUnavailable { issuer: self.issuer.clone(), detail, give_up: false }
     }
 
     async fn fetch(&self, remote: &Remote, state: &mut FetchState) -> Result<(), KeysUnavailable> {
@@ -190,9 +206,11 @@ impl IssuerKeys {
             Ok(()) => {
                 state.last_ok = Some(Instant::now());
                 state.last_error = None;
+                state.failing_since = None;
                 Ok(())
             }
             Err(e) => {
+                state.failing_since.get_or_insert_with(Instant::now);
                 tracing::warn!(issuer = %self.issuer, error = %e, "JWKS fetch failed; keeping the last good key set");
                 metrics::counter!("tokengate_jwks_fetch_errors_total", "issuer" => self.issuer.clone()).increment(1);
                 state.last_error = Some(e.clone());

@@ -71,11 +71,14 @@ pub enum Reason {
     Revoked,
     /// The revocation list could not be read and the config says dead-letter (not hold).
     RevocationUnavailable,
+    /// No key has the token's `kid` and the identity provider has been unreachable for longer
+    /// than the issuer's `unknown_kid_max_wait`: the token may be fine; replay it later.
+    KeyUnavailable,
 }
 
 impl Reason {
     /// Every reason, for documentation and metric pre-registration.
-    pub const ALL: [Reason; 22] = [
+    pub const ALL: [Reason; 23] = [
         Reason::MissingToken,
         Reason::EmptyToken,
         Reason::DuplicateToken,
@@ -98,6 +101,7 @@ impl Reason {
         Reason::Forbidden,
         Reason::Revoked,
         Reason::RevocationUnavailable,
+        Reason::KeyUnavailable,
     ];
 
     /// The stable snake_case code.
@@ -125,6 +129,7 @@ impl Reason {
             Reason::Forbidden => "forbidden",
             Reason::Revoked => "revoked",
             Reason::RevocationUnavailable => "revocation_unavailable",
+            Reason::KeyUnavailable => "key_unavailable",
         }
     }
 }
@@ -381,8 +386,18 @@ impl Verifier {
                     Some(kid) if !refetched && issuer.keys.is_remote() => {
                         let seen = set.generation;
                         drop(set);
-                        issuer.keys.on_unknown_kid(kid, seen).await?;
-                        refetched = true;
+                        match issuer.keys.on_unknown_kid(kid, seen).await {
+                            Ok(()) => refetched = true,
+                            // Held long enough: one producer's unknown kid must not hold the
+                            // route for the whole outage.
+                            Err(u) if u.give_up => {
+                                return Ok(Err(Rejection::new(
+                                    Reason::KeyUnavailable,
+                                    format!("no key with kid {} and {}", jwt::shorten(kid), u.detail),
+                                )));
+                            }
+                            Err(u) => return Err(u),
+                        }
                     }
                     Some(kid) => {
                         return Ok(Err(Rejection::new(
