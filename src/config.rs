@@ -1106,9 +1106,16 @@ fn load_key(
     }
     let f = base.join(kc.jwks_file.as_ref().expect("one source is set"));
     let doc = read_file(&f)?;
-    let (keys, skipped) = verify::keys::jwks(&doc, &allowed, true)?;
+    let (mut keys, skipped) = verify::keys::jwks(&doc, &allowed, true)?;
     for s in skipped {
         tracing::warn!(file = %f.display(), skipped = %s, "JWKS key skipped");
+    }
+    // A kid on a jwks_file entry picks that one key of the file.
+    if let Some(kid) = &kc.kid {
+        keys.retain(|k| k.kid.as_ref() == Some(kid));
+        if keys.is_empty() {
+            return Err(format!("{} has no usable key with kid {}", f.display(), verify::jwt::shorten(kid)));
+        }
     }
     if keys.is_empty() {
         return Err(format!("{} has no usable key", f.display()));
@@ -1159,6 +1166,22 @@ mod tests {
         let s = parse(GOOD, &[], Path::new(".")).ok().unwrap();
         assert_eq!(s.routes[0].policy.equals[0].1, serde_json::json!("acme"));
         assert_eq!(s.issuers[0].checks.leeway, 30);
+    }
+
+    #[test]
+    fn a_kid_on_a_jwks_file_entry_picks_that_key() {
+        let jwks = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/jwks.json");
+        let text = |kid: &str| {
+            format!(
+                "[issuers.f]\niss = \"x\"\nalgorithms = [\"RS256\", \"ES256\", \"EdDSA\"]\n[[issuers.f.keys]]\nkid = \"{kid}\"\njwks_file = \"{jwks}\"\n"
+            )
+        };
+        let s = parse(&text("rsa"), &[], Path::new(".")).ok().expect("valid");
+        let kids: Vec<_> = s.issuers[0].keys.current().keys.iter().map(|k| k.kid.clone()).collect();
+        assert_eq!(kids, vec![Some("rsa".to_owned())]);
+        let got = problems(&text("nope"), &[]);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(got[0].message.contains("has no usable key with kid"), "{got:?}");
     }
 
     #[test]

@@ -210,10 +210,13 @@ impl<A: Send + 'static> Pipeline<A> {
                     return; // decided again when the retry is due
                 }
             };
-            let (out, dead) = fit(&self.route, &item.env, outcome);
+            let (out, rejected) = fit(&self.route, &item.env, outcome);
+            let dead = rejected.is_some();
             let sink = if dead { &self.route.dead_letter } else { &self.route.trusted };
             match sink.send(&out).await {
                 Ok(confirm) => {
+                    // Counted once it is handed over: a refused publish is decided again.
+                    self.route.metrics.count(rejected);
                     let item = self.ready.pop_front().expect("the head was just published");
                     acks.published(&item.ack);
                     let ack = item.ack;
@@ -251,33 +254,29 @@ impl<A: Send + 'static> Pipeline<A> {
     }
 }
 
-/// The message to publish and whether it is a dead letter, counted. A verdict the trusted
-/// destination cannot carry becomes a `malformed` dead letter; a dead letter is cut to fit.
-fn fit(route: &Route, env: &Envelope, outcome: Outcome) -> (crate::envelope::Outgoing, bool) {
-    {
-        let rules = &route.rules;
-        let outcome = match outcome {
-            Outcome::Forward(out) => match route.trusted.check(&out) {
-                Ok(()) => Outcome::Forward(out),
-                Err(why) => {
-                    let r =
-                        Rejection::new(Reason::Malformed, format!("the trusted destination cannot carry it: {why}"));
-                    Outcome::DeadLetter(gate::dead_letter(rules, env, &r, None, SystemTime::now()), r)
-                }
-            },
-            dead => dead,
-        };
-        route.metrics.record(&outcome);
-        match outcome {
-            Outcome::Forward(out) => (out, false),
-            Outcome::DeadLetter(mut out, _) => {
-                let dropped = route.dead_letter.make_fit(&mut out, &rules.header_prefix);
-                if dropped > 0 {
-                    let name = format!("{}dropped", rules.header_prefix);
-                    out.headers.push((name, HeaderData::Bytes(dropped.to_string().into_bytes())));
-                }
-                (out, true)
+/// The message to publish and, for a dead letter, why. A verdict the trusted destination cannot
+/// carry becomes a `malformed` dead letter; a dead letter is cut to fit its destination.
+fn fit(route: &Route, env: &Envelope, outcome: Outcome) -> (crate::envelope::Outgoing, Option<Reason>) {
+    let rules = &route.rules;
+    let outcome = match outcome {
+        Outcome::Forward(out) => match route.trusted.check(&out) {
+            Ok(()) => Outcome::Forward(out),
+            Err(why) => {
+                let r = Rejection::new(Reason::Malformed, format!("the trusted destination cannot carry it: {why}"));
+                Outcome::DeadLetter(gate::dead_letter(rules, env, &r, None, SystemTime::now()), r)
             }
+        },
+        dead => dead,
+    };
+    match outcome {
+        Outcome::Forward(out) => (out, None),
+        Outcome::DeadLetter(mut out, r) => {
+            let dropped = route.dead_letter.make_fit(&mut out, &rules.header_prefix);
+            if dropped > 0 {
+                let name = format!("{}dropped", rules.header_prefix);
+                out.headers.push((name, HeaderData::Bytes(dropped.to_string().into_bytes())));
+            }
+            (out, Some(r.reason))
         }
     }
 }

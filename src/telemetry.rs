@@ -3,7 +3,6 @@
 
 use tracing_subscriber::EnvFilter;
 
-use crate::gate::Outcome;
 use crate::verify::Reason;
 
 /// Third-party clients that log wire frames at debug and trace: connection handshakes with the
@@ -52,13 +51,13 @@ impl RouteMetrics {
         }
     }
 
-    /// Counts one decided message.
-    pub fn record(&self, outcome: &Outcome) {
-        match outcome {
-            Outcome::Forward(_) => self.forwarded.increment(1),
-            Outcome::DeadLetter(_, r) => {
+    /// Counts one message: forwarded (`None`) or dead-lettered for `reason`.
+    pub fn count(&self, rejected: Option<Reason>) {
+        match rejected {
+            None => self.forwarded.increment(1),
+            Some(reason) => {
                 self.dead_lettered.increment(1);
-                self.rejections[r.reason as usize].increment(1);
+                self.rejections[reason as usize].increment(1);
             }
         }
     }
