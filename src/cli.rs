@@ -151,6 +151,10 @@ pub enum RevocationsCommand {
     Check {
         /// The token, or - for stdin.
         token: String,
+        /// Verify the token with this config first, so that the kid checked is the verifying
+        /// key's (as the gate does), not the unverified header's.
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// Redis connection.
         #[command(flatten)]
         redis: RedisArgs,
@@ -346,10 +350,18 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Revocations(RevocationsCommand::Check { token, redis }) => {
+        Command::Revocations(RevocationsCommand::Check { token, config, redis }) => {
             let token = read_token(&token)?;
+            let verified_kid = match &config {
+                Some(file) => {
+                    let (accepted, v) = ops::verify_token(file, None, &token, verify::unix_now()).await?;
+                    anyhow::ensure!(accepted, "the token does not verify with {}: {v}", file.display());
+                    Some(v["kid"].as_str().map(str::to_owned))
+                }
+                None => None,
+            };
             let mut conn = ops::redis_connect(&redis.url).await?;
-            let (revoked, out) = ops::check_revoked(&mut conn, &redis.prefix, &token).await?;
+            let (revoked, out) = ops::check_revoked(&mut conn, &redis.prefix, &token, verified_kid).await?;
             println!("{out}");
             Ok(if revoked { ExitCode::FAILURE } else { ExitCode::SUCCESS })
         }

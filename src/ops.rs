@@ -425,11 +425,14 @@ pub async fn list(
     Ok(out)
 }
 
-/// Says whether and why a token is revoked (reading Redis directly, no cache).
+/// Says whether and why a token is revoked (reading Redis directly, no cache). The gate checks
+/// the `kid` of the key that verified the token: pass it as `verified_kid` (from a verification
+/// with the config); without it the token header's `kid` is checked, and the output says so.
 pub async fn check_revoked(
     conn: &mut redis::aio::MultiplexedConnection,
     prefix: &str,
     token: &str,
+    verified_kid: Option<Option<String>>,
 ) -> anyhow::Result<(bool, Value)> {
     use crate::revocation::{TokenIds, fetch, judge};
     let token = token.trim();
@@ -441,9 +444,10 @@ pub async fn check_revoked(
         jti: s(&claims, "jti"),
         sub: s(&claims, "sub"),
         iat: claims.get("iat").and_then(Value::as_i64),
-        kid: s(&header, "kid"),
+        kid: verified_kid.clone().unwrap_or_else(|| s(&header, "kid")),
         fingerprint: verify::fingerprint(token),
     };
+    let kid_checked = json!({"kid": ids.kid, "from": if verified_kid.is_some() { "verified key" } else { "unverified token header (pass --config to use the verifying key's kid)" }});
     let keys = ids.keys(prefix);
     let names: Vec<&str> = keys.iter().map(|(_, k)| k.as_str()).collect();
     let entries = fetch(conn, &names).await.map_err(|e| anyhow::anyhow!("reading revocations: {e}"))?;
@@ -457,6 +461,6 @@ pub async fn check_revoked(
     let revoked = !matches.is_empty();
     Ok((
         revoked,
-        json!({"revoked": revoked, "fingerprint": ids.fingerprint, "checked": keys.iter().map(|(_, k)| k).collect::<Vec<_>>(), "matches": matches}),
+        json!({"revoked": revoked, "fingerprint": ids.fingerprint, "kid": kid_checked, "checked": keys.iter().map(|(_, k)| k).collect::<Vec<_>>(), "matches": matches}),
     ))
 }

@@ -247,3 +247,35 @@ async fn redis_down_fails_closed_and_recovers_by_itself() {
     let detail = until_revoked(&r, &t).await;
     assert!(detail.contains("after restart"), "{detail}");
 }
+
+#[tokio::test]
+async fn check_with_the_config_uses_the_verifying_keys_kid_as_the_gate_does() {
+    let prefix = unique_prefix("checkkid");
+    let url = redis_url();
+    let _ = redis_conn().await;
+    let mut cfg = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(&mut cfg, issuers_toml().as_bytes()).unwrap();
+    let cfg = cfg.path().to_str().unwrap().to_owned();
+    let base = ["--redis", url.as_str(), "--prefix", prefix.as_str()];
+    let cli = |extra: &[&str]| {
+        let mut a: Vec<&str> = extra.to_vec();
+        a.extend_from_slice(&base);
+        run_cli(&a)
+    };
+    // The key with kid "hs" leaked; a token without a kid header is still verified by it.
+    assert_eq!(cli(&["revoke", "--kid", "hs"]).0, 0);
+    let now = tokengate::verify::unix_now();
+    let claims = claims(serde_json::json!({"iat": now, "exp": now + 600}));
+    let no_kid = sign_raw(
+        r#"{"alg":"HS256","typ":"JWT"}"#,
+        &claims.to_string(),
+        jsonwebtoken::Algorithm::HS256,
+        &signing_key(jsonwebtoken::Algorithm::HS256),
+    );
+    let (code, out, _) = cli(&["revocations", "check", &no_kid]);
+    assert_eq!(code, 0, "by the header alone it looks fine: {out}");
+    assert!(out.contains("unverified token header"), "{out}");
+    let (code, out, err) = cli(&["revocations", "check", "--config", &cfg, &no_kid]);
+    assert_eq!(code, 1, "the verifying key is revoked, as the gate would see it: {out} {err}");
+    assert!(out.contains("verified key") && out.contains(r#""kind":"kid""#), "{out}");
+}
