@@ -103,6 +103,11 @@ pub async fn run_routes(settings: &Settings, gate: Arc<Gate>, cancel: Cancellati
     let drain = settings.raw.shutdown_timeout.0;
     // Before any route registers its counters, so that they report to the endpoint.
     let recorder = if settings.raw.admin.listen.is_empty() { None } else { crate::admin::install_metrics() };
+    if recorder.is_some() {
+        let routes: Vec<String> = settings.routes.iter().map(|r| r.name.clone()).collect();
+        let remote: Vec<String> = gate.verifier().health().await.into_iter().map(|k| k.issuer).collect();
+        crate::telemetry::register(&routes, &remote, gate.revocation_up());
+    }
     let mut statuses = Vec::new();
     // The first route that failed for good: the process shuts down and exits with its error.
     let fatal: Arc<std::sync::Mutex<Option<anyhow::Error>>> = Arc::default();

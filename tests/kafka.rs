@@ -524,8 +524,17 @@ async fn the_daemon_serves_health_ready_metrics_and_stops_cleanly_on_sigterm() {
     create_topics(&bs, &[&t.untrusted, &t.trusted, &t.dead_letter], 2).await;
     let group = format!("daemon-{}", uuid::Uuid::new_v4().simple());
     let port = free_port();
+    // A remote issuer too, so that the per-issuer metrics exist.
+    let jwks = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let jwks_url = format!("http://{}/certs", jwks.local_addr().unwrap());
+    let body = std::fs::read_to_string(fixture("jwks.json")).unwrap();
+    let app = axum::Router::new().route("/certs", axum::routing::get(move || async move { body }));
+    tokio::spawn(async move { axum::serve(jwks, app).await });
     let text = gate_config(&bs, &t, &group, "orders", None)
-        .replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""));
+        .replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""))
+        + &format!(
+            "[issuers.remote]\niss = \"https://remote.test\"\nalgorithms = [\"RS256\"]\njwks_url = \"{jwks_url}\"\nallow_insecure_http = true\n"
+        );
     let mut cfg = tempfile::NamedTempFile::new().unwrap();
     std::io::Write::write_all(&mut cfg, text.as_bytes()).unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tokengate"))
@@ -551,6 +560,23 @@ async fn the_daemon_serves_health_ready_metrics_and_stops_cleanly_on_sigterm() {
     assert!(metrics.contains(r#"tokengate_messages_total{route="orders",outcome="forwarded"} 100"#), "{metrics}");
     assert!(metrics.contains(r#"tokengate_rejections_total{route="orders",reason="missing_token"} 1"#), "{metrics}");
     assert!(!metrics.contains("eyJ"), "no token in metrics");
+    // Every documented metric is served (from startup), and nothing undocumented.
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let documented: std::collections::BTreeSet<String> = readme
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("| `tokengate_"))
+        .map(|rest| format!("tokengate_{}", rest.split('`').next().unwrap()))
+        .collect();
+    let served: std::collections::BTreeSet<String> = metrics
+        .lines()
+        .filter(|l| l.starts_with("tokengate_"))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(documented, served, "README metric table vs /metrics");
+    let declared: std::collections::BTreeSet<String> =
+        tokengate::telemetry::METRICS.iter().map(|(n, ..)| (*n).to_owned()).collect();
+    assert_eq!(documented, declared, "README metric table vs telemetry::METRICS");
 
     // SIGTERM: stop intake, drain, commit, exit 0 within the deadline.
     let started = Instant::now();
