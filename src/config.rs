@@ -325,6 +325,9 @@ pub struct IssuerConfig {
     /// is dead-lettered as `key_unavailable` (known keys keep working all along).
     #[serde(default = "default_unknown_kid_max_wait")]
     pub unknown_kid_max_wait: Dur,
+    /// Shortest RSA key accepted, in bits: at least 2048 (the default), e.g. 3072 to raise it.
+    #[serde(default = "default_min_rsa_bits")]
+    pub min_rsa_bits: usize,
 }
 
 /// A fixed key of an issuer (`[[issuers.NAME.keys]]`): exactly one of `secret`, `pem_file`, `jwks_file`.
@@ -531,6 +534,9 @@ fn default_jwks_refresh() -> Dur {
 }
 fn default_jwks_min_refetch() -> Dur {
     Dur(Duration::from_secs(30))
+}
+fn default_min_rsa_bits() -> usize {
+    verify::keys::MIN_RSA_BITS
 }
 fn default_unknown_kid_max_wait() -> Dur {
     // Long enough to ride out a blip of the identity provider, short enough that a producer
@@ -813,10 +819,17 @@ fn validate(raw: Config, base: &Path, problems: &mut Vec<Problem>) -> Settings {
         if ic.algorithms.is_empty() {
             c.add(format!("{p}.algorithms"), "list at least one algorithm");
         }
+        if ic.min_rsa_bits < verify::keys::MIN_RSA_BITS {
+            c.add(
+                format!("{p}.min_rsa_bits"),
+                format!("at least {} (it may only raise the floor)", verify::keys::MIN_RSA_BITS),
+            );
+        }
+        let min_rsa_bits = ic.min_rsa_bits.max(verify::keys::MIN_RSA_BITS);
         let mut keys = Vec::new();
         for (i, kc) in ic.keys.iter().enumerate() {
             let kp = format!("{p}.keys.{i}");
-            match load_key(&mut c, &kp, kc, &algorithms, base) {
+            match load_key(&mut c, &kp, kc, &algorithms, min_rsa_bits, base) {
                 Ok(mut k) => keys.append(&mut k),
                 Err(m) => c.add(kp, m),
             }
@@ -863,6 +876,7 @@ fn validate(raw: Config, base: &Path, problems: &mut Vec<Problem>) -> Settings {
             timeout: ic.jwks_timeout.0,
             allow_http: ic.allow_insecure_http,
             unknown_kid_max_wait: ic.unknown_kid_max_wait.0,
+            min_rsa_bits,
         });
         issuers.push(verify::Issuer {
             name: Arc::from(name.as_str()),
@@ -1075,6 +1089,7 @@ fn load_key(
     path: &str,
     kc: &KeyConfig,
     issuer_algs: &[Algorithm],
+    min_rsa_bits: usize,
     base: &Path,
 ) -> Result<Vec<verify::keys::Key>, String> {
     let sources = [kc.secret.is_some(), kc.pem_file.is_some(), kc.jwks_file.is_some()];
@@ -1102,11 +1117,11 @@ fn load_key(
     if let Some(f) = &kc.pem_file {
         let f = base.join(f);
         let pem = read_file(&f)?;
-        return verify::keys::pem(kc.kid.clone(), &pem, &allowed).map(|k| vec![k]);
+        return verify::keys::pem(kc.kid.clone(), &pem, &allowed, min_rsa_bits).map(|k| vec![k]);
     }
     let f = base.join(kc.jwks_file.as_ref().expect("one source is set"));
     let doc = read_file(&f)?;
-    let (mut keys, skipped) = verify::keys::jwks(&doc, &allowed, true)?;
+    let (mut keys, skipped) = verify::keys::jwks(&doc, &allowed, true, min_rsa_bits)?;
     for s in skipped {
         tracing::warn!(file = %f.display(), skipped = %s, "JWKS key skipped");
     }

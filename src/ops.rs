@@ -263,7 +263,7 @@ fn entries(sel: &Selector, now: i64) -> anyhow::Result<Vec<(crate::revocation::K
         }
         Selector::Token(t) => {
             let t = t.trim();
-            let t = t.strip_prefix("Bearer ").unwrap_or(t);
+            let t = verify::policy::strip_bearer(t).unwrap_or(t);
             let (_, claims) =
                 verify::jwt::decode_unverified(t).map_err(|r| anyhow::anyhow!("--token: {}", r.detail))?;
             let until = claims
@@ -436,7 +436,7 @@ pub async fn check_revoked(
 ) -> anyhow::Result<(bool, Value)> {
     use crate::revocation::{TokenIds, fetch, judge};
     let token = token.trim();
-    let token = token.strip_prefix("Bearer ").unwrap_or(token);
+    let token = verify::policy::strip_bearer(token).unwrap_or(token);
     let (header, claims) =
         verify::jwt::decode_unverified(token).map_err(|r| anyhow::anyhow!("{}: {}", r.reason, r.detail))?;
     let s = |m: &Map<String, Value>, k: &str| m.get(k).and_then(Value::as_str).map(str::to_owned);

@@ -54,6 +54,8 @@ pub struct RemoteSettings {
     pub allow_http: bool,
     /// How long into an outage a token with an unknown kid is held before it is dead-lettered.
     pub unknown_kid_max_wait: Duration,
+    /// Shorter RSA keys in the set are skipped.
+    pub min_rsa_bits: usize,
 }
 
 struct FetchState {
@@ -241,7 +243,7 @@ impl IssuerKeys {
         if state.body_digest.as_ref() == Some(&digest) {
             return Ok(()); // unchanged: keep the generation so cached verifications stay valid
         }
-        let (fetched, skipped) = keys::jwks(&body, &self.allowed, false)?;
+        let (fetched, skipped) = keys::jwks(&body, &self.allowed, false, remote.settings.min_rsa_bits)?;
         if fetched.is_empty() {
             return Err(format!("JWKS at {uri} has no usable signing key ({} skipped)", skipped.len()));
         }

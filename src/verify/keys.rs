@@ -88,16 +88,17 @@ pub fn hmac(kid: Option<String>, secret: &[u8], allowed: &[Algorithm]) -> Result
     Key::new(kid, KeyKind::Hmac, DecodingKey::from_secret(secret), allowed)
 }
 
-/// The shortest RSA modulus accepted: NIST SP 800-131A disallows shorter keys for signatures,
-/// and 1024-bit moduli are within reach of a well-funded attacker.
+/// The shortest RSA modulus accepted by default (an issuer's `min_rsa_bits` may raise it, never
+/// lower it): NIST SP 800-131A disallows shorter keys for signatures, and 1024-bit moduli are
+/// within reach of a well-funded attacker.
 pub const MIN_RSA_BITS: usize = 2048;
 
-/// Refuses an RSA modulus (big-endian bytes) shorter than [`MIN_RSA_BITS`].
-fn check_rsa_modulus(n: &[u8]) -> Result<(), String> {
+/// Refuses an RSA modulus (big-endian bytes) shorter than `min_bits`.
+fn check_rsa_modulus(n: &[u8], min_bits: usize) -> Result<(), String> {
     let n = &n[n.iter().take_while(|b| **b == 0).count()..];
     let bits = n.first().map_or(0, |b| n.len() * 8 - b.leading_zeros() as usize);
-    if bits < MIN_RSA_BITS {
-        return Err(format!("RSA key of {bits} bits; at least {MIN_RSA_BITS} are required"));
+    if bits < min_bits {
+        return Err(format!("RSA key of {bits} bits; at least {min_bits} are required"));
     }
     Ok(())
 }
@@ -125,12 +126,12 @@ fn pkcs1_modulus(der: &[u8]) -> Option<&[u8]> {
     rest.get(..len)
 }
 
-/// Loads a PEM public key (RSA of at least [`MIN_RSA_BITS`], EC P-256/P-384 or Ed25519), pinned
+/// Loads a PEM public key (RSA of at least `min_rsa_bits`, EC P-256/P-384 or Ed25519), pinned
 /// to `allowed`.
-pub fn pem(kid: Option<String>, pem: &[u8], allowed: &[Algorithm]) -> Result<Key, String> {
+pub fn pem(kid: Option<String>, pem: &[u8], allowed: &[Algorithm], min_rsa_bits: usize) -> Result<Key, String> {
     if let Ok(k) = DecodingKey::from_rsa_pem(pem) {
         let der = k.try_get_as_bytes().map_err(|e| format!("bad RSA key: {e}"))?;
-        check_rsa_modulus(pkcs1_modulus(der).ok_or("bad RSA key: no modulus")?)?;
+        check_rsa_modulus(pkcs1_modulus(der).ok_or("bad RSA key: no modulus")?, min_rsa_bits)?;
         return Key::new(kid, KeyKind::Rsa, k, allowed);
     }
     if let Ok(k) = DecodingKey::from_ec_pem(pem) {
@@ -150,8 +151,14 @@ pub fn pem(kid: Option<String>, pem: &[u8], allowed: &[Algorithm]) -> Result<Key
 
 /// Parses a JWKS document. Keys that cannot be used are skipped and reported, never fatal,
 /// because identity providers publish encryption keys and new key types beside signing keys.
-/// `allow_secrets` admits `oct` keys (only from files the operator controls).
-pub fn jwks(doc: &[u8], allowed: &[Algorithm], allow_secrets: bool) -> Result<(Vec<Key>, Vec<String>), String> {
+/// `allow_secrets` admits `oct` keys (only from files the operator controls); RSA keys shorter
+/// than `min_rsa_bits` are skipped.
+pub fn jwks(
+    doc: &[u8],
+    allowed: &[Algorithm],
+    allow_secrets: bool,
+    min_rsa_bits: usize,
+) -> Result<(Vec<Key>, Vec<String>), String> {
     let doc: Value = serde_json::from_slice(doc).map_err(|e| format!("JWKS is not JSON: {e}"))?;
     let Some(items) = doc.get("keys").and_then(Value::as_array) else {
         return Err("JWKS has no keys array".into());
@@ -159,7 +166,7 @@ pub fn jwks(doc: &[u8], allowed: &[Algorithm], allow_secrets: bool) -> Result<(V
     let mut keys = Vec::new();
     let mut skipped = Vec::new();
     for (i, item) in items.iter().enumerate() {
-        match jwk(item, allowed, allow_secrets) {
+        match jwk(item, allowed, allow_secrets, min_rsa_bits) {
             Ok(k) => keys.push(k),
             Err(e) => skipped.push(format!("key {i}: {e}")),
         }
@@ -167,7 +174,7 @@ pub fn jwks(doc: &[u8], allowed: &[Algorithm], allow_secrets: bool) -> Result<(V
     Ok((keys, skipped))
 }
 
-fn jwk(item: &Value, allowed: &[Algorithm], allow_secrets: bool) -> Result<Key, String> {
+fn jwk(item: &Value, allowed: &[Algorithm], allow_secrets: bool, min_rsa_bits: usize) -> Result<Key, String> {
     let jwk: Jwk = serde_json::from_value(item.clone()).map_err(|e| format!("not a JWK: {e}"))?;
     if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)) {
         return Err("use is enc".into());
@@ -184,7 +191,7 @@ fn jwk(item: &Value, allowed: &[Algorithm], allow_secrets: bool) -> Result<Key, 
             let n = base64::engine::general_purpose::URL_SAFE_NO_PAD
                 .decode(p.n.trim_end_matches('='))
                 .map_err(|e| format!("bad RSA modulus: {e}"))?;
-            check_rsa_modulus(&n)?;
+            check_rsa_modulus(&n, min_rsa_bits)?;
             KeyKind::Rsa
         }
         AlgorithmParameters::EllipticCurve(p) => match p.curve {
@@ -302,22 +309,24 @@ mod tests {
             {"kty":"EC","crv":"P-256","use":"enc","kid":"e","x":"AA","y":"AA"},
             {"kty":"XYZ","kid":"x"}
         ]}"#;
-        let (keys, skipped) = jwks(doc, &[Algorithm::HS256], false).unwrap();
+        let (keys, skipped) = jwks(doc, &[Algorithm::HS256], false, MIN_RSA_BITS).unwrap();
         assert!(keys.is_empty());
         assert_eq!(skipped.len(), 3, "{skipped:?}");
-        let (keys, _) = jwks(doc, &[Algorithm::HS256], true).unwrap();
+        let (keys, _) = jwks(doc, &[Algorithm::HS256], true, MIN_RSA_BITS).unwrap();
         assert_eq!(keys.len(), 1);
-        assert!(jwks(b"{}", &[Algorithm::HS256], true).is_err());
-        assert!(jwks(b"nope", &[Algorithm::HS256], true).is_err());
+        assert!(jwks(b"{}", &[Algorithm::HS256], true, MIN_RSA_BITS).is_err());
+        assert!(jwks(b"nope", &[Algorithm::HS256], true, MIN_RSA_BITS).is_err());
     }
 
     #[test]
     fn short_rsa_keys_and_keys_not_for_verifying_are_refused() {
         let short = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/keys/rsa1024.pub.pem")).unwrap();
-        let err = pem(None, &short, &[Algorithm::RS256]).unwrap_err();
+        let err = pem(None, &short, &[Algorithm::RS256], MIN_RSA_BITS).unwrap_err();
         assert_eq!(err, "RSA key of 1024 bits; at least 2048 are required");
         let good = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/keys/rsa.pub.pem")).unwrap();
-        assert!(pem(None, &good, &[Algorithm::RS256]).is_ok());
+        assert!(pem(None, &good, &[Algorithm::RS256], MIN_RSA_BITS).is_ok());
+        let raised = pem(None, &good, &[Algorithm::RS256], 4096).unwrap_err();
+        assert!(raised.ends_with("at least 4096 are required"), "an issuer may raise the floor: {raised}");
         let doc = format!(
             r#"{{"keys":[
             {{"kty":"RSA","kid":"short","n":"pk6Vr8fCirojBC62_2pO7-Vlap-1bUeoV5zcKcTO3VD0iNM6hqQlNOvSiZ5ETUu3z2Hss8u3VpWogMNLiongpiGaql_ri24-KcM1OwIKfSKoUlKzL4iaAOdbduKN2p0N3tePShmqQx8Q7dxsbh9bPM04YHYLASvwgF_UmmQwaGU","e":"AQAB"}},
@@ -325,7 +334,7 @@ mod tests {
             {{"kty":"oct","kid":"verify","key_ops":["verify"],"k":"c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0MTI"}}
         ]}}"#
         );
-        let (keys, skipped) = jwks(doc.as_bytes(), &[Algorithm::RS256, Algorithm::HS256], true).unwrap();
+        let (keys, skipped) = jwks(doc.as_bytes(), &[Algorithm::RS256, Algorithm::HS256], true, MIN_RSA_BITS).unwrap();
         assert_eq!(keys.iter().map(|k| k.kid.as_deref()).collect::<Vec<_>>(), vec![Some("verify")]);
         assert_eq!(
             skipped,

@@ -35,6 +35,13 @@ impl Default for TokenSpec {
     }
 }
 
+/// The token after a `Bearer` scheme (RFC 6750: the scheme is case-insensitive), if there is one.
+pub fn strip_bearer(text: &str) -> Option<&str> {
+    let bearer = text.get(..6).is_some_and(|p| p.eq_ignore_ascii_case("bearer"))
+        && text.as_bytes().get(6).is_none_or(|b| b.is_ascii_whitespace());
+    bearer.then(|| text[6..].trim_start_matches(|c: char| c.is_ascii_whitespace()))
+}
+
 impl TokenSpec {
     /// Finds the one token among a message's headers.
     pub fn extract<'a, I>(&self, headers: I) -> Result<&'a str, Rejection>
@@ -74,14 +81,12 @@ impl TokenSpec {
         let text = std::str::from_utf8(bytes)
             .map_err(|e| Rejection::new(Reason::NonUtf8Token, format!("token header is not UTF-8: {e}")))?;
         let text = text.trim_matches(|c: char| c.is_ascii_whitespace());
-        let bearer = text.get(..6).is_some_and(|p| p.eq_ignore_ascii_case("bearer"))
-            && text.as_bytes().get(6).is_none_or(|b| b.is_ascii_whitespace());
-        let token = match text.get(..6) {
-            Some(_) if bearer => text[6..].trim_start_matches(|c: char| c.is_ascii_whitespace()),
-            _ if self.require_bearer => {
+        let token = match strip_bearer(text) {
+            Some(t) => t,
+            None if self.require_bearer => {
                 return Err(Rejection::new(Reason::Malformed, "token header lacks the Bearer scheme"));
             }
-            _ => text,
+            None => text,
         };
         if token.is_empty() {
             return Err(Rejection::new(Reason::EmptyToken, "token header is empty"));
