@@ -150,13 +150,30 @@ pub enum Entry {
     WrongType,
 }
 
+/// Whether a bad revocation entry may be logged now, and how many reports were dropped since the
+/// last one: a bad entry is read for every message of its subject or key, and must not flood the
+/// log (it is logged at ERROR at most every 10 s; every message is still failed closed).
+fn bad_entry_log_due() -> Option<u64> {
+    static LAST: Mutex<(Option<Instant>, u64)> = Mutex::new((None, 0));
+    let mut last = LAST.lock().expect("not poisoned");
+    if last.0.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+        last.0 = Some(Instant::now());
+        Some(std::mem::take(&mut last.1))
+    } else {
+        last.1 += 1;
+        None
+    }
+}
+
 /// Decides whether one entry revokes the token `v`.
 pub fn judge(kind: Kind, entry: &Entry, v: &TokenIds) -> Option<Rejection> {
     let value = match entry {
         Entry::Absent => return None,
         Entry::WrongType => {
             // Fail closed: the operator meant to revoke something.
-            tracing::error!(kind = kind.name(), fingerprint = %v.fingerprint, "revocation key has an unexpected Redis type; treating the token as revoked");
+            if let Some(suppressed) = bad_entry_log_due() {
+                tracing::error!(kind = kind.name(), fingerprint = %v.fingerprint, suppressed, "revocation key has an unexpected Redis type; treating the token as revoked");
+            }
             return Some(Rejection::new(
                 Reason::Revoked,
                 format!("revoked by {} (key of unexpected type)", kind.name()),
@@ -169,7 +186,9 @@ pub fn judge(kind: Kind, entry: &Entry, v: &TokenIds) -> Option<Rejection> {
         return Some(Rejection::new(Reason::Revoked, format!("revoked by {}{why}", kind.name())));
     }
     let Ok(before) = value.trim().parse::<i64>() else {
-        tracing::error!(fingerprint = %v.fingerprint, "sub revocation value is not a unix time; treating every token of the subject as revoked");
+        if let Some(suppressed) = bad_entry_log_due() {
+            tracing::error!(fingerprint = %v.fingerprint, suppressed, "sub revocation value is not a unix time; treating every token of the subject as revoked");
+        }
         return Some(Rejection::new(Reason::Revoked, "revoked by sub (unparsable time: all tokens)"));
     };
     match v.iat {
