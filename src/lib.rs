@@ -19,15 +19,16 @@
 //!   in read order (what a destination cannot carry becomes a `malformed` dead letter), hand
 //!   confirmations back in order.
 //! - [`source`]: intake, envelope conversion and ack rule per broker: [`source::kafka`] (ordered
-//!   offset commits, rewinds) and [`source::amqp`] (manual acks after confirm, bounded prefetch);
-//!   every route task is supervised ([`source::supervise`]).
+//!   offset commits, rewinds, static membership, a broker probe) and [`source::amqp`] (manual
+//!   acks after confirm, bounded prefetch; [`source::poison`] takes off what the AMQP client cannot
+//!   decode); every route task is supervised ([`source::supervise`]).
 //! - [`sink`]: publishing with broker confirmation: [`sink::kafka`] (idempotent, `acks=all`) and
 //!   [`sink::amqp`] (publisher confirms, `mandatory`).
 //! - [`app`]: `tokengate run` wiring (routes, admin endpoint, shutdown).
 //! - [`demo`]: `tokengate demo`, the whole pipeline on an embedded Kafka.
 //! - [`admin`]: `/health`, `/ready`, `/metrics`.
 //! - [`ops`]: the token and revocation tools (mint, inspect, verify, revoke, list).
-//! - [`telemetry`]: log setup (the metric names are listed in the README).
+//! - [`telemetry`]: log setup (wire-level client logs capped) and every metric, declared once.
 //! - [`cli`]: the command line.
 
 pub mod admin;

@@ -10,7 +10,7 @@ use crate::verify::Reason;
 /// below `info`, whatever `RUST_LOG` asks for.
 const WIRE_LOGGERS: &[&str] = &["lapin", "amq_protocol", "pinky_swear", "redis", "reqwest", "hyper", "h2", "rustls"];
 
-/// Whether an event may be logged at all (see [`WIRE_LOGGERS`]).
+/// Whether an event may be logged at all: wire-level clients never below `info`.
 pub fn loggable(target: &str, level: &tracing::Level) -> bool {
     *level <= tracing::Level::INFO || !WIRE_LOGGERS.iter().any(|t| target.starts_with(t))
 }
