@@ -276,7 +276,10 @@ pub async fn run(
     let topics: Vec<&str> = src.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
     let probe_topic = src.topics.first().filter(|t| !t.starts_with('^')).cloned();
-    let probe = tokio::spawn(probe(Arc::clone(&consumer), probe_topic, Arc::clone(&route), cancel.clone()));
+    // Stopped after the drain and awaited: the consumer must close here, while its broker is
+    // still there, not whenever the probe's last reference goes.
+    let probe_stop = CancellationToken::new();
+    let probe = tokio::spawn(probe(Arc::clone(&consumer), probe_topic, Arc::clone(&route), probe_stop.clone()));
     route.status.running.store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(route = %route.rules.name, topics = ?src.topics, trusted = %route.trusted.describe(), dead_letter = %route.dead_letter.describe(), "route started");
     let mut l = Loop {
@@ -290,7 +293,8 @@ pub async fn run(
     };
     l.consume().await;
     l.shutdown(drain_timeout).await;
-    probe.abort();
+    probe_stop.cancel();
+    let _ = probe.await; // at most one probe timeout
     Ok(())
 }
 
