@@ -13,7 +13,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::gate::Gate;
-use crate::source::RouteStatus;
+use crate::pipeline::RouteStatus;
 
 /// What the endpoint reports on.
 #[derive(Clone)]

@@ -10,9 +10,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Settings, SinkConfig, SourceConfig};
 use crate::gate::Gate;
+use crate::pipeline::{Route, RouteStatus};
 use crate::revocation::{self, Revocations};
 use crate::sink::{Sink, kafka::KafkaSink};
-use crate::source::{self, Route, RouteStatus};
+use crate::source;
 use crate::verify::Verifier;
 
 /// Builds the gate: starts the verifier (first JWKS fetch, periodic refresh) and the

@@ -1191,7 +1191,7 @@ mod tests {
                 "[issuers.f]\niss = \"x\"\nalgorithms = [\"RS256\", \"ES256\", \"EdDSA\"]\n[[issuers.f.keys]]\nkid = \"{kid}\"\njwks_file = \"{jwks}\"\n"
             )
         };
-        let s = parse(&text("rsa"), &[], Path::new(".")).ok().expect("valid");
+        let s = parse(&text("rsa"), &[], Path::new(".")).unwrap_or_else(|p| panic!("{p:?}"));
         let kids: Vec<_> = s.issuers[0].keys.current().keys.iter().map(|k| k.kid.clone()).collect();
         assert_eq!(kids, vec![Some("rsa".to_owned())]);
         let got = problems(&text("nope"), &[]);

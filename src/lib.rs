@@ -15,9 +15,9 @@
 //! - [`revocation`]: the Redis revocation list, its key schema and invalidated local cache.
 //! - [`envelope`]: a message from any broker ([`envelope::Envelope`]) and what goes out.
 //! - [`gate`]: the core, `Gate::handle(route, envelope) -> Outcome` (forward / dead-letter) or a hold.
-//! - [`pipeline`]: the one message path of every route: decide many at once, publish each verdict
-//!   in read order (what a destination cannot carry becomes a `malformed` dead letter), hand
-//!   confirmations back in order.
+//! - [`pipeline`]: the one message path of every route ([`pipeline::Route`], its live
+//!   [`pipeline::RouteStatus`]): decide many at once, publish each verdict in read order (what a
+//!   destination cannot carry becomes a `malformed` dead letter), hand confirmations back in order.
 //! - [`source`]: intake, envelope conversion and ack rule per broker: [`source::kafka`] (ordered
 //!   offset commits, rewinds, static membership, a broker probe) and [`source::amqp`] (manual
 //!   acks after confirm, bounded prefetch; [`source::poison`] takes off what the AMQP client cannot

@@ -9,6 +9,10 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use super::{Confirm, PublishError};
 use crate::envelope::{HeaderData, Outgoing};
 
+/// Longest wait for a connection handshake or an ack on a broker that stopped answering (the
+/// AMQP source uses it too).
+pub const AMQP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Persistent, so a confirmed message survives a broker restart on a durable queue.
 const PERSISTENT: u8 = 2;
 
@@ -168,7 +172,7 @@ pub async fn connect_confirming(url: &str) -> Result<(Connection, Channel), Stri
         channel.confirm_select(ConfirmSelectOptions::default()).await?;
         lapin::Result::Ok((conn, channel))
     };
-    match tokio::time::timeout(crate::source::amqp::AMQP_TIMEOUT, connect).await {
+    match tokio::time::timeout(AMQP_TIMEOUT, connect).await {
         Ok(r) => r.map_err(|e| e.to_string()),
         Err(_) => Err("AMQP connection setup timed out".into()),
     }

@@ -16,9 +16,10 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Connection, ConnectionProperties};
 use tokio_util::sync::CancellationToken;
 
-use super::{Backoff, Route};
 use crate::envelope::{Envelope, HeaderData, Origin};
 use crate::pipeline::{Acks, CHUNK, Pipeline, Settled};
+use crate::pipeline::{Backoff, Route};
+use crate::sink::amqp::AMQP_TIMEOUT;
 
 /// An AMQP source's settings.
 pub struct AmqpSource {
@@ -33,9 +34,6 @@ pub struct AmqpSource {
     /// Most unacked deliveries (channel prefetch).
     pub prefetch: u16,
 }
-
-/// Longest wait for a connection handshake or an ack on a broker that stopped answering.
-pub const AMQP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Sessions in a row that ended on a delivery the AMQP client library could not decode before
 /// the head of the queue is taken off and dead-lettered ([`super::poison`]). The first runs at the

@@ -18,8 +18,8 @@ use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
 use rdkafka::{ClientConfig, ClientContext, Offset};
 use tokio_util::sync::CancellationToken;
 
-use super::Route;
 use crate::envelope::{Envelope, HeaderData, Origin};
+use crate::pipeline::Route;
 use crate::pipeline::{Acks, CHUNK, Pipeline, Settled};
 
 type TopicPartition = (Arc<str>, i32);

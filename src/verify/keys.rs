@@ -327,14 +327,12 @@ mod tests {
         assert!(pem(None, &good, &[Algorithm::RS256], MIN_RSA_BITS).is_ok());
         let raised = pem(None, &good, &[Algorithm::RS256], 4096).unwrap_err();
         assert!(raised.ends_with("at least 4096 are required"), "an issuer may raise the floor: {raised}");
-        let doc = format!(
-            r#"{{"keys":[
-            {{"kty":"RSA","kid":"short","n":"pk6Vr8fCirojBC62_2pO7-Vlap-1bUeoV5zcKcTO3VD0iNM6hqQlNOvSiZ5ETUu3z2Hss8u3VpWogMNLiongpiGaql_ri24-KcM1OwIKfSKoUlKzL4iaAOdbduKN2p0N3tePShmqQx8Q7dxsbh9bPM04YHYLASvwgF_UmmQwaGU","e":"AQAB"}},
-            {{"kty":"oct","kid":"enc-only","key_ops":["encrypt"],"k":"c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0MTI"}},
-            {{"kty":"oct","kid":"verify","key_ops":["verify"],"k":"c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0MTI"}}
-        ]}}"#
-        );
-        let (keys, skipped) = jwks(doc.as_bytes(), &[Algorithm::RS256, Algorithm::HS256], true, MIN_RSA_BITS).unwrap();
+        let doc = br#"{"keys":[
+            {"kty":"RSA","kid":"short","n":"pk6Vr8fCirojBC62_2pO7-Vlap-1bUeoV5zcKcTO3VD0iNM6hqQlNOvSiZ5ETUu3z2Hss8u3VpWogMNLiongpiGaql_ri24-KcM1OwIKfSKoUlKzL4iaAOdbduKN2p0N3tePShmqQx8Q7dxsbh9bPM04YHYLASvwgF_UmmQwaGU","e":"AQAB"},
+            {"kty":"oct","kid":"enc-only","key_ops":["encrypt"],"k":"c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0MTI"},
+            {"kty":"oct","kid":"verify","key_ops":["verify"],"k":"c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0MTI"}
+        ]}"#;
+        let (keys, skipped) = jwks(doc, &[Algorithm::RS256, Algorithm::HS256], true, MIN_RSA_BITS).unwrap();
         assert_eq!(keys.iter().map(|k| k.kid.as_deref()).collect::<Vec<_>>(), vec![Some("verify")]);
         assert_eq!(
             skipped,
