@@ -128,10 +128,10 @@ pub async fn run_routes(settings: &Settings, gate: Arc<Gate>, cancel: Cancellati
                 .with_context(|| format!("routes.{}.dead_letter", rules.name))?,
             max_in_flight: rc.max_in_flight,
             guard: rc.dead_letter_guard.clone(),
-            status,
+            status: Arc::clone(&status),
             metrics: crate::telemetry::RouteMetrics::new(&rules.name),
         });
-        match src {
+        let start: StartRoute = match src {
             SourceConfig::Kafka(k) => {
                 let (bootstrap, props) = kafka_properties(settings, &k.cluster)?;
                 let extra: Vec<_> = k.properties.clone().into_iter().collect();
@@ -148,18 +148,10 @@ pub async fn run_routes(settings: &Settings, gate: Arc<Gate>, cancel: Cancellati
                     None => k.topics.clone(),
                 };
                 let c = cancel.clone();
-                let start = move || {
+                Box::new(move || {
                     let src = source::kafka::KafkaSource { config: config.clone(), topics: topics.clone() };
-                    source::kafka::run(Arc::clone(&route), src, c.clone(), drain)
-                };
-                tasks.spawn(supervised(
-                    rules.name.clone(),
-                    status_of(&statuses),
-                    cancel.clone(),
-                    fatal.clone(),
-                    max,
-                    start,
-                ));
+                    Box::pin(source::kafka::run(Arc::clone(&route), src, c.clone(), drain))
+                })
             }
             SourceConfig::Amqp(a) => {
                 let mut arguments = lapin::types::FieldTable::default();
@@ -178,17 +170,10 @@ pub async fn run_routes(settings: &Settings, gate: Arc<Gate>, cancel: Cancellati
                 };
                 let src = Arc::new(src);
                 let c = cancel.clone();
-                let start = move || source::amqp::run(Arc::clone(&route), Arc::clone(&src), c.clone(), drain);
-                tasks.spawn(supervised(
-                    rules.name.clone(),
-                    status_of(&statuses),
-                    cancel.clone(),
-                    fatal.clone(),
-                    max,
-                    start,
-                ));
+                Box::new(move || Box::pin(source::amqp::run(Arc::clone(&route), Arc::clone(&src), c.clone(), drain)))
             }
-        }
+        };
+        tasks.spawn(supervised(rules.name.clone(), status, cancel.clone(), fatal.clone(), max, start));
     }
     anyhow::ensure!(!statuses.is_empty(), "no route has a source, trusted and dead_letter: nothing to run");
     if !settings.raw.admin.listen.is_empty() {
@@ -216,10 +201,8 @@ pub async fn run_routes(settings: &Settings, gate: Arc<Gate>, cancel: Cancellati
     }
 }
 
-/// The status of the route registered last.
-fn status_of(statuses: &[(String, Arc<RouteStatus>)]) -> Arc<RouteStatus> {
-    Arc::clone(&statuses.last().expect("registered before its task starts").1)
-}
+/// Starts one run of a route task (called again for each restart).
+type StartRoute = Box<dyn FnMut() -> futures_util::future::BoxFuture<'static, anyhow::Result<()>> + Send>;
 
 /// A route task under [`source::supervise`]; a route that fails for good stops the process.
 async fn supervised<F, Fut>(

@@ -52,8 +52,11 @@ pub struct Gate {
     on_unavailable: OnUnavailable,
     verify: bool,
     /// Per route and reason: when a rejection was last logged, and how many were not since.
-    last_logged: Mutex<HashMap<(String, Reason), (Option<Instant>, u64)>>,
+    last_logged: Mutex<HashMap<(String, Reason), LogWindow>>,
 }
+
+/// When a kind of line was last logged, and how many were not logged since.
+type LogWindow = (Option<Instant>, u64);
 
 /// A rejection of each reason is logged at most this often per route; all are counted.
 const REJECTION_LOG_EVERY: Duration = Duration::from_secs(10);
