@@ -264,7 +264,12 @@ struct Fate {
 }
 
 /// Every record on the trusted and dead-letter topics, read by the third-party consumer.
-fn fates(bs: &str, t: &Topics, expected: usize, secs: u64) -> Vec<Fate> {
+async fn fates(bs: &str, t: &Topics, expected: usize, secs: u64) -> Vec<Fate> {
+    let (bs, t) = (bs.to_owned(), t.clone());
+    tokio::task::spawn_blocking(move || read_fates(&bs, &t, expected, secs)).await.unwrap()
+}
+
+fn read_fates(bs: &str, t: &Topics, expected: usize, secs: u64) -> Vec<Fate> {
     let python = std::env::var("TOKENGATE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
     let out = Command::new(&python)
         .arg(fixture("fates.py"))
@@ -342,12 +347,7 @@ async fn three_instances_one_killed_one_joining_mid_stream_lose_and_leak_nothing
     let d = GateProcess::spawn(&cfg("gate_d"));
     let sent = producer.await.unwrap();
 
-    let fates = tokio::task::spawn_blocking({
-        let (bs, t) = (bs.clone(), t.clone());
-        move || fates(&bs, &t, N as usize, 120)
-    })
-    .await
-    .unwrap();
+    let fates = fates(&bs, &t, N as usize, 120).await;
     let duplicates = assert_fates(&sent, &fates);
     let by: HashMap<&str, usize> = fates.iter().fold(HashMap::new(), |mut m, f| {
         *m.entry(f.route.as_str()).or_default() += 1;
@@ -413,12 +413,7 @@ async fn kafka_broker_stopped_and_started_mid_stream_loses_nothing_and_ready_tel
     .unwrap();
     let back = wait_ready(port, true, 60).await;
     let sent = producer.await.unwrap();
-    let fates = tokio::task::spawn_blocking({
-        let (bs, t) = (bs.clone(), t.clone());
-        move || fates(&bs, &t, N as usize, 120)
-    })
-    .await
-    .unwrap();
+    let fates = fates(&bs, &t, N as usize, 120).await;
     let duplicates = assert_fates(&sent, &fates);
     eprintln!(
         "not ready {:.1}s after the stop; ready {:.1}s after the restart began ({:.1}s after it answered); {duplicates} duplicates",
