@@ -45,12 +45,12 @@ pub async fn serve(
     axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await
 }
 
-/// The key sets' health, with `tokengate_jwks_age_seconds` brought up to date.
+/// The key sets' health, with their age gauges brought up to date.
 async fn key_health(s: &AdminState) -> Vec<crate::verify::KeyHealth> {
     let keys = s.gate.verifier().health().await;
     for k in &keys {
         if let Some(age) = k.age_secs {
-            metrics::gauge!("tokengate_jwks_age_seconds", "issuer" => k.issuer.clone()).set(age as f64);
+            crate::telemetry::set_jwks_age(&k.issuer, age);
         }
     }
     keys
@@ -84,7 +84,7 @@ async fn ready(State(s): State<AdminState>) -> impl IntoResponse {
 async fn render_metrics(State(s): State<AdminState>) -> impl IntoResponse {
     // Current at every scrape, not only when /ready was asked.
     key_health(&s).await;
-    metrics::gauge!("tokengate_revocation_up").set(f64::from(u8::from(s.gate.revocation_up())));
+    crate::telemetry::set_revocation_up(s.gate.revocation_up());
     match &s.metrics {
         Some(h) => (StatusCode::OK, h.render()),
         None => (StatusCode::NOT_FOUND, "metrics recorder not installed in this process\n".to_owned()),

@@ -105,9 +105,8 @@ pub async fn run_routes(settings: &Settings, gate: Arc<Gate>, cancel: Cancellati
     // Before any route registers its counters, so that they report to the endpoint.
     let recorder = if settings.raw.admin.listen.is_empty() { None } else { crate::admin::install_metrics() };
     if recorder.is_some() {
-        let routes: Vec<String> = settings.routes.iter().map(|r| r.name.clone()).collect();
         let remote: Vec<String> = gate.verifier().health().await.into_iter().map(|k| k.issuer).collect();
-        crate::telemetry::register(&routes, &remote, gate.revocation_up());
+        crate::telemetry::register(&remote, gate.revocation_up());
     }
     let mut statuses = Vec::new();
     // The first route that failed for good: the process shuts down and exits with its error.
@@ -131,6 +130,7 @@ pub async fn run_routes(settings: &Settings, gate: Arc<Gate>, cancel: Cancellati
             status: Arc::clone(&status),
             metrics: crate::telemetry::RouteMetrics::new(&rules.name),
         });
+        let supervised_route = Arc::clone(&route);
         let start: StartRoute = match src {
             SourceConfig::Kafka(k) => {
                 let (bootstrap, props) = kafka_properties(settings, &k.cluster)?;
@@ -173,7 +173,7 @@ pub async fn run_routes(settings: &Settings, gate: Arc<Gate>, cancel: Cancellati
                 Box::new(move || Box::pin(source::amqp::run(Arc::clone(&route), Arc::clone(&src), c.clone(), drain)))
             }
         };
-        tasks.spawn(supervised(rules.name.clone(), status, cancel.clone(), fatal.clone(), max, start));
+        tasks.spawn(supervised(supervised_route, cancel.clone(), fatal.clone(), max, start));
     }
     anyhow::ensure!(!statuses.is_empty(), "no route has a source, trusted and dead_letter: nothing to run");
     if !settings.raw.admin.listen.is_empty() {
@@ -206,8 +206,7 @@ type StartRoute = Box<dyn FnMut() -> futures_util::future::BoxFuture<'static, an
 
 /// A route task under [`source::supervise`]; a route that fails for good stops the process.
 async fn supervised<F, Fut>(
-    name: String,
-    status: Arc<RouteStatus>,
+    route: Arc<Route>,
     cancel: CancellationToken,
     fatal: Arc<std::sync::Mutex<Option<anyhow::Error>>>,
     max_failures: u32,
@@ -216,7 +215,9 @@ async fn supervised<F, Fut>(
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
 {
-    if let Err(e) = source::supervise(&name, &status, &cancel, max_failures, start).await {
+    if let Err(e) =
+        source::supervise(&route.rules.name, &route.status, &route.metrics, &cancel, max_failures, start).await
+    {
         fatal.lock().expect("not poisoned").get_or_insert(e);
         cancel.cancel();
     }

@@ -27,11 +27,12 @@ pub enum Hold {
 }
 
 impl Hold {
-    /// A short label for metrics.
+    /// Its `cause` label (one of [`crate::telemetry::HOLD_CAUSES`]).
     pub fn cause(&self) -> &'static str {
+        let [keys, revocation] = crate::telemetry::HOLD_CAUSES;
         match self {
-            Hold::Keys(_) => "keys",
-            Hold::Revocation(_) => "revocation",
+            Hold::Keys(_) => keys,
+            Hold::Revocation(_) => revocation,
         }
     }
 }
@@ -237,6 +238,8 @@ pub fn dead_letter(route: &RouteRules, env: &Envelope, r: &Rejection, fp: Option
 pub struct Guard {
     cfg: GuardConfig,
     route: String,
+    /// The route's storm gauge ([`crate::telemetry::RouteMetrics::dead_letter_storm`]).
+    storm: metrics::Gauge,
     started: Instant,
     total: u64,
     dead: u64,
@@ -244,8 +247,8 @@ pub struct Guard {
 
 impl Guard {
     /// A guard with the route's settings.
-    pub fn new(route: &str, cfg: GuardConfig) -> Guard {
-        Guard { cfg, route: route.to_owned(), started: Instant::now(), total: 0, dead: 0 }
+    pub fn new(route: &str, cfg: GuardConfig, storm: metrics::Gauge) -> Guard {
+        Guard { cfg, route: route.to_owned(), storm, started: Instant::now(), total: 0, dead: 0 }
     }
 
     /// Records one outcome; returns how long to pause if the guard tripped and pausing is on.
@@ -258,7 +261,7 @@ impl Guard {
         let (total, dead) = (self.total, self.dead);
         (self.started, self.total, self.dead) = (Instant::now(), 0, 0);
         let tripped = total >= self.cfg.min_messages && dead as f64 > self.cfg.max_ratio * total as f64;
-        metrics::gauge!("tokengate_dead_letter_storm", "route" => self.route.clone()).set(f64::from(u8::from(tripped)));
+        self.storm.set(f64::from(u8::from(tripped)));
         if !tripped {
             return None;
         }
@@ -346,11 +349,11 @@ mod tests {
             window: Dur(Duration::ZERO),
             pause: Some(Dur(Duration::from_secs(3))),
         };
-        let mut g = Guard::new("r", cfg.clone());
+        let mut g = Guard::new("r", cfg.clone(), metrics::Gauge::noop());
         assert_eq!(g.record(true), None, "1 message is below min_messages");
         let mut g = Guard {
             cfg: GuardConfig { window: Dur(Duration::from_secs(3600)), ..cfg },
-            ..Guard::new("r", GuardConfig::default())
+            ..Guard::new("r", GuardConfig::default(), metrics::Gauge::noop())
         };
         for _ in 0..20 {
             assert_eq!(g.record(true), None, "window not over");

@@ -93,7 +93,7 @@ const HOLD_LOG_EVERY: u64 = 20;
 impl<A: Send + 'static> Pipeline<A> {
     /// The path of `route`.
     pub fn new(route: Arc<Route>) -> Pipeline<A> {
-        let guard = Guard::new(&route.rules.name, route.guard.clone());
+        let guard = Guard::new(&route.rules.name, route.guard.clone(), route.metrics.dead_letter_storm.clone());
         Pipeline {
             route,
             decisions: FuturesOrdered::new(),
@@ -159,8 +159,8 @@ impl<A: Send + 'static> Pipeline<A> {
     /// A confirmation failed: pause intake with backoff (the source re-reads or requeues it).
     pub fn pause_after_failure(&mut self, error: &PublishError) {
         let name = &self.route.rules.name;
-        metrics::counter!("tokengate_publish_errors_total", "route" => name.clone()).increment(1);
-        self.route.status.set_holding(name, true);
+        self.route.metrics.publish_failed();
+        self.route.set_holding(true);
         let now = Instant::now();
         if self.intake_at.is_none_or(|t| t <= now) {
             let d = self.backoff.next_delay();
@@ -198,9 +198,8 @@ impl<A: Send + 'static> Pipeline<A> {
             let outcome = match decision {
                 Ok(o) => o,
                 Err(hold) => {
-                    self.route.status.set_holding(name, true);
-                    metrics::counter!("tokengate_holds_total", "route" => name.clone(), "cause" => hold.cause())
-                        .increment(1);
+                    self.route.set_holding(true);
+                    self.route.metrics.held(hold.cause());
                     let d = self.backoff.next_delay().min(HOLD_RETRY_MAX);
                     if self.hold_retries.is_multiple_of(HOLD_LOG_EVERY) {
                         tracing::warn!(route = %name, error = %hold, retries = self.hold_retries, retry_in_ms = d.as_millis() as u64, "holding: message cannot be decided now");
@@ -227,7 +226,7 @@ impl<A: Send + 'static> Pipeline<A> {
                     let d = match e {
                         PublishError::Backpressure => BACKPRESSURE_WAIT,
                         PublishError::Failed(ref why) => {
-                            self.route.status.set_holding(name, true);
+                            self.route.set_holding(true);
                             let d = self.backoff.next_delay();
                             tracing::warn!(route = %name, error = %why, retry_in_ms = d.as_millis() as u64, "holding: publish refused");
                             d
@@ -238,7 +237,7 @@ impl<A: Send + 'static> Pipeline<A> {
                 }
             }
             if self.intake_at.is_none() {
-                self.route.status.set_holding(name, false);
+                self.route.set_holding(false);
                 self.backoff.reset();
             }
             if self.hold_retries > 0 {
@@ -297,8 +296,30 @@ pub struct Route {
     pub guard: GuardConfig,
     /// Live state for readiness.
     pub status: Arc<RouteStatus>,
-    /// Per-message counters.
+    /// The route's metrics.
     pub metrics: crate::telemetry::RouteMetrics,
+}
+
+impl Route {
+    /// Marks the route holding (or not), for readiness and its gauge.
+    pub(crate) fn set_holding(&self, on: bool) {
+        if self.status.holding.swap(on, Ordering::Relaxed) != on {
+            self.metrics.set_holding(on);
+        }
+    }
+
+    /// Marks the source broker down (or answering again), for readiness, its gauge and the log.
+    pub(crate) fn set_broker_down(&self, down: bool) {
+        if self.status.broker_down.swap(down, Ordering::Relaxed) != down {
+            self.metrics.set_broker_up(!down);
+            let route = &self.rules.name;
+            if down {
+                tracing::warn!(route, "source broker does not answer: route not ready");
+            } else {
+                tracing::info!(route, "source broker answers again");
+            }
+        }
+    }
 }
 
 /// What readiness reports about a route.
@@ -328,23 +349,6 @@ impl RouteStatus {
     /// Why the route task last ended unexpectedly, if it has not run again since.
     pub fn failure(&self) -> Option<String> {
         self.failed.lock().expect("not poisoned").clone()
-    }
-
-    pub(crate) fn set_broker_down(&self, route: &str, down: bool) {
-        if self.broker_down.swap(down, Ordering::Relaxed) != down {
-            metrics::gauge!("tokengate_broker_up", "route" => route.to_owned()).set(f64::from(u8::from(!down)));
-            if down {
-                tracing::warn!(route, "source broker does not answer: route not ready");
-            } else {
-                tracing::info!(route, "source broker answers again");
-            }
-        }
-    }
-
-    pub(crate) fn set_holding(&self, route: &str, on: bool) {
-        if self.holding.swap(on, Ordering::Relaxed) != on {
-            metrics::gauge!("tokengate_holding", "route" => route.to_owned()).set(f64::from(u8::from(on)));
-        }
     }
 }
 

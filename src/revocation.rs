@@ -358,7 +358,7 @@ impl Tracked {
                 Ok(mut conn) => {
                     backoff = Duration::from_millis(100);
                     tracing::info!("revocation list connected (client tracking on)");
-                    metrics::gauge!("tokengate_revocation_up").set(1.0);
+                    crate::telemetry::set_revocation_up(true);
                     loop {
                         tokio::select! {
                             _ = cancel.cancelled() => return,
@@ -378,7 +378,7 @@ impl Tracked {
             }
             self.drop_cache();
             *self.conn.lock().expect("not poisoned") = None;
-            metrics::gauge!("tokengate_revocation_up").set(0.0);
+            crate::telemetry::set_revocation_up(false);
             // Jitter spreads the reconnects of many instances after a Redis restart.
             let jittered = backoff.mul_f64(rand::random_range(0.8..1.2));
             tokio::select! {
@@ -425,7 +425,7 @@ impl Tracked {
         };
         let seen = self.invalidations.load(Ordering::SeqCst);
         self.round_trips.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("tokengate_revocation_lookups_total").increment(1);
+        crate::telemetry::revocation_lookup();
         let entries = fetch(&mut conn, &keys.clone().collect::<Vec<_>>()).await.map_err(Unavailable)?;
         if use_cache && self.invalidations.load(Ordering::SeqCst) == seen {
             for (k, e) in keys.zip(&entries) {

@@ -38,105 +38,207 @@ pub enum Kind {
     Gauge,
 }
 
-/// Every metric tokengate serves: name, kind, labels, help. Each is registered when the metrics
-/// endpoint starts, so it is present from the first scrape; the README's metric table lists the
-/// same names (a test compares the table with what `/metrics` serves).
-pub const METRICS: &[(&str, Kind, &str, &str)] = &[
-    (
-        "tokengate_messages_total",
-        Kind::Counter,
-        "route, outcome",
-        "messages handed to a destination: forwarded or dead_lettered",
-    ),
-    ("tokengate_rejections_total", Kind::Counter, "route, reason", "dead-lettered messages by reason code"),
-    (
-        "tokengate_holds_total",
-        Kind::Counter,
-        "route, cause",
-        "times a message could not be decided (cause: keys, revocation)",
-    ),
-    ("tokengate_holding", Kind::Gauge, "route", "1 while the route holds a message it cannot decide or publish"),
-    (
-        "tokengate_in_flight",
-        Kind::Gauge,
-        "route",
-        "messages taken from the source and not yet confirmed (Kafka routes)",
-    ),
-    ("tokengate_publish_errors_total", Kind::Counter, "route", "publishes the broker refused or did not confirm"),
-    ("tokengate_dead_letter_storm", Kind::Gauge, "route", "1 while the dead-letter guard is tripped"),
-    ("tokengate_broker_up", Kind::Gauge, "route", "0 while the route's source broker does not answer"),
-    ("tokengate_route_failures_total", Kind::Counter, "route", "unexpected ends of the route task (each restarted)"),
-    (
-        "tokengate_poison_messages_total",
-        Kind::Counter,
-        "route",
-        "AMQP messages the client could not decode, dead-lettered",
-    ),
-    ("tokengate_revocation_up", Kind::Gauge, "", "1 while the revocation list answers (1 when none is configured)"),
-    ("tokengate_revocation_lookups_total", Kind::Counter, "", "revocation lookups that went to Redis (cache misses)"),
-    ("tokengate_jwks_fetch_errors_total", Kind::Counter, "issuer", "failed JWKS fetches"),
-    (
-        "tokengate_jwks_age_seconds",
-        Kind::Gauge,
-        "issuer",
-        "age of the issuer's last good JWKS (current at every scrape)",
-    ),
+/// A metric tokengate serves. Its name appears nowhere but here: code uses the handles below.
+#[derive(Debug)]
+pub struct Metric {
+    /// The Prometheus name.
+    pub name: &'static str,
+    /// Counter or gauge.
+    pub kind: Kind,
+    /// Label names, in order.
+    pub labels: &'static [&'static str],
+    /// The `# HELP` text.
+    pub help: &'static str,
+}
+
+const fn metric(name: &'static str, kind: Kind, labels: &'static [&'static str], help: &'static str) -> Metric {
+    Metric { name, kind, labels, help }
+}
+
+const MESSAGES: Metric = metric(
+    "tokengate_messages_total",
+    Kind::Counter,
+    &["route", "outcome"],
+    "messages handed to a destination: forwarded or dead_lettered",
+);
+const REJECTIONS: Metric =
+    metric("tokengate_rejections_total", Kind::Counter, &["route", "reason"], "dead-lettered messages by reason code");
+const HOLDS: Metric = metric(
+    "tokengate_holds_total",
+    Kind::Counter,
+    &["route", "cause"],
+    "times a message could not be decided (cause: keys, revocation)",
+);
+const HOLDING: Metric = metric(
+    "tokengate_holding",
+    Kind::Gauge,
+    &["route"],
+    "1 while the route holds a message it cannot decide or publish",
+);
+const IN_FLIGHT: Metric = metric(
+    "tokengate_in_flight",
+    Kind::Gauge,
+    &["route"],
+    "messages taken from the source and not yet confirmed (Kafka routes)",
+);
+const PUBLISH_ERRORS: Metric = metric(
+    "tokengate_publish_errors_total",
+    Kind::Counter,
+    &["route"],
+    "publishes the broker refused or did not confirm",
+);
+const DEAD_LETTER_STORM: Metric =
+    metric("tokengate_dead_letter_storm", Kind::Gauge, &["route"], "1 while the dead-letter guard is tripped");
+const BROKER_UP: Metric =
+    metric("tokengate_broker_up", Kind::Gauge, &["route"], "0 while the route's source broker does not answer");
+const ROUTE_FAILURES: Metric = metric(
+    "tokengate_route_failures_total",
+    Kind::Counter,
+    &["route"],
+    "unexpected ends of the route task (each restarted)",
+);
+const POISON_MESSAGES: Metric = metric(
+    "tokengate_poison_messages_total",
+    Kind::Counter,
+    &["route"],
+    "AMQP messages the client could not decode, dead-lettered",
+);
+const REVOCATION_UP: Metric = metric(
+    "tokengate_revocation_up",
+    Kind::Gauge,
+    &[],
+    "1 while the revocation list answers (1 when none is configured)",
+);
+const REVOCATION_LOOKUPS: Metric = metric(
+    "tokengate_revocation_lookups_total",
+    Kind::Counter,
+    &[],
+    "revocation lookups that went to Redis (cache misses)",
+);
+const JWKS_FETCH_ERRORS: Metric =
+    metric("tokengate_jwks_fetch_errors_total", Kind::Counter, &["issuer"], "failed JWKS fetches");
+const JWKS_AGE: Metric = metric(
+    "tokengate_jwks_age_seconds",
+    Kind::Gauge,
+    &["issuer"],
+    "age of the issuer's last good JWKS (current at every scrape)",
+);
+
+/// Every metric tokengate serves. Each is registered when the metrics endpoint starts, so it is
+/// present from the first scrape; the README's metric table lists the same names (a test
+/// compares the table with this list and with what `/metrics` serves).
+pub const METRICS: [&Metric; 14] = [
+    &MESSAGES,
+    &REJECTIONS,
+    &HOLDS,
+    &HOLDING,
+    &IN_FLIGHT,
+    &PUBLISH_ERRORS,
+    &DEAD_LETTER_STORM,
+    &BROKER_UP,
+    &ROUTE_FAILURES,
+    &POISON_MESSAGES,
+    &REVOCATION_UP,
+    &REVOCATION_LOOKUPS,
+    &JWKS_FETCH_ERRORS,
+    &JWKS_AGE,
 ];
 
-/// Registers every metric of [`METRICS`] at its starting value, for `routes` and the remote
-/// `issuers`, with the installed recorder.
-pub fn register(routes: &[String], issuers: &[String], revocation_up: bool) {
-    for (name, kind, _, help) in METRICS {
-        match kind {
-            Kind::Counter => metrics::describe_counter!(*name, *help),
-            Kind::Gauge => metrics::describe_gauge!(*name, *help),
+/// Why a message is held (the `cause` label of `tokengate_holds_total`).
+pub const HOLD_CAUSES: [&str; 2] = ["keys", "revocation"];
+
+/// Describes every metric and sets the process-wide ones to their starting values, for the
+/// remote `issuers`, with the installed recorder (routes register with [`RouteMetrics::new`]).
+pub fn register(issuers: &[String], revocation_up: bool) {
+    for m in METRICS {
+        match m.kind {
+            Kind::Counter => metrics::describe_counter!(m.name, m.help),
+            Kind::Gauge => metrics::describe_gauge!(m.name, m.help),
         }
     }
-    for r in routes {
-        let route = || r.clone();
-        for cause in ["keys", "revocation"] {
-            metrics::counter!("tokengate_holds_total", "route" => route(), "cause" => cause).increment(0);
-        }
-        for name in
-            ["tokengate_publish_errors_total", "tokengate_route_failures_total", "tokengate_poison_messages_total"]
-        {
-            metrics::counter!(name, "route" => route()).increment(0);
-        }
-        for (name, value) in [
-            ("tokengate_holding", 0.0),
-            ("tokengate_in_flight", 0.0),
-            ("tokengate_dead_letter_storm", 0.0),
-            ("tokengate_broker_up", 1.0),
-        ] {
-            metrics::gauge!(name, "route" => route()).set(value);
-        }
-    }
-    metrics::gauge!("tokengate_revocation_up").set(f64::from(u8::from(revocation_up)));
-    metrics::counter!("tokengate_revocation_lookups_total").increment(0);
+    set_revocation_up(revocation_up);
+    metrics::counter!(REVOCATION_LOOKUPS.name).increment(0);
     for i in issuers {
-        metrics::counter!("tokengate_jwks_fetch_errors_total", "issuer" => i.clone()).increment(0);
+        metrics::counter!(JWKS_FETCH_ERRORS.name, "issuer" => i.clone()).increment(0);
     }
 }
 
-/// A route's per-message counters, registered once so the hot path is an atomic add.
+/// Sets `tokengate_revocation_up`.
+pub fn set_revocation_up(up: bool) {
+    metrics::gauge!(REVOCATION_UP.name).set(f64::from(u8::from(up)));
+}
+
+/// Counts a revocation lookup that went to Redis.
+pub fn revocation_lookup() {
+    metrics::counter!(REVOCATION_LOOKUPS.name).increment(1);
+}
+
+/// Counts a failed JWKS fetch of `issuer`.
+pub fn jwks_fetch_failed(issuer: &str) {
+    metrics::counter!(JWKS_FETCH_ERRORS.name, "issuer" => issuer.to_owned()).increment(1);
+}
+
+/// Sets the age of `issuer`'s last good JWKS.
+pub fn set_jwks_age(issuer: &str, secs: u64) {
+    metrics::gauge!(JWKS_AGE.name, "issuer" => issuer.to_owned()).set(secs as f64);
+}
+
+/// A route's metrics, registered once (at their starting values) so the hot path is an atomic
+/// add. Create it after the recorder is installed: a handle made before reports nowhere.
 pub struct RouteMetrics {
     forwarded: metrics::Counter,
     dead_lettered: metrics::Counter,
     /// One per [`Reason`], in [`Reason::ALL`] order.
     rejections: Vec<metrics::Counter>,
+    /// One per [`HOLD_CAUSES`] entry.
+    holds: Vec<metrics::Counter>,
+    holding: metrics::Gauge,
+    in_flight: metrics::Gauge,
+    publish_errors: metrics::Counter,
+    /// `tokengate_dead_letter_storm`, set by the route's dead-letter guard.
+    pub dead_letter_storm: metrics::Gauge,
+    broker_up: metrics::Gauge,
+    failures: metrics::Counter,
+    poison: metrics::Counter,
 }
 
 impl RouteMetrics {
-    /// Registers the counters of `route` with the installed recorder (install it first).
+    /// Registers the metrics of `route` with the installed recorder.
     pub fn new(route: &str) -> RouteMetrics {
-        let messages = |outcome: &'static str| metrics::counter!("tokengate_messages_total", "route" => route.to_owned(), "outcome" => outcome);
+        let r = || route.to_owned();
+        let messages = |outcome: &'static str| metrics::counter!(MESSAGES.name, "route" => r(), "outcome" => outcome);
+        let counter = |m: &Metric| {
+            let c = metrics::counter!(m.name, "route" => r());
+            c.increment(0);
+            c
+        };
+        let gauge = |m: &Metric, start: f64| {
+            let g = metrics::gauge!(m.name, "route" => r());
+            g.set(start);
+            g
+        };
         RouteMetrics {
             forwarded: messages("forwarded"),
             dead_lettered: messages("dead_lettered"),
             rejections: Reason::ALL
                 .iter()
-                .map(|r| metrics::counter!("tokengate_rejections_total", "route" => route.to_owned(), "reason" => r.code()))
+                .map(|reason| metrics::counter!(REJECTIONS.name, "route" => r(), "reason" => reason.code()))
                 .collect(),
+            holds: HOLD_CAUSES
+                .iter()
+                .map(|cause| {
+                    let c = metrics::counter!(HOLDS.name, "route" => r(), "cause" => *cause);
+                    c.increment(0);
+                    c
+                })
+                .collect(),
+            holding: gauge(&HOLDING, 0.0),
+            in_flight: gauge(&IN_FLIGHT, 0.0),
+            publish_errors: counter(&PUBLISH_ERRORS),
+            dead_letter_storm: gauge(&DEAD_LETTER_STORM, 0.0),
+            broker_up: gauge(&BROKER_UP, 1.0),
+            failures: counter(&ROUTE_FAILURES),
+            poison: counter(&POISON_MESSAGES),
         }
     }
 
@@ -149,5 +251,42 @@ impl RouteMetrics {
                 self.rejections[reason as usize].increment(1);
             }
         }
+    }
+
+    /// Counts a hold of `cause` (one of [`HOLD_CAUSES`]).
+    pub fn held(&self, cause: &str) {
+        if let Some(i) = HOLD_CAUSES.iter().position(|c| *c == cause) {
+            self.holds[i].increment(1);
+        }
+    }
+
+    /// Sets `tokengate_holding`.
+    pub fn set_holding(&self, on: bool) {
+        self.holding.set(f64::from(u8::from(on)));
+    }
+
+    /// Sets `tokengate_in_flight`.
+    pub fn set_in_flight(&self, n: usize) {
+        self.in_flight.set(n as f64);
+    }
+
+    /// Counts a publish the broker refused or did not confirm.
+    pub fn publish_failed(&self) {
+        self.publish_errors.increment(1);
+    }
+
+    /// Sets `tokengate_broker_up`.
+    pub fn set_broker_up(&self, up: bool) {
+        self.broker_up.set(f64::from(u8::from(up)));
+    }
+
+    /// Counts an unexpected end of the route task.
+    pub fn route_failed(&self) {
+        self.failures.increment(1);
+    }
+
+    /// Counts a poison message taken off the source.
+    pub fn poison_removed(&self) {
+        self.poison.increment(1);
     }
 }

@@ -575,7 +575,7 @@ async fn the_daemon_serves_health_ready_metrics_and_stops_cleanly_on_sigterm() {
         .collect();
     assert_eq!(documented, served, "README metric table vs /metrics");
     let declared: std::collections::BTreeSet<String> =
-        tokengate::telemetry::METRICS.iter().map(|(n, ..)| (*n).to_owned()).collect();
+        tokengate::telemetry::METRICS.iter().map(|m| m.name.to_owned()).collect();
     assert_eq!(documented, declared, "README metric table vs telemetry::METRICS");
 
     // SIGTERM: stop intake, drain, commit, exit 0 within the deadline.

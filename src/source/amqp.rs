@@ -132,7 +132,7 @@ async fn remove_poison(route: &Route, src: &AmqpSource) -> Result<bool, String> 
     confirm.await.map_err(|e| e.to_string())?;
     let bytes = raw.body.len();
     raw.ack().await?;
-    metrics::counter!("tokengate_poison_messages_total", "route" => route.rules.name.clone()).increment(1);
+    route.metrics.poison_removed();
     tracing::error!(route = %route.rules.name, bytes, "poison message dead-lettered: the AMQP client library cannot decode its properties");
     Ok(true)
 }

@@ -321,7 +321,7 @@ async fn probe(
             .await
             .unwrap_or(false);
         failures = if ok { 0 } else { failures + 1 };
-        route.status.set_broker_down(&route.rules.name, failures >= 2);
+        route.set_broker_down(failures >= 2);
     }
 }
 
@@ -364,8 +364,7 @@ impl Loop {
     fn store_confirmed(&self) {
         let mut tracker = self.tracker.lock().expect("not poisoned");
         store(&*self.consumer, tracker.take_storable());
-        metrics::gauge!("tokengate_in_flight", "route" => self.route.rules.name.clone())
-            .set(self.pipe.in_flight() as f64);
+        self.route.metrics.set_in_flight(self.pipe.in_flight());
     }
 
     /// Kafka's acknowledgement rule: confirmed offsets advance the partition; a failure rewinds it

@@ -13,16 +13,18 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::pipeline::{Backoff, RouteStatus};
+use crate::telemetry::RouteMetrics;
 
 /// Runs one route task from `start` until `cancel`. A task that ends unexpectedly (an error, or a
 /// panic, which is a bug but must not end the route quietly) marks the route failed (`/ready`
-/// names it), counts `tokengate_route_failures_total`, logs why, and is restarted with backoff.
+/// names it), counts it ([`RouteMetrics::route_failed`]), logs why, and is restarted with backoff.
 /// After more than `max_failures` failures in a row (a run of a minute or more resets the count)
 /// it returns the error, so that the process exits non-zero and an orchestrator restarts it.
 /// What a failed task took from its broker was not acknowledged, so it is delivered again.
 pub async fn supervise<F, Fut>(
     name: &str,
     status: &RouteStatus,
+    metrics: &RouteMetrics,
     cancel: &CancellationToken,
     max_failures: u32,
     mut start: F,
@@ -64,7 +66,7 @@ where
         failures += 1;
         status.running.store(false, Ordering::Relaxed);
         *status.failed.lock().expect("not poisoned") = Some(why.clone());
-        metrics::counter!("tokengate_route_failures_total", "route" => name.to_owned()).increment(1);
+        metrics.route_failed();
         if failures > max_failures {
             tracing::error!(route = name, failures, error = %why, "route keeps failing; exiting so that the process is restarted");
             anyhow::bail!("route {name} failed {failures} times in a row: {why}");
@@ -91,7 +93,7 @@ mod tests {
         let runs = Arc::new(AtomicU32::new(0));
         let cancel = CancellationToken::new();
         let r = Arc::clone(&runs);
-        let err = supervise("r", &status, &cancel, 2, move || {
+        let err = supervise("r", &status, &RouteMetrics::new("r"), &cancel, 2, move || {
             let r = Arc::clone(&r);
             async move {
                 if r.fetch_add(1, Ordering::SeqCst) == 0 {
@@ -116,7 +118,7 @@ mod tests {
         let (st, r, c) = (Arc::clone(&status), Arc::clone(&runs), cancel.clone());
         let task = tokio::spawn(async move {
             let route_cancel = c.clone();
-            supervise("r", &st, &c, 5, move || {
+            supervise("r", &st, &RouteMetrics::new("r"), &c, 5, move || {
                 let (r, cancel) = (Arc::clone(&r), route_cancel.clone());
                 async move {
                     if r.fetch_add(1, Ordering::SeqCst) == 0 {

@@ -214,7 +214,7 @@ impl IssuerKeys {
             Err(e) => {
                 state.failing_since.get_or_insert_with(Instant::now);
                 tracing::warn!(issuer = %self.issuer, error = %e, "JWKS fetch failed; keeping the last good key set");
-                metrics::counter!("tokengate_jwks_fetch_errors_total", "issuer" => self.issuer.clone()).increment(1);
+                crate::telemetry::jwks_fetch_failed(&self.issuer);
                 state.last_error = Some(e.clone());
                 state.jwks_uri = None; // rediscover next time
                 Err(self.unavailable(e))
