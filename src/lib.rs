@@ -32,6 +32,7 @@
 //! - [`cli`]: the command line.
 
 pub mod admin;
+pub mod amqp;
 pub mod app;
 pub mod cli;
 pub mod config;

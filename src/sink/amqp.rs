@@ -4,20 +4,14 @@
 use lapin::Confirmation;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection};
 
 use super::{Confirm, PublishError};
+use crate::amqp::MAX_SHORT_STRING;
 use crate::envelope::{HeaderData, Outgoing};
-
-/// Longest wait for a connection handshake or an ack on a broker that stopped answering (the
-/// AMQP source uses it too).
-pub const AMQP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Persistent, so a confirmed message survives a broker restart on a durable queue.
 const PERSISTENT: u8 = 2;
-
-/// AMQP short strings (routing keys, header names) hold at most 255 bytes.
-pub const MAX_SHORT_STRING: usize = 255;
 
 /// The most header-table bytes a message may carry: the whole content header must fit in one
 /// frame, and RabbitMQ's default `frame_max` is 128 KiB (a few KiB are left for the properties).
@@ -165,17 +159,12 @@ fn header_bytes(out: &Outgoing) -> usize {
 
 /// Opens a connection and a channel in confirm mode, bounded by the AMQP timeout.
 pub async fn connect_confirming(url: &str) -> Result<(Connection, Channel), String> {
-    let connect = async {
-        let name = "tokengate-publisher".into();
-        let conn = Connection::connect(url, ConnectionProperties::default().with_connection_name(name)).await?;
+    let confirming = |conn: Connection| async move {
         let channel = conn.create_channel().await?;
         channel.confirm_select(ConfirmSelectOptions::default()).await?;
-        lapin::Result::Ok((conn, channel))
+        Ok((conn, channel))
     };
-    match tokio::time::timeout(AMQP_TIMEOUT, connect).await {
-        Ok(r) => r.map_err(|e| e.to_string()),
-        Err(_) => Err("AMQP connection setup timed out".into()),
-    }
+    crate::amqp::connect(url, "tokengate-publisher", confirming).await.map_err(|e| e.to_string())
 }
 
 /// AMQP properties for `out`: the source's (AMQP sources) with headers rebuilt, else persistent

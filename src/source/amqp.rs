@@ -10,16 +10,16 @@ use std::time::{Duration, Instant};
 use futures_util::FutureExt as _;
 use futures_util::StreamExt as _;
 use lapin::Acker;
+use lapin::Connection;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{Connection, ConnectionProperties};
 use tokio_util::sync::CancellationToken;
 
+use crate::amqp;
 use crate::envelope::{Envelope, HeaderData, Origin};
 use crate::pipeline::{Acks, CHUNK, Pipeline, Settled};
 use crate::pipeline::{Backoff, Route};
-use crate::sink::amqp::AMQP_TIMEOUT;
 
 /// An AMQP source's settings.
 pub struct AmqpSource {
@@ -191,14 +191,8 @@ async fn session(
     cancel: &CancellationToken,
     drain_timeout: Duration,
 ) -> anyhow::Result<()> {
-    let name = route.rules.name.clone();
-    // A broker that accepts TCP while still starting can leave a handshake hanging: bound it.
-    let setup = async {
-        let conn = Connection::connect(
-            &src.url,
-            ConnectionProperties::default().with_connection_name(format!("tokengate-{name}").into()),
-        )
-        .await?;
+    let tag = format!("tokengate-{}", route.rules.name);
+    let setup = |conn: Connection| async {
         let channel = conn.create_channel().await?;
         channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
         let options = QueueDeclareOptions { passive: !src.declare, durable: true, ..Default::default() };
@@ -206,16 +200,14 @@ async fn session(
         let consumer = channel
             .basic_consume(
                 ShortString::from(src.queue.as_str()),
-                ShortString::from(format!("tokengate-{name}")),
+                ShortString::from(tag.as_str()),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
             .await?;
         anyhow::Ok((conn, channel, consumer))
     };
-    let (conn, channel, mut consumer) = tokio::time::timeout(AMQP_TIMEOUT, setup)
-        .await
-        .map_err(|_| anyhow::anyhow!("AMQP connection setup timed out"))??;
+    let (conn, channel, mut consumer) = amqp::connect(&src.url, &tag, setup).await?;
     let mut liveness = tokio::time::interval(Duration::from_secs(1));
     let (session_start, mut prefetch) = (Instant::now(), prefetch);
     route.status.running.store(true, Ordering::Relaxed);
@@ -275,7 +267,7 @@ async fn session(
     let _ = channel.close(200, "shutdown".into()).await;
     let _ = conn.close(200, "shutdown".into()).await;
     route.status.running.store(false, Ordering::Relaxed);
-    tracing::info!(route = %name, "route stopped");
+    tracing::info!(route = %route.rules.name, "route stopped");
     Ok(())
 }
 
@@ -284,7 +276,7 @@ async fn session(
 async fn settle(pipe: &mut Pipeline<Acker>, (acker, result): Settled<Acker>) -> anyhow::Result<()> {
     match result {
         Ok(()) => {
-            tokio::time::timeout(AMQP_TIMEOUT, acker.ack(BasicAckOptions::default()))
+            tokio::time::timeout(amqp::TIMEOUT, acker.ack(BasicAckOptions::default()))
                 .await
                 .map_err(|_| anyhow::anyhow!("ack timed out"))??;
         }
@@ -292,7 +284,7 @@ async fn settle(pipe: &mut Pipeline<Acker>, (acker, result): Settled<Acker>) -> 
             pipe.pause_after_failure(&e);
             // If the channel is gone the broker requeues it anyway.
             let nack = acker.nack(BasicNackOptions { requeue: true, ..Default::default() });
-            let _ = tokio::time::timeout(AMQP_TIMEOUT, nack).await;
+            let _ = tokio::time::timeout(amqp::TIMEOUT, nack).await;
         }
     }
     Ok(())

@@ -9,9 +9,9 @@ pub mod jwks;
 pub mod jwt;
 pub mod keys;
 pub mod policy;
+pub mod reason;
 
 use std::collections::HashMap;
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,139 +22,7 @@ use tokio_util::sync::CancellationToken;
 pub use jwks::{IssuerKeys, KeyHealth, KeysUnavailable};
 pub use jwt::StdClaims;
 pub use policy::{ClaimPath, HeaderValue, Policy, Requirement, TokenSpec};
-
-/// Why a token was refused. The codes are a stable contract: metric labels and dead-letter
-/// headers carry them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Reason {
-    /// No token header.
-    MissingToken,
-    /// The token header is present but empty.
-    EmptyToken,
-    /// More than one token header (header smuggling).
-    DuplicateToken,
-    /// The token header is not UTF-8.
-    NonUtf8Token,
-    /// The token header is over the size limit.
-    TokenTooLarge,
-    /// Not a well-formed compact JWS, or a hostile header form.
-    Malformed,
-    /// `alg` is `none`, unknown, or not allowed for this issuer or key.
-    UnsupportedAlg,
-    /// `iss` names no configured issuer.
-    UnknownIssuer,
-    /// The issuer is configured but not accepted on this route.
-    WrongIssuer,
-    /// No key of the issuer has the token's `kid`.
-    UnknownKid,
-    /// The signature does not verify.
-    BadSignature,
-    /// `exp` has passed (beyond the leeway).
-    Expired,
-    /// `nbf` is in the future (beyond the leeway).
-    NotYetValid,
-    /// `iat` is in the future (beyond the leeway).
-    IssuedInFuture,
-    /// `iat` is older than the issuer's maximum token age.
-    TooOld,
-    /// `aud` names none of the issuer's audiences.
-    WrongAudience,
-    /// The header `typ` is not the one the issuer requires.
-    WrongType,
-    /// A required claim is absent.
-    MissingClaim,
-    /// A registered claim has the wrong JSON type.
-    InvalidClaim,
-    /// The route's role, scope or claim rules refuse the token.
-    Forbidden,
-    /// The token is on the revocation list.
-    Revoked,
-    /// The revocation list could not be read and the config says dead-letter (not hold).
-    RevocationUnavailable,
-    /// No key has the token's `kid` and the identity provider has been unreachable for longer
-    /// than the issuer's `unknown_kid_max_wait`: the token may be fine; replay it later.
-    KeyUnavailable,
-}
-
-impl Reason {
-    /// Every reason, for documentation and metric pre-registration.
-    pub const ALL: [Reason; 23] = [
-        Reason::MissingToken,
-        Reason::EmptyToken,
-        Reason::DuplicateToken,
-        Reason::NonUtf8Token,
-        Reason::TokenTooLarge,
-        Reason::Malformed,
-        Reason::UnsupportedAlg,
-        Reason::UnknownIssuer,
-        Reason::WrongIssuer,
-        Reason::UnknownKid,
-        Reason::BadSignature,
-        Reason::Expired,
-        Reason::NotYetValid,
-        Reason::IssuedInFuture,
-        Reason::TooOld,
-        Reason::WrongAudience,
-        Reason::WrongType,
-        Reason::MissingClaim,
-        Reason::InvalidClaim,
-        Reason::Forbidden,
-        Reason::Revoked,
-        Reason::RevocationUnavailable,
-        Reason::KeyUnavailable,
-    ];
-
-    /// The stable snake_case code.
-    pub fn code(self) -> &'static str {
-        match self {
-            Reason::MissingToken => "missing_token",
-            Reason::EmptyToken => "empty_token",
-            Reason::DuplicateToken => "duplicate_token",
-            Reason::NonUtf8Token => "non_utf8_token",
-            Reason::TokenTooLarge => "token_too_large",
-            Reason::Malformed => "malformed",
-            Reason::UnsupportedAlg => "unsupported_alg",
-            Reason::UnknownIssuer => "unknown_issuer",
-            Reason::WrongIssuer => "wrong_issuer",
-            Reason::UnknownKid => "unknown_kid",
-            Reason::BadSignature => "bad_signature",
-            Reason::Expired => "expired",
-            Reason::NotYetValid => "not_yet_valid",
-            Reason::IssuedInFuture => "issued_in_future",
-            Reason::TooOld => "too_old",
-            Reason::WrongAudience => "wrong_audience",
-            Reason::WrongType => "wrong_type",
-            Reason::MissingClaim => "missing_claim",
-            Reason::InvalidClaim => "invalid_claim",
-            Reason::Forbidden => "forbidden",
-            Reason::Revoked => "revoked",
-            Reason::RevocationUnavailable => "revocation_unavailable",
-            Reason::KeyUnavailable => "key_unavailable",
-        }
-    }
-}
-
-impl fmt::Display for Reason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.code())
-    }
-}
-
-/// A refused token: a normal outcome, routed to the dead-letter destination.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Rejection {
-    /// The stable code.
-    pub reason: Reason,
-    /// A short human explanation; never holds the token.
-    pub detail: String,
-}
-
-impl Rejection {
-    /// A rejection with a detail.
-    pub fn new(reason: Reason, detail: impl Into<String>) -> Rejection {
-        Rejection { reason, detail: detail.into() }
-    }
-}
+pub use reason::{Reason, Rejection};
 
 /// A token whose signature and issuer-level claims checked out.
 #[derive(Debug)]
@@ -514,22 +382,6 @@ pub fn check_time(c: &IssuerChecks, s: &StdClaims, now: i64) -> Result<(), Rejec
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn reason_all_is_in_declaration_order() {
-        for (i, r) in Reason::ALL.iter().enumerate() {
-            assert_eq!(*r as usize, i, "{r:?}");
-        }
-    }
-
-    #[test]
-    fn reason_codes_are_unique_snake_case() {
-        let codes: std::collections::HashSet<_> = Reason::ALL.iter().map(|r| r.code()).collect();
-        assert_eq!(codes.len(), Reason::ALL.len());
-        assert!(
-            codes.iter().all(|c| { c.chars().all(|ch| ch.is_ascii_lowercase() || ch == '_' || ch.is_ascii_digit()) })
-        );
-    }
 
     #[test]
     fn time_table() {
