@@ -64,7 +64,7 @@ async fn main() {
             .unwrap(),
     );
     assert!(cached.wait_up(Duration::from_secs(10)).await, "Redis is required at {url}");
-    let conn = tokengate::ops::redis_connect(&url).await.unwrap();
+    let conn = tokengate::revocation::edit::redis_connect(&url).await.unwrap();
 
     // Baseline: the same lookup (EXISTS per key + MGET, one round trip) for every message.
     let plain = {
@@ -75,7 +75,7 @@ async fn main() {
             let keys: Vec<String> = ids(i).keys(&prefix).into_iter().map(|(_, k)| k).collect();
             async move {
                 let names: Vec<&str> = keys.iter().map(String::as_str).collect();
-                tokengate::revocation::fetch(&mut conn, &names).await.unwrap();
+                tokengate::revocation::schema::fetch(&mut conn, &names).await.unwrap();
             }
         })
         .await

@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use jsonwebtoken::Algorithm;
 use serde_json::{Map, Value};
 
+use crate::revocation::edit;
 use crate::{config, ops, verify};
 
 /// Exit code for "the tool itself failed" (bad input, unreachable service).
@@ -104,13 +105,13 @@ pub struct SelectorArgs {
 }
 
 impl SelectorArgs {
-    fn selector(self) -> anyhow::Result<ops::Selector> {
+    fn selector(self) -> anyhow::Result<edit::Selector> {
         Ok(match self {
-            SelectorArgs { jti: Some(j), .. } => ops::Selector::Jti(j),
-            SelectorArgs { sub: Some(s), .. } => ops::Selector::Sub(s),
-            SelectorArgs { kid: Some(k), .. } => ops::Selector::Kid(k),
-            SelectorArgs { fp: Some(f), .. } => ops::Selector::Fp(f),
-            SelectorArgs { token: Some(t), .. } => ops::Selector::Token(read_token(&t)?),
+            SelectorArgs { jti: Some(j), .. } => edit::Selector::Jti(j),
+            SelectorArgs { sub: Some(s), .. } => edit::Selector::Sub(s),
+            SelectorArgs { kid: Some(k), .. } => edit::Selector::Kid(k),
+            SelectorArgs { fp: Some(f), .. } => edit::Selector::Fp(f),
+            SelectorArgs { token: Some(t), .. } => edit::Selector::Token(read_token(&t)?),
             _ => anyhow::bail!("give one of --jti, --sub, --kid, --fp, --token"),
         })
     }
@@ -300,13 +301,13 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let now = verify::unix_now();
             let before = before.map(|b| ops::parse_time(&b, now)).transpose()?;
             let expiry = match (ttl, until) {
-                (Some(t), _) => ops::Expiry::Ttl(t.into()),
-                (None, Some(u)) => ops::Expiry::Until(ops::parse_time(&u, now)?),
-                (None, None) => ops::Expiry::Default,
+                (Some(t), _) => edit::Expiry::Ttl(t.into()),
+                (None, Some(u)) => edit::Expiry::Until(ops::parse_time(&u, now)?),
+                (None, None) => edit::Expiry::Default,
             };
             let selector = selector.selector()?;
-            let mut conn = ops::redis_connect(&redis.url).await?;
-            for w in ops::revoke(&mut conn, &redis.prefix, &selector, before, &reason, expiry, now).await? {
+            let mut conn = edit::redis_connect(&redis.url).await?;
+            for w in edit::revoke(&mut conn, &redis.prefix, &selector, before, &reason, expiry, now).await? {
                 let ttl = w.ttl_secs.map_or("no expiry".to_owned(), |t| format!("expires in {t}s"));
                 println!("revoked {} {:?} ({ttl}): {}", w.kind.name(), w.id, w.key.escape_debug());
             }
@@ -314,8 +315,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Unrevoke { selector, redis } => {
             let selector = selector.selector()?;
-            let mut conn = ops::redis_connect(&redis.url).await?;
-            let removed = ops::unrevoke(&mut conn, &redis.prefix, &selector, verify::unix_now()).await?;
+            let mut conn = edit::redis_connect(&redis.url).await?;
+            let removed = edit::unrevoke(&mut conn, &redis.prefix, &selector, verify::unix_now()).await?;
             if removed.is_empty() {
                 println!("nothing to unrevoke");
             }
@@ -331,8 +332,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                         .with_context(|| format!("unknown kind {k:?} (jti, sub, kid, fp)"))
                 })
                 .transpose()?;
-            let mut conn = ops::redis_connect(&redis.url).await?;
-            let all = ops::list(&mut conn, &redis.prefix, kind).await?;
+            let mut conn = edit::redis_connect(&redis.url).await?;
+            let all = edit::list(&mut conn, &redis.prefix, kind).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&all)?);
             } else {
@@ -360,8 +361,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 }
                 None => None,
             };
-            let mut conn = ops::redis_connect(&redis.url).await?;
-            let (revoked, out) = ops::check_revoked(&mut conn, &redis.prefix, &token, verified_kid).await?;
+            let mut conn = edit::redis_connect(&redis.url).await?;
+            let (revoked, out) = edit::check_revoked(&mut conn, &redis.prefix, &token, verified_kid).await?;
             println!("{out}");
             Ok(if revoked { ExitCode::FAILURE } else { ExitCode::SUCCESS })
         }

@@ -126,15 +126,15 @@ pub async fn run() -> anyhow::Result<()> {
     if let Some(list) = &memory {
         list.insert_local(Kind::Jti, &revoked_jti, "demo: reported stolen");
     } else {
-        let mut conn = crate::ops::redis_connect("redis://127.0.0.1:6379").await?;
-        let sel = crate::ops::Selector::Jti(revoked_jti.clone());
-        crate::ops::revoke(
+        let mut conn = crate::revocation::edit::redis_connect("redis://127.0.0.1:6379").await?;
+        let sel = crate::revocation::edit::Selector::Jti(revoked_jti.clone());
+        crate::revocation::edit::revoke(
             &mut conn,
             &prefix,
             &sel,
             None,
             "demo: reported stolen",
-            crate::ops::Expiry::Ttl(Duration::from_secs(600)),
+            crate::revocation::edit::Expiry::Ttl(Duration::from_secs(600)),
             now,
         )
         .await?;

@@ -242,7 +242,7 @@ async fn redis_down_fails_closed_and_recovers_by_itself() {
     // Restarted (empty) Redis on the same port: the checker reconnects by itself.
     let _server = OwnRedis::start(port);
     assert!(r.wait_up(Duration::from_secs(15)).await, "reconnected");
-    let mut conn = tokengate::ops::redis_connect(&format!("redis://127.0.0.1:{port}")).await.unwrap();
+    let mut conn = tokengate::revocation::edit::redis_connect(&format!("redis://127.0.0.1:{port}")).await.unwrap();
     let _: () = conn.set(key(&prefix, Kind::Jti, "down-jti"), "after restart").await.unwrap();
     let detail = until_revoked(&r, &t).await;
     assert!(detail.contains("after restart"), "{detail}");

@@ -176,7 +176,7 @@ pub fn redis_url() -> String {
 /// A connection to the test Redis, or a failure that says what is missing.
 pub async fn redis_conn() -> redis::aio::MultiplexedConnection {
     let url = redis_url();
-    tokengate::ops::redis_connect(&url)
+    tokengate::revocation::edit::redis_connect(&url)
         .await
         .unwrap_or_else(|e| panic!("Redis is required at {url} ({e:#}); scripts/test installs and starts it"))
 }
