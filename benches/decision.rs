@@ -22,7 +22,7 @@ fn engine(cache_entries: u64) -> (Verifier, verify::Policy) {
     );
     let mut s = config::parse(&text, &[], Path::new(".")).unwrap_or_else(|p| panic!("{p:?}"));
     s.cache.max_entries = cache_entries;
-    let policy = s.routes[0].policy.clone();
+    let policy = s.routes[0].rules.policy.clone();
     (Verifier::new(s.issuers, &s.cache), policy)
 }
 

@@ -45,13 +45,11 @@ pub async fn serve(
     axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await
 }
 
-/// The key sets' health, with their age gauges brought up to date.
+/// The key sets' health, with their metrics brought up to date.
 async fn key_health(s: &AdminState) -> Vec<crate::verify::KeyHealth> {
     let keys = s.gate.verifier().health().await;
     for k in &keys {
-        if let Some(age) = k.age_secs {
-            crate::telemetry::set_jwks_age(&k.issuer, age);
-        }
+        crate::telemetry::set_jwks_health(&k.issuer, k.age_secs, k.fetch_errors);
     }
     keys
 }

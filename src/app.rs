@@ -8,10 +8,10 @@ use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Settings, SinkConfig, SourceConfig};
+use crate::config::{Settings, SinkSettings, SourceSettings};
 use crate::gate::Gate;
 use crate::pipeline::{Route, RouteStatus};
-use crate::revocation::{self, Revocations};
+use crate::revocation::Revocations;
 use crate::sink::{Sink, kafka::KafkaSink};
 use crate::source;
 use crate::verify::Verifier;
@@ -28,15 +28,11 @@ pub async fn build_gate(
         tracing::error!(issuer = %e.issuer, detail = %e.detail, "keys unavailable at start; its tokens hold until they load");
     }
     verifier.spawn_refresh(cancel.clone());
-    let on_unavailable = settings.raw.redis.as_ref().map(|r| r.on_unavailable).unwrap_or_default();
-    let revocations = match (revocations, &settings.raw.redis) {
+    let on_unavailable = settings.redis.as_ref().map(|r| r.on_unavailable).unwrap_or_default();
+    let revocations = match (revocations, &settings.redis) {
         (Some(r), _) => Some(r),
         (None, Some(rc)) => {
-            let password =
-                rc.password.as_ref().map(|s| s.resolve(&settings.base)).transpose().map_err(anyhow::Error::msg)?;
-            let password = password.map(|p| String::from_utf8_lossy(&p).into_owned());
-            let info = revocation::connection_info(&rc.url, password.as_deref()).context("redis.url")?;
-            let list = Arc::new(Revocations::redis(info, &rc.prefix, cancel.clone())?);
+            let list = Arc::new(Revocations::redis(rc.info.clone(), &rc.prefix, cancel.clone())?);
             if !list.wait_up(Duration::from_secs(5)).await {
                 tracing::error!("Redis unreachable at start; messages hold until it answers");
             }
@@ -50,60 +46,21 @@ pub async fn build_gate(
     Ok(Arc::new(Gate::new(verifier, revocations, on_unavailable)))
 }
 
-fn kafka_properties(settings: &Settings, cluster: &str) -> anyhow::Result<(String, Vec<(String, String)>)> {
-    let c = settings.raw.kafka.get(cluster).with_context(|| format!("no kafka cluster {cluster}"))?;
-    let mut props: Vec<(String, String)> = c.properties.clone().into_iter().collect();
-    for (k, secret) in &c.secret_properties {
-        let v = secret.resolve(&settings.base).map_err(anyhow::Error::msg)?;
-        props.push((k.clone(), String::from_utf8(v).context("secret property is not UTF-8")?));
-    }
-    Ok((c.bootstrap_servers.clone(), props))
-}
-
-/// The broker URL with its password (kept out of the config file) filled in.
-fn amqp_url(settings: &Settings, broker: &str) -> anyhow::Result<String> {
-    let b = settings.raw.amqp.get(broker).with_context(|| format!("no amqp broker {broker}"))?;
-    let Some(secret) = &b.password else { return Ok(b.url.clone()) };
-    let password = secret.resolve(&settings.base).map_err(anyhow::Error::msg)?;
-    let mut url = url::Url::parse(&b.url).with_context(|| format!("amqp.{broker}.url"))?;
-    url.set_password(Some(&String::from_utf8_lossy(&password)))
-        .map_err(|()| anyhow::anyhow!("amqp.{broker}.url cannot carry a password"))?;
-    Ok(url.to_string())
-}
-
-/// A queue argument from TOML.
-fn amqp_value(v: &toml::Value) -> anyhow::Result<lapin::types::AMQPValue> {
-    use lapin::types::AMQPValue;
-    Ok(match v {
-        toml::Value::String(s) => AMQPValue::LongString(s.as_bytes().to_vec().into()),
-        toml::Value::Integer(i) => AMQPValue::LongLongInt(*i),
-        toml::Value::Boolean(b) => AMQPValue::Boolean(*b),
-        toml::Value::Float(f) => AMQPValue::Double(*f),
-        other => anyhow::bail!("unsupported queue argument type: {other}"),
+fn build_sink(sink: &SinkSettings) -> anyhow::Result<Sink> {
+    Ok(match sink {
+        SinkSettings::Kafka { config, topic } => Sink::Kafka(KafkaSink::new(config.clone(), topic)?),
+        SinkSettings::Amqp { url, exchange, routing_key } => {
+            Sink::Amqp(crate::sink::amqp::AmqpSink::new(url, exchange, routing_key.clone()))
+        }
     })
-}
-
-fn build_sink(settings: &Settings, sink: &SinkConfig) -> anyhow::Result<Sink> {
-    match sink {
-        SinkConfig::Kafka(k) => {
-            let (bootstrap, props) = kafka_properties(settings, &k.cluster)?;
-            let extra: Vec<_> = k.properties.clone().into_iter().collect();
-            let config = crate::sink::kafka::client_config(&bootstrap, &props, &extra);
-            Ok(Sink::Kafka(KafkaSink::new(config, &k.topic)?))
-        }
-        SinkConfig::Amqp(a) => {
-            let url = amqp_url(settings, &a.broker)?;
-            Ok(Sink::Amqp(crate::sink::amqp::AmqpSink::new(&url, &a.exchange, a.routing_key.clone())))
-        }
-    }
 }
 
 /// Runs every route that has a source until `cancel`, then drains and commits.
 pub async fn run_routes(settings: &Settings, gate: Arc<Gate>, cancel: CancellationToken) -> anyhow::Result<()> {
     let tasks = TaskTracker::new();
-    let drain = settings.raw.shutdown_timeout.0;
+    let drain = settings.shutdown_timeout;
     // Before any route registers its counters, so that they report to the endpoint.
-    let recorder = if settings.raw.admin.listen.is_empty() { None } else { crate::admin::install_metrics() };
+    let recorder = settings.admin_listen.and_then(|_| crate::admin::install_metrics());
     if recorder.is_some() {
         let remote: Vec<String> = gate.verifier().health().await.into_iter().map(|k| k.issuer).collect();
         crate::telemetry::register(&remote, gate.revocation_up());
@@ -111,76 +68,39 @@ pub async fn run_routes(settings: &Settings, gate: Arc<Gate>, cancel: Cancellati
     let mut statuses = Vec::new();
     // The first route that failed for good: the process shuts down and exits with its error.
     let fatal: Arc<std::sync::Mutex<Option<anyhow::Error>>> = Arc::default();
-    let max = settings.raw.max_route_failures;
-    for rules in &settings.routes {
-        let rc = &settings.raw.routes[&rules.name];
-        let (Some(src), Some(trusted), Some(dead_letter)) = (&rc.source, &rc.trusted, &rc.dead_letter) else {
-            continue;
-        };
+    for rs in &settings.routes {
+        let Some(io) = &rs.io else { continue };
+        let name = &rs.rules.name;
         let status = Arc::new(RouteStatus::default());
-        statuses.push((rules.name.clone(), Arc::clone(&status)));
+        statuses.push((name.clone(), Arc::clone(&status)));
         let route = Arc::new(Route {
-            rules: rules.clone(),
+            rules: rs.rules.clone(),
             gate: Arc::clone(&gate),
-            trusted: build_sink(settings, trusted).with_context(|| format!("routes.{}.trusted", rules.name))?,
-            dead_letter: build_sink(settings, dead_letter)
-                .with_context(|| format!("routes.{}.dead_letter", rules.name))?,
-            max_in_flight: rc.max_in_flight,
-            guard: rc.dead_letter_guard.clone(),
-            status: Arc::clone(&status),
-            metrics: crate::telemetry::RouteMetrics::new(&rules.name),
+            trusted: build_sink(&io.trusted).with_context(|| format!("routes.{name}.trusted"))?,
+            dead_letter: build_sink(&io.dead_letter).with_context(|| format!("routes.{name}.dead_letter"))?,
+            max_in_flight: io.max_in_flight,
+            guard: io.guard.clone(),
+            status,
+            metrics: crate::telemetry::RouteMetrics::new(name),
         });
         let supervised_route = Arc::clone(&route);
-        let start: StartRoute = match src {
-            SourceConfig::Kafka(k) => {
-                let (bootstrap, props) = kafka_properties(settings, &k.cluster)?;
-                let extra: Vec<_> = k.properties.clone().into_iter().collect();
-                let mut config = crate::sink::kafka::client_config(&bootstrap, &props, &extra);
-                config.set("group.id", &k.group);
-                if let Some(id) = &settings.raw.instance_id
-                    && config.get("group.instance.id").is_none()
-                {
-                    config.set("group.instance.id", format!("{id}.{}", rules.name));
-                }
-                let topics = match &k.topic_regex {
-                    Some(re) if re.starts_with('^') => vec![re.clone()],
-                    Some(re) => vec![format!("^{re}")],
-                    None => k.topics.clone(),
-                };
-                let c = cancel.clone();
-                Box::new(move || {
-                    let src = source::kafka::KafkaSource { config: config.clone(), topics: topics.clone() };
-                    Box::pin(source::kafka::run(Arc::clone(&route), src, c.clone(), drain))
-                })
+        let c = cancel.clone();
+        let start: StartRoute = match &io.source {
+            SourceSettings::Kafka(k) => {
+                let k = k.clone();
+                Box::new(move || Box::pin(source::kafka::run(Arc::clone(&route), k.clone(), c.clone(), drain)))
             }
-            SourceConfig::Amqp(a) => {
-                let mut arguments = lapin::types::FieldTable::default();
-                for (k, v) in &a.arguments {
-                    arguments.insert(
-                        k.as_str().into(),
-                        amqp_value(v).with_context(|| format!("routes.{}.source.amqp.arguments.{k}", rules.name))?,
-                    );
-                }
-                let src = source::amqp::AmqpSource {
-                    url: amqp_url(settings, &a.broker)?,
-                    queue: a.queue.clone(),
-                    declare: a.declare,
-                    arguments,
-                    prefetch: a.prefetch,
-                };
-                let src = Arc::new(src);
-                let c = cancel.clone();
-                Box::new(move || Box::pin(source::amqp::run(Arc::clone(&route), Arc::clone(&src), c.clone(), drain)))
+            SourceSettings::Amqp(a) => {
+                let a = Arc::clone(a);
+                Box::new(move || Box::pin(source::amqp::run(Arc::clone(&route), Arc::clone(&a), c.clone(), drain)))
             }
         };
-        tasks.spawn(supervised(supervised_route, cancel.clone(), fatal.clone(), max, start));
+        tasks.spawn(supervised(supervised_route, cancel.clone(), fatal.clone(), settings.max_route_failures, start));
     }
     anyhow::ensure!(!statuses.is_empty(), "no route has a source, trusted and dead_letter: nothing to run");
-    if !settings.raw.admin.listen.is_empty() {
-        let listener = tokio::net::TcpListener::bind(&settings.raw.admin.listen)
-            .await
-            .with_context(|| format!("admin.listen {}", settings.raw.admin.listen))?;
-        tracing::info!(listen = %settings.raw.admin.listen, "admin endpoint: /health /ready /metrics");
+    if let Some(listen) = settings.admin_listen {
+        let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("admin.listen {listen}"))?;
+        tracing::info!(%listen, "admin endpoint: /health /ready /metrics");
         let state = crate::admin::AdminState { routes: statuses, gate, metrics: recorder };
         let cancel = cancel.clone();
         tasks.spawn(async move {

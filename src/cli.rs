@@ -43,6 +43,10 @@ pub enum Command {
         /// Fail on warnings too (inline passwords, readable secret files, a public admin endpoint).
         #[arg(long)]
         strict: bool,
+        /// Check everything but the presence of secrets: an unset `{ env = ... }` variable or a
+        /// missing `{ file = ... }` is listed as skipped, not a problem (for CI without secrets).
+        #[arg(long)]
+        without_secrets: bool,
     },
     /// Token tools for producers and operators.
     #[command(subcommand)]
@@ -120,7 +124,7 @@ impl SelectorArgs {
 /// Where the revocation list is.
 #[derive(Debug, Args)]
 pub struct RedisArgs {
-    /// Redis URL: redis://[user:password@]host:port/db, rediss:// for TLS.
+    /// Redis URL: `redis://[user:password@]host:port/db`, rediss:// for TLS.
     #[arg(
         long = "redis",
         env = "TOKENGATE_REDIS_URL",
@@ -279,24 +283,16 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             crate::demo::run().await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::CheckConfig { file, strict } => match config::load(&file, &config::process_env()) {
-            Ok(s) => {
-                let warnings = config::warnings(&s);
-                for w in &warnings {
-                    eprintln!("{}: warning: {}: {}", file.display(), w.path, w.message);
+        Command::CheckConfig { file, strict, without_secrets } => {
+            let secrets = if without_secrets { config::Secrets::Skip } else { config::Secrets::Require };
+            match config::load_with(&file, &config::process_env(), secrets) {
+                Ok(s) => Ok(checked(&file, &s, strict)),
+                Err(e) => {
+                    eprint!("{e}");
+                    Ok(ExitCode::from(EX_CONFIG))
                 }
-                if strict && !warnings.is_empty() {
-                    eprintln!("{}: {} warning(s), failing because of --strict", file.display(), warnings.len());
-                    return Ok(ExitCode::from(EX_CONFIG));
-                }
-                println!("{}: OK ({} issuer(s), {} route(s))", file.display(), s.issuers.len(), s.routes.len());
-                Ok(ExitCode::SUCCESS)
             }
-            Err(e) => {
-                eprint!("{e}");
-                Ok(ExitCode::from(EX_CONFIG))
-            }
-        },
+        }
         Command::Revoke { selector, before, reason, ttl, until, redis } => {
             let now = verify::unix_now();
             let before = before.map(|b| ops::parse_time(&b, now)).transpose()?;
@@ -394,6 +390,27 @@ fn read_token(arg: &str) -> anyhow::Result<String> {
     std::io::stdin().take(MAX_STDIN + 1).read_to_string(&mut s).context("reading the token from stdin")?;
     anyhow::ensure!(s.len() as u64 <= MAX_STDIN, "the token on stdin is larger than {MAX_STDIN} bytes; refused");
     Ok(s.trim().to_owned())
+}
+
+/// What `check-config` says of a valid file: skipped secrets, warnings, then OK (exit 0) or,
+/// with `strict` and warnings, exit 78.
+fn checked(file: &std::path::Path, s: &config::Settings, strict: bool) -> ExitCode {
+    for p in &s.skipped_secrets {
+        eprintln!("skipped secret: {}", p.display(file));
+    }
+    for w in &s.warnings {
+        eprintln!("warning: {}", w.display(file));
+    }
+    if strict && !s.warnings.is_empty() {
+        eprintln!("{}: {} warning(s), failing because of --strict", file.display(), s.warnings.len());
+        return ExitCode::from(EX_CONFIG);
+    }
+    let skipped = match s.skipped_secrets.len() {
+        0 => String::new(),
+        n => format!("; {n} secret(s) skipped"),
+    };
+    println!("{}: OK ({} issuer(s), {} route(s){skipped})", file.display(), s.issuers.len(), s.routes.len());
+    ExitCode::SUCCESS
 }
 
 fn mint(a: MintArgs) -> anyhow::Result<String> {

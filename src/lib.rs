@@ -8,11 +8,26 @@
 //! A rejected token is data ([`verify::Rejection`]); an infrastructure failure is an `Err`
 //! that holds the message and is retried, never accepted.
 //!
+//! # The path of one message
+//! ```text
+//! source::kafka / source::amqp     read a record or delivery -> envelope::Envelope
+//!   -> pipeline::Pipeline          decide up to 64 at once, in order of reading:
+//!        gate::Gate::handle        verify::Verifier (token, signature, claims, policy)
+//!                                  + revocation::Revocations (Redis, cached)
+//!                                  -> Outcome::Forward | Outcome::DeadLetter | Hold (retry)
+//!   -> sink::kafka / sink::amqp    publish in read order, confirmed by the broker
+//!   -> source ack rule             Kafka: commit the contiguous confirmed offsets;
+//!                                  AMQP: ack the delivery tag (never before the confirm)
+//! ```
+//!
 //! # Layout
-//! - [`config`]: TOML file -> env overrides -> validated [`config::Settings`].
-//! - [`verify`]: the decision; [`verify::jwt`] parsing, [`verify::keys`] pinned keys,
-//!   [`verify::jwks`] rotating key sets, [`verify::policy`] route rules.
-//! - [`revocation`]: the Redis revocation list, its key schema and invalidated local cache.
+//! - [`config`]: TOML file ([`config::file`]) -> env overrides -> typed [`config::Settings`]
+//!   (brokers, secrets, keys, routes), shared by `run` and `check-config`.
+//! - [`verify`]: the decision; [`verify::jwt`] token parsing, [`verify::reason`] rejection
+//!   codes, [`verify::keys`] pinned keys, [`verify::jwks`] rotating key sets, [`verify::policy`]
+//!   route rules.
+//! - [`revocation`]: the Redis revocation list as the gate reads it (tracked local cache); its
+//!   key schema in [`revocation::schema`], operators' writes in [`revocation::edit`].
 //! - [`envelope`]: a message from any broker ([`envelope::Envelope`]) and what goes out.
 //! - [`gate`]: the core, `Gate::handle(route, envelope) -> Outcome` (forward / dead-letter) or a hold.
 //! - [`pipeline`]: the one message path of every route ([`pipeline::Route`], its live
@@ -24,11 +39,13 @@
 //!   decode); every route task is supervised ([`source::supervise`]).
 //! - [`sink`]: publishing with broker confirmation: [`sink::kafka`] (idempotent, `acks=all`) and
 //!   [`sink::amqp`] (publisher confirms, `mandatory`).
+//! - [`amqp`]: what the AMQP source and destination share (bounded connect, limits).
 //! - [`app`]: `tokengate run` wiring (routes, admin endpoint, shutdown).
 //! - [`demo`]: `tokengate demo`, the whole pipeline on an embedded Kafka.
 //! - [`admin`]: `/health`, `/ready`, `/metrics`.
-//! - [`ops`]: the token and revocation tools (mint, inspect, verify, revoke, list).
-//! - [`telemetry`]: log setup (wire-level client logs capped) and every metric, declared once.
+//! - [`ops`]: the token tools (mint, inspect, verify).
+//! - [`telemetry`]: log setup (wire-level client logs capped) and every metric, declared once,
+//!   with typed handles.
 //! - [`cli`]: the command line.
 
 pub mod admin;

@@ -79,7 +79,7 @@ const IN_FLIGHT: Metric = metric(
     "tokengate_in_flight",
     Kind::Gauge,
     &["route"],
-    "messages taken from the source and not yet confirmed (Kafka routes)",
+    "messages taken from the source and not yet confirmed (bounded by max_in_flight)",
 );
 const PUBLISH_ERRORS: Metric = metric(
     "tokengate_publish_errors_total",
@@ -173,14 +173,13 @@ pub fn revocation_lookup() {
     metrics::counter!(REVOCATION_LOOKUPS.name).increment(1);
 }
 
-/// Counts a failed JWKS fetch of `issuer`.
-pub fn jwks_fetch_failed(issuer: &str) {
-    metrics::counter!(JWKS_FETCH_ERRORS.name, "issuer" => issuer.to_owned()).increment(1);
-}
-
-/// Sets the age of `issuer`'s last good JWKS.
-pub fn set_jwks_age(issuer: &str, secs: u64) {
-    metrics::gauge!(JWKS_AGE.name, "issuer" => issuer.to_owned()).set(secs as f64);
+/// Brings an issuer's key set metrics up to date (at every scrape): failed fetches so far and,
+/// once one succeeded, the age of the last good JWKS.
+pub fn set_jwks_health(issuer: &str, age_secs: Option<u64>, fetch_errors: u64) {
+    metrics::counter!(JWKS_FETCH_ERRORS.name, "issuer" => issuer.to_owned()).absolute(fetch_errors);
+    if let Some(age) = age_secs {
+        metrics::gauge!(JWKS_AGE.name, "issuer" => issuer.to_owned()).set(age as f64);
+    }
 }
 
 /// A route's metrics, registered once (at their starting values) so the hot path is an atomic

@@ -225,7 +225,9 @@ fn check_config_warns_about_careless_secrets_and_strict_fails_on_them() {
     let out = tokengate(&["check-config", cfg.to_str().unwrap()], None);
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "warnings alone pass: {err}");
-    for want in ["warning: amqp.r.url: holds a password", "warning: issuers.a.keys.0.secret", "warning: admin.listen"] {
+    for want in
+        ["amqp.r.url: holds a password", "issuers.a.keys.0.secret: the secret file", "admin.listen: is reachable"]
+    {
         assert!(err.contains(want), "{want} not in {err}");
     }
     assert!(!err.contains("inline-pw"), "a warning echoed the password: {err}");
@@ -237,4 +239,180 @@ fn check_config_warns_about_careless_secrets_and_strict_fails_on_them() {
     std::fs::write(&cfg, fixed).unwrap();
     let out = tokengate(&["check-config", "--strict", cfg.to_str().unwrap()], None);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
+
+/// The environment both commands see in the agreement test: the example configs' secrets, and
+/// an admin endpoint on a free port so that runs do not collide.
+const AGREEMENT_ENV: &[(&str, &str)] = &[
+    ("TOKENGATE_HMAC_SECRET", "an-example-secret-of-at-least-32-bytes!"),
+    ("TOKENGATE_REDIS_PASSWORD", "x"),
+    ("TOKENGATE_KAFKA_PASSWORD", "x"),
+    ("TOKENGATE_AMQP_PASSWORD", "x"),
+    ("TOKENGATE__ADMIN__LISTEN", "127.0.0.1:0"),
+];
+
+/// Problem lines of a config error (the lines naming the file and a field).
+fn problem_lines(stderr: &str, file: &str) -> Vec<String> {
+    stderr
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with(file) && !l.ends_with("problem(s)"))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn check_config_and_run_agree_on_every_shipped_and_broken_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let broken = [
+        (
+            "queue-arguments",
+            "[amqp.r]\nurl = \"amqp://127.0.0.1:5672/%2f\"\n[routes.x]\nsource = { amqp = { broker = \"r\", queue = \"q\", declare = true, arguments = { \"x-list\" = [1, 2] } } }\ntrusted = { amqp = { broker = \"r\", exchange = \"t\" } }\ndead_letter = { amqp = { broker = \"r\", exchange = \"d\" } }\n",
+        ),
+        (
+            "kafka-property",
+            "[kafka.k]\nbootstrap_servers = \"127.0.0.1:1\"\nproperties = { \"no.such.property\" = \"1\" }\n",
+        ),
+        (
+            "kafka-value",
+            "[kafka.k]\nbootstrap_servers = \"127.0.0.1:1\"\n[routes.x]\nsource = { kafka = { cluster = \"k\", topics = [\"a\"], group = \"g\" } }\ntrusted = { kafka = { cluster = \"k\", topic = \"t\", properties = { acks = \"sometimes\" } } }\ndead_letter = { kafka = { cluster = \"k\", topic = \"d\" } }\n",
+        ),
+        ("amqp-url", "[amqp.r]\nurl = \"http://127.0.0.1\"\n"),
+        ("redis-url", "[redis]\nurl = \"http://127.0.0.1\"\n"),
+        ("missing-secret", "[redis]\nurl = \"redis://127.0.0.1:1\"\npassword = { env = \"TG_AGREEMENT_UNSET\" }\n"),
+        ("admin-listen", "[admin]\nlisten = \"nowhere\"\n"),
+        (
+            "topic-regex",
+            "[kafka.k]\nbootstrap_servers = \"127.0.0.1:1\"\n[routes.x]\nsource = { kafka = { cluster = \"k\", topic_regex = \"(\", group = \"g\" } }\ntrusted = { kafka = { cluster = \"k\", topic = \"t\" } }\ndead_letter = { kafka = { cluster = \"k\", topic = \"d\" } }\n",
+        ),
+        ("unknown-field", "colour = \"blue\"\n"),
+        ("syntax", "[issuers.a\n"),
+        ("alg-none", "[issuers.a]\niss = \"x\"\nalgorithms = [\"none\"]\njwks_url = \"https://idp.test/jwks\"\n"),
+    ];
+    let mut files: Vec<std::path::PathBuf> = ["tokengate.example.toml", "tokengate.compose.toml"]
+        .iter()
+        .map(|f| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config").join(f))
+        .collect();
+    for (name, text) in broken {
+        let path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, text).unwrap();
+        files.push(path);
+    }
+    for path in &files {
+        let file = path.to_str().unwrap();
+        let check = Command::new(env!("CARGO_BIN_EXE_tokengate"))
+            .args(["check-config", file])
+            .envs(AGREEMENT_ENV.iter().copied())
+            .output()
+            .unwrap();
+        let mut run = Command::new(env!("CARGO_BIN_EXE_tokengate"))
+            .args(["run", "--config", file])
+            .envs(AGREEMENT_ENV.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Validation comes before any network I/O: a refused file ends `run` at once; an accepted
+        // one is still running (connecting) after this long.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        while run.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let _ = run.kill();
+        let ran = run.wait_with_output().unwrap();
+        let (check_err, run_err) = (text(&check.stderr), text(&ran.stderr));
+        match check.status.code() {
+            Some(0) => {
+                assert_ne!(ran.status.code(), Some(78), "{file}: check-config passed, run refused it: {run_err}");
+                assert!(!run_err.contains("problem(s)"), "{file}: {run_err}");
+            }
+            Some(78) => {
+                assert_eq!(ran.status.code(), Some(78), "{file}: check-config refused it, run did not: {run_err}");
+                let problems = problem_lines(&check_err, file);
+                assert!(!problems.is_empty(), "{file}: {check_err}");
+                assert_eq!(problems, problem_lines(&run_err, file), "{file}: the same problems");
+            }
+            other => panic!("{file}: check-config exited {other:?}: {check_err}"),
+        }
+    }
+}
+
+#[test]
+fn without_secrets_checks_the_rest_and_names_what_it_skipped() {
+    let path = format!("{}/config/tokengate.example.toml", env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(env!("CARGO_BIN_EXE_tokengate")).args(["check-config", &path]).output().unwrap();
+    assert_eq!(out.status.code(), Some(78), "secrets are required by default");
+    let out = Command::new(env!("CARGO_BIN_EXE_tokengate"))
+        .args(["check-config", "--without-secrets", &path])
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    for want in
+        ["issuers.internal.keys.0.secret", "kafka.main.secret_properties", "amqp.rabbit.password", "redis.password"]
+    {
+        assert!(err.lines().any(|l| l.starts_with("skipped secret:") && l.contains(want)), "{want} not in {err}");
+    }
+    assert!(text(&out.stdout).contains("4 secret(s) skipped"), "{}", text(&out.stdout));
+    // Everything else is still checked.
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.toml");
+    std::fs::write(&broken, std::fs::read_to_string(&path).unwrap().replace("\"RS256\", \"ES256\"", "\"none\""))
+        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tokengate"))
+        .args(["check-config", "--without-secrets", broken.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("alg none is never allowed"));
+}
+
+/// The README's TOML snippets, each a valid config with the brokers and issuer they name, and
+/// its `check-config` example printing what the binary prints.
+#[test]
+fn the_readme_config_snippets_pass_check_config_and_its_example_output_is_true() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let mut blocks = Vec::new();
+    let mut lines = readme.lines();
+    while let Some(l) = lines.next() {
+        if l.trim_start().starts_with("```") {
+            let lang = l.trim_start().trim_start_matches('`').to_owned();
+            let body: Vec<&str> = lines.by_ref().take_while(|l| !l.trim_start().starts_with("```")).collect();
+            blocks.push((lang, body.join("\n")));
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // What the snippets name: the brokers of the example config.
+    let base =
+        "[kafka.main]\nbootstrap_servers = \"127.0.0.1:9092\"\n[amqp.rabbit]\nurl = \"amqp://127.0.0.1:5672/%2f\"\n";
+    let snippets: Vec<&String> = blocks.iter().filter(|(lang, _)| lang == "toml").map(|(_, b)| b).collect();
+    assert!(snippets.len() >= 2, "the README has TOML snippets");
+    let mut bad_example = None;
+    for (i, snippet) in snippets.iter().enumerate() {
+        let path = dir.path().join(format!("snippet-{i}.toml"));
+        std::fs::write(&path, format!("{base}{snippet}\n")).unwrap();
+        let out = tokengate(&["check-config", "--without-secrets", path.to_str().unwrap()], None);
+        if snippet.contains("typo = 1") {
+            bad_example = Some(snippet.to_string()); // the example of a bad file, checked below
+            continue;
+        }
+        assert!(out.status.success(), "README snippet {i} fails check-config:\n{snippet}\n{}", text(&out.stderr));
+    }
+    let bad = bad_example.expect("the README shows a bad.toml");
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, format!("{bad}\n")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tokengate"))
+        .current_dir(dir.path())
+        .args(["check-config", "bad.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let shown = blocks
+        .iter()
+        .map(|(_, b)| b)
+        .find(|b| b.starts_with("$ tokengate check-config bad.toml"))
+        .expect("the README shows check-config's output");
+    let shown: Vec<&str> = shown.lines().skip(1).collect();
+    let printed = text(&out.stderr);
+    assert_eq!(shown, printed.lines().collect::<Vec<_>>(), "the README's check-config output");
 }

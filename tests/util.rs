@@ -156,7 +156,7 @@ pub fn settings(text: &str) -> config::Settings {
 /// The engine and the route rules of config text.
 pub fn engine(text: &str) -> (Arc<Verifier>, Vec<config::RouteRules>) {
     let s = settings(text);
-    (Arc::new(Verifier::new(s.issuers, &s.cache)), s.routes)
+    (Arc::new(Verifier::new(s.issuers, &s.cache)), s.routes.into_iter().map(|r| r.rules).collect())
 }
 
 /// Runs a future that never awaits anything real to completion.

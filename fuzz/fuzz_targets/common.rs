@@ -37,7 +37,7 @@ pub fn engine() -> &'static Engine {
         let s = tokengate::config::parse(CONFIG, &[], Path::new(".")).expect("the fuzz config is valid");
         let verifier = Arc::new(Verifier::new(s.issuers, &s.cache));
         let gate = Gate::new(Arc::clone(&verifier), None, OnUnavailable::Hold);
-        Engine { gate, verifier, route: s.routes.into_iter().next().expect("one route") }
+        Engine { gate, verifier, route: s.routes.into_iter().next().expect("one route").rules }
     })
 }
 

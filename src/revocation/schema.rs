@@ -23,7 +23,7 @@ pub const DEFAULT_JTI_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// Margin added to a token's remaining lifetime: the largest leeway any issuer may have (the
 /// config refuses more) plus 30 s, so that no issuer accepts the token after its entry expires.
-pub const REVOCATION_LEEWAY_SECS: i64 = crate::config::MAX_LEEWAY_SECS as i64 + 30;
+pub const REVOCATION_LEEWAY_SECS: i64 = crate::verify::MAX_LEEWAY_SECS as i64 + 30;
 
 /// What kind of revocation entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]

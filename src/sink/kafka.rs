@@ -22,16 +22,6 @@ pub struct KafkaSink {
 /// librdkafka's default `message.max.bytes`.
 const DEFAULT_MAX_BYTES: usize = 1_000_000;
 
-/// Builds a librdkafka config: cluster settings, then per-client overrides, then pinned values.
-pub fn client_config(bootstrap: &str, cluster: &[(String, String)], extra: &[(String, String)]) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", bootstrap);
-    for (k, v) in cluster.iter().chain(extra) {
-        c.set(k, v);
-    }
-    c
-}
-
 impl KafkaSink {
     /// A sink publishing to `topic` with the given client config (cluster and sink properties).
     pub fn new(mut config: ClientConfig, topic: &str) -> Result<KafkaSink, KafkaError> {

@@ -17,23 +17,10 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp;
+use crate::config::AmqpSourceSettings;
 use crate::envelope::{Envelope, HeaderData, Origin};
 use crate::pipeline::{Acks, CHUNK, Pipeline, Settled};
 use crate::pipeline::{Backoff, Route};
-
-/// An AMQP source's settings.
-pub struct AmqpSource {
-    /// Connection URL, credentials included.
-    pub url: String,
-    /// Queue name.
-    pub queue: String,
-    /// Declare the queue (durable) with `arguments`, else check it exists (passive).
-    pub declare: bool,
-    /// Declaration arguments.
-    pub arguments: FieldTable,
-    /// Most unacked deliveries (channel prefetch).
-    pub prefetch: u16,
-}
 
 /// Sessions in a row that ended on a delivery the AMQP client library could not decode before
 /// the head of the queue is taken off and dead-lettered ([`super::poison`]). The first runs at the
@@ -43,7 +30,7 @@ const POISON_ATTEMPTS: u32 = 3;
 /// Runs one AMQP route until `cancel`, reconnecting after losses.
 pub async fn run(
     route: Arc<Route>,
-    src: Arc<AmqpSource>,
+    src: Arc<AmqpSourceSettings>,
     cancel: CancellationToken,
     drain_timeout: Duration,
 ) -> anyhow::Result<()> {
@@ -96,7 +83,7 @@ fn is_undecodable(e: &anyhow::Error) -> bool {
 /// Takes the queue's head off with a raw `basic.get`; if the client library cannot decode it,
 /// dead-letters it (`malformed`) and acknowledges it once the dead letter is confirmed.
 /// Returns whether a poison message was removed.
-async fn remove_poison(route: &Route, src: &AmqpSource) -> Result<bool, String> {
+async fn remove_poison(route: &Route, src: &AmqpSourceSettings) -> Result<bool, String> {
     let Some(raw) = super::poison::take_head(&src.url, &src.queue).await? else { return Ok(false) };
     let Some(why) = raw.undecodable() else {
         raw.requeue().await?;
@@ -186,7 +173,7 @@ impl Acks for AmqpAcks {
 
 async fn session(
     route: &Arc<Route>,
-    src: &AmqpSource,
+    src: &AmqpSourceSettings,
     prefetch: u16,
     cancel: &CancellationToken,
     drain_timeout: Duration,
@@ -223,6 +210,7 @@ async fn session(
             _ = tokio::time::sleep_until(wake.unwrap_or_else(tokio::time::Instant::now)), if wake.is_some() => {}
             // The consumer stream does not always end when the connection dies: check it.
             _ = liveness.tick() => {
+                route.metrics.set_in_flight(pipe.in_flight());
                 if !conn.status().connected() || !channel.status().connected() {
                     anyhow::bail!("AMQP connection lost");
                 }

@@ -15,9 +15,10 @@ use futures_util::FutureExt as _;
 use futures_util::StreamExt as _;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
-use rdkafka::{ClientConfig, ClientContext, Offset};
+use rdkafka::{ClientContext, Offset};
 use tokio_util::sync::CancellationToken;
 
+use crate::config::KafkaSourceSettings;
 use crate::envelope::{Envelope, HeaderData, Origin};
 use crate::pipeline::Route;
 use crate::pipeline::{Acks, CHUNK, Pipeline, Settled};
@@ -141,14 +142,6 @@ impl ConsumerContext for Ctx {
     }
 }
 
-/// A Kafka source: the consumer config and what to subscribe to.
-pub struct KafkaSource {
-    /// librdkafka consumer config (bootstrap, group, security, overrides).
-    pub config: ClientConfig,
-    /// Topic names, or one `^regex`.
-    pub topics: Vec<String>,
-}
-
 /// A Kafka record's headers as bytes: rdkafka's own iterator panics on a name that is not UTF-8.
 fn raw_headers(m: &BorrowedMessage<'_>) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
     let Some(h) = m.headers() else { return Vec::new() };
@@ -258,7 +251,7 @@ struct Loop {
 /// Runs one Kafka route until `cancel`, then drains and commits within `drain_timeout`.
 pub async fn run(
     route: Arc<Route>,
-    mut src: KafkaSource,
+    mut src: KafkaSourceSettings,
     cancel: CancellationToken,
     drain_timeout: Duration,
 ) -> anyhow::Result<()> {

@@ -66,6 +66,8 @@ struct FetchState {
     body_digest: Option<Vec<u8>>,
     /// Since when fetches fail (the outage's start), if they do.
     failing_since: Option<Instant>,
+    /// Failed fetches since start.
+    errors: u64,
 }
 
 struct Remote {
@@ -86,6 +88,8 @@ pub struct KeyHealth {
     pub age_secs: Option<u64>,
     /// The last fetch error, if the last fetch failed.
     pub last_error: Option<String>,
+    /// Failed fetches since start.
+    pub fetch_errors: u64,
 }
 
 /// All keys of one issuer.
@@ -115,6 +119,7 @@ impl IssuerKeys {
                 jwks_uri: None,
                 failing_since: None,
                 body_digest: None,
+                errors: 0,
             }),
             settings,
         });
@@ -195,6 +200,7 @@ impl IssuerKeys {
             issuer: self.issuer.clone(),
             age_secs: state.last_ok.map(|t| t.elapsed().as_secs()),
             last_error: state.last_error.clone(),
+            fetch_errors: state.errors,
         })
     }
 
@@ -214,7 +220,7 @@ impl IssuerKeys {
             Err(e) => {
                 state.failing_since.get_or_insert_with(Instant::now);
                 tracing::warn!(issuer = %self.issuer, error = %e, "JWKS fetch failed; keeping the last good key set");
-                crate::telemetry::jwks_fetch_failed(&self.issuer);
+                state.errors += 1;
                 state.last_error = Some(e.clone());
                 state.jwks_uri = None; // rediscover next time
                 Err(self.unavailable(e))

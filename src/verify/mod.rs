@@ -24,6 +24,10 @@ pub use jwt::StdClaims;
 pub use policy::{ClaimPath, HeaderValue, Policy, Requirement, TokenSpec};
 pub use reason::{Reason, Rejection};
 
+/// The largest `leeway` an issuer may have. Revocation entries of expiring tokens outlive the
+/// token's `exp` by this much plus a margin, without knowing which issuer will see the token.
+pub const MAX_LEEWAY_SECS: u64 = 300;
+
 /// A token whose signature and issuer-level claims checked out.
 #[derive(Debug)]
 pub struct Verified {
