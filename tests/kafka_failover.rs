@@ -510,11 +510,10 @@ async fn a_route_that_keeps_failing_is_named_by_ready_then_ends_the_process_non_
     let t = topics("supervised");
     create_topics(&bs, &[&t.untrusted, &t.trusted, &t.dead_letter], 1).await;
     let port = free_port();
-    // librdkafka refuses this value when the consumer is created: the route task fails each time.
-    let text = format!(
-        "max_route_failures = 2\n{}",
-        instance_config(&bs, &t, "g", "broken", r#""fetch.wait.max.ms" = "soon""#, None, Some(port))
-    );
+    // A valid config (check-config passes it) whose consumer cannot be created while its CA
+    // file is missing: the route task fails each time it starts.
+    let props = r#""security.protocol" = "ssl", "ssl.ca.location" = "/nonexistent/tokengate-test-ca.pem""#;
+    let text = format!("max_route_failures = 2\n{}", instance_config(&bs, &t, "g", "broken", props, None, Some(port)));
     let mut gate = GateProcess::spawn(&text);
     let http = reqwest::Client::new();
     let started = Instant::now();
@@ -538,7 +537,7 @@ async fn a_route_that_keeps_failing_is_named_by_ready_then_ends_the_process_non_
     assert!(!status.success(), "exits non-zero so that an orchestrator restarts it: {status:?}");
     let (route, why) = named.expect("/ready named the failed route while it was restarting");
     assert_eq!(route, "broken");
-    assert!(why.contains("fetch.wait.max.ms"), "{why}");
+    assert!(why.contains("ssl.ca.location"), "{why}");
     assert!(logs.contains("route ended unexpectedly; restarting it"), "{logs}");
     assert!(logs.contains("route keeps failing; exiting"), "{logs}");
 }

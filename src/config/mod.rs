@@ -706,19 +706,12 @@ fn validate(raw: &Config, c: &mut Check) -> Settings {
     }
 }
 
-/// Connection settings from a URL and an optional password kept out of it.
+/// Connection settings from a `redis://`, `rediss://` or `unix://` URL and a password kept out of it.
 fn connection_info(url: &str, password: Option<&str>) -> Result<redis::ConnectionInfo, redis::RedisError> {
     if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://")) {
         return Err(redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "unknown scheme")));
     }
-    let info = redis::Client::open(url)?.get_connection_info().clone();
-    Ok(match password {
-        Some(p) => {
-            let settings = info.redis_settings().clone().set_password(p);
-            info.set_redis_settings(settings)
-        }
-        None => info,
-    })
+    crate::revocation::connection_info(url, password)
 }
 
 /// The Kafka clusters and AMQP brokers of the file, with their secrets read.
