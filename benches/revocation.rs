@@ -1,5 +1,7 @@
-//! Revocation lookups per second with the tracked local cache versus going to Redis for every
-//! message, in the same run, and the write-to-effect latency of a revocation under load.
+//! Revocation lookups per second with the local mirror, with per-key lookups and their tracked
+//! cache, and going to Redis for every message, in the same run, for reused and for never-seen
+//! tokens; the write-to-effect latency of a revocation under load; and the mirror's memory and
+//! load time for a list of `TOKENGATE_BENCH_MIRROR_ENTRIES` entries (default 1,000,000).
 //!
 //! cargo bench --bench revocation        (needs Redis at TOKENGATE_TEST_REDIS or 127.0.0.1:6379)
 
@@ -26,6 +28,49 @@ fn ids(i: usize) -> TokenIds {
     }
 }
 
+/// Resident memory of this process, in bytes.
+fn rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kb =
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok());
+    kb.unwrap_or(0u64) * 1024
+}
+
+async fn list(url: &str, prefix: &str, mirror_max_entries: usize, cancel: &CancellationToken) -> Arc<Revocations> {
+    let info = tokengate::revocation::connection_info(url, None).unwrap();
+    let r = Arc::new(Revocations::redis(info, prefix, mirror_max_entries, cancel.clone()).unwrap());
+    assert!(r.wait_up(Duration::from_secs(10)).await, "Redis is required at {url}");
+    r
+}
+
+async fn until_mirrored(r: &Revocations, entries: usize) -> Duration {
+    let start = Instant::now();
+    while r.mirror() != Some((tokengate::revocation::mirror::State::Synced, entries)) {
+        assert!(start.elapsed() < Duration::from_secs(600), "mirror never loaded: {:?}", r.mirror());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    start.elapsed()
+}
+
+/// Lookups per second and Redis round trips of `r` over reused tokens (`TOKENS` distinct) or
+/// every token new (ids never seen, offset by `fresh`).
+async fn bench_list(r: &Arc<Revocations>, fresh: Option<usize>) -> (f64, u64) {
+    let before = r.round_trips();
+    let r2 = Arc::clone(r);
+    let rate = throughput(move |i| {
+        let r = Arc::clone(&r2);
+        async move {
+            let id = match fresh {
+                Some(base) => ids(base + i),
+                None => ids(i % TOKENS),
+            };
+            assert!(r.check_ids(&id).await.unwrap().is_none());
+        }
+    })
+    .await;
+    (rate, r.round_trips() - before)
+}
+
 /// Runs `CHECKS` lookups with `IN_FLIGHT` concurrent workers; returns lookups per second.
 async fn throughput<F, Fut>(check: F) -> f64
 where
@@ -39,7 +84,7 @@ where
         tasks.push(tokio::spawn(async move {
             let mut i = w;
             while i < CHECKS {
-                check(i % TOKENS).await;
+                check(i).await;
                 i += IN_FLIGHT;
             }
         }));
@@ -59,11 +104,9 @@ async fn main() {
     let url = std::env::var("TOKENGATE_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let prefix = format!("tgbench:{}:", std::process::id());
     let cancel = CancellationToken::new();
-    let cached = Arc::new(
-        Revocations::redis(tokengate::revocation::connection_info(&url, None).unwrap(), &prefix, cancel.clone())
-            .unwrap(),
-    );
-    assert!(cached.wait_up(Duration::from_secs(10)).await, "Redis is required at {url}");
+    let per_key = list(&url, &prefix, 0, &cancel).await;
+    let cached = list(&url, &prefix, 1_000_000, &cancel).await;
+    until_mirrored(&cached, 0).await;
     let conn = tokengate::revocation::edit::redis_connect(&url).await.unwrap();
 
     // Baseline: the same lookup (EXISTS per key + MGET, one round trip) for every message.
@@ -72,7 +115,7 @@ async fn main() {
         let prefix = prefix.clone();
         throughput(move |i| {
             let mut conn = conn.clone();
-            let keys: Vec<String> = ids(i).keys(&prefix).into_iter().map(|(_, k)| k).collect();
+            let keys: Vec<String> = ids(i % TOKENS).keys(&prefix).into_iter().map(|(_, k)| k).collect();
             async move {
                 let names: Vec<&str> = keys.iter().map(String::as_str).collect();
                 tokengate::revocation::schema::fetch(&mut conn, &names).await.unwrap();
@@ -85,25 +128,17 @@ async fn main() {
         let prefix = prefix.clone();
         throughput(move |i| {
             let mut conn = conn.clone();
-            let k = key(&prefix, Kind::Jti, &format!("bench-jti-{i}"));
+            let k = key(&prefix, Kind::Jti, &format!("bench-jti-{}", i % TOKENS));
             async move {
                 let _: Option<String> = conn.get(k).await.unwrap();
             }
         })
         .await
     };
-    let trips_before = cached.round_trips();
-    let with_cache = {
-        let r = Arc::clone(&cached);
-        throughput(move |i| {
-            let r = Arc::clone(&r);
-            async move {
-                assert!(r.check_ids(&ids(i)).await.unwrap().is_none());
-            }
-        })
-        .await
-    };
-    let trips = cached.round_trips() - trips_before;
+    let (per_key_reused, per_key_reused_trips) = bench_list(&per_key, None).await;
+    let (per_key_new, per_key_new_trips) = bench_list(&per_key, Some(1_000_000)).await;
+    let (mirror_reused, mirror_reused_trips) = bench_list(&cached, None).await;
+    let (mirror_new, mirror_new_trips) = bench_list(&cached, Some(2_000_000)).await;
 
     // Write-to-effect: a steady load checks every token in a loop; we revoke one primed token at
     // a time through a separate connection and time the first rejection the load observes.
@@ -125,7 +160,7 @@ async fn main() {
         }));
     }
     for t in TOKENS..TOKENS + TRIALS {
-        assert!(cached.check_ids(&ids(t)).await.unwrap().is_none()); // primed: cached "not revoked"
+        assert!(cached.check_ids(&ids(t)).await.unwrap().is_none()); // seen: "not revoked"
     }
     let mut writer = conn.clone();
     let mut latencies = Vec::new();
@@ -148,15 +183,69 @@ async fn main() {
     }
     latencies.sort();
 
-    println!("revocation lookups, {CHECKS} checks over {TOKENS} tokens, {IN_FLIGHT} in flight, Redis {url}");
-    println!("| mode | lookups/s | Redis round trips |");
-    println!("|---|---:|---:|");
-    println!("| GET of one key per message (baseline) | {single_get:.0} | {CHECKS} |");
-    println!("| EXISTS x4 + MGET per message (baseline) | {plain:.0} | {CHECKS} |");
-    println!("| tracked local cache (tokengate) | {with_cache:.0} | {trips} |");
+    println!("revocation lookups, {CHECKS} checks, {IN_FLIGHT} in flight, Redis {url}");
+    println!("| mode | tokens | lookups/s | Redis round trips |");
+    println!("|---|---|---:|---:|");
+    println!("| GET of one key per message (baseline) | {TOKENS} reused | {single_get:.0} | {CHECKS} |");
+    println!("| EXISTS x4 + MGET per message (baseline) | {TOKENS} reused | {plain:.0} | {CHECKS} |");
+    println!(
+        "| per-key lookups + tracked cache (mirror off) | {TOKENS} reused | {per_key_reused:.0} | {per_key_reused_trips} |"
+    );
+    println!(
+        "| per-key lookups + tracked cache (mirror off) | every one new | {per_key_new:.0} | {per_key_new_trips} |"
+    );
+    println!("| local mirror (tokengate default) | {TOKENS} reused | {mirror_reused:.0} | {mirror_reused_trips} |");
+    println!("| local mirror (tokengate default) | every one new | {mirror_new:.0} | {mirror_new_trips} |");
     println!();
-    println!("write-to-effect under load, {TRIALS} revocations written with SET by another connection:");
+    println!("write-to-effect under load (mirror), {TRIALS} revocations written with SET by another connection:");
     println!("p50 {:?}  p99 {:?}  max {:?}", pct(&latencies, 0.50), pct(&latencies, 0.99), latencies.last().unwrap());
+
+    // Memory: a list of N entries (jti keys of 36-character ids, a 19-byte reason) mirrored.
+    let n: usize =
+        std::env::var("TOKENGATE_BENCH_MIRROR_ENTRIES").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
+    let mem_prefix = format!("tgbench:{}:mem:", std::process::id());
+    let mut w = conn.clone();
+    for start in (0..n).step_by(10_000) {
+        let mut pipe = redis::pipe();
+        for i in start..(start + 10_000).min(n) {
+            let id = format!("{:08x}-0000-4000-8000-{:012x}", i, i);
+            pipe.cmd("SET").arg(key(&mem_prefix, Kind::Jti, &id)).arg("revoked by operator").ignore();
+        }
+        let () = pipe.query_async(&mut w).await.unwrap();
+    }
+    let key_bytes = key(&mem_prefix, Kind::Jti, "00000000-0000-4000-8000-000000000000").len();
+    let before = rss();
+    let big = list(&url, &mem_prefix, n, &cancel).await;
+    let load = until_mirrored(&big, n).await;
+    let after = rss();
+    let per_entry = (after.saturating_sub(before)) as f64 / n as f64;
+    println!();
+    println!(
+        "mirror of {n} entries (key {key_bytes} B, value 19 B): loaded in {load:.1?}; RSS {} MB -> {} MB, {per_entry:.0} B per entry ({:.0} B beyond key and value)",
+        before / 1_000_000,
+        after / 1_000_000,
+        per_entry - (key_bytes + 19) as f64
+    );
+    let mut c = conn.clone();
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{mem_prefix}*"))
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        if !keys.is_empty() {
+            let _: () = c.del(keys).await.unwrap();
+        }
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
     let mut c = conn.clone();
     let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}*")).query_async(&mut c).await.unwrap();
     if !keys.is_empty() {

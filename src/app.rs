@@ -32,7 +32,8 @@ pub async fn build_gate(
     let revocations = match (revocations, &settings.redis) {
         (Some(r), _) => Some(r),
         (None, Some(rc)) => {
-            let list = Arc::new(Revocations::redis(rc.info.clone(), &rc.prefix, cancel.clone())?);
+            let list =
+                Arc::new(Revocations::redis(rc.info.clone(), &rc.prefix, rc.mirror_max_entries, cancel.clone())?);
             if !list.wait_up(Duration::from_secs(5)).await {
                 tracing::error!("Redis unreachable at start; messages hold until it answers");
             }

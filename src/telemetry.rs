@@ -115,6 +115,18 @@ const REVOCATION_LOOKUPS: Metric = metric(
     &[],
     "revocation lookups that went to Redis (cache misses)",
 );
+const REVOCATION_MIRRORED: Metric = metric(
+    "tokengate_revocation_mirrored",
+    Kind::Gauge,
+    &[],
+    "1 while every revocation lookup is answered from the complete local mirror",
+);
+const REVOCATION_MIRROR_ENTRIES: Metric = metric(
+    "tokengate_revocation_mirror_entries",
+    Kind::Gauge,
+    &[],
+    "entries in the local mirror of the revocation list",
+);
 const JWKS_FETCH_ERRORS: Metric =
     metric("tokengate_jwks_fetch_errors_total", Kind::Counter, &["issuer"], "failed JWKS fetches");
 const JWKS_AGE: Metric = metric(
@@ -127,7 +139,7 @@ const JWKS_AGE: Metric = metric(
 /// Every metric tokengate serves. Each is registered when the metrics endpoint starts, so it is
 /// present from the first scrape; the README's metric table lists the same names (a test
 /// compares the table with this list and with what `/metrics` serves).
-pub const METRICS: [&Metric; 14] = [
+pub const METRICS: [&Metric; 16] = [
     &MESSAGES,
     &REJECTIONS,
     &HOLDS,
@@ -140,6 +152,8 @@ pub const METRICS: [&Metric; 14] = [
     &POISON_MESSAGES,
     &REVOCATION_UP,
     &REVOCATION_LOOKUPS,
+    &REVOCATION_MIRRORED,
+    &REVOCATION_MIRROR_ENTRIES,
     &JWKS_FETCH_ERRORS,
     &JWKS_AGE,
 ];
@@ -158,6 +172,8 @@ pub fn register(issuers: &[String], revocation_up: bool) {
     }
     set_revocation_up(revocation_up);
     metrics::counter!(REVOCATION_LOOKUPS.name).increment(0);
+    metrics::gauge!(REVOCATION_MIRRORED.name).set(0.0);
+    metrics::gauge!(REVOCATION_MIRROR_ENTRIES.name).set(0.0);
     for i in issuers {
         metrics::counter!(JWKS_FETCH_ERRORS.name, "issuer" => i.clone()).increment(0);
     }
@@ -166,6 +182,12 @@ pub fn register(issuers: &[String], revocation_up: bool) {
 /// Sets `tokengate_revocation_up`.
 pub fn set_revocation_up(up: bool) {
     metrics::gauge!(REVOCATION_UP.name).set(f64::from(u8::from(up)));
+}
+
+/// Sets whether lookups are answered from the complete local mirror, and its size.
+pub fn set_revocation_mirror(synced: bool, entries: usize) {
+    metrics::gauge!(REVOCATION_MIRRORED.name).set(f64::from(u8::from(synced)));
+    metrics::gauge!(REVOCATION_MIRROR_ENTRIES.name).set(entries as f64);
 }
 
 /// Counts a revocation lookup that went to Redis.

@@ -16,8 +16,13 @@ fn ids(jti: &str, sub: &str, iat: Option<i64>) -> TokenIds {
 
 async fn tracked(url: &str, prefix: &str) -> (Revocations, CancellationToken) {
     let cancel = CancellationToken::new();
-    let r =
-        Revocations::redis(tokengate::revocation::connection_info(url, None).unwrap(), prefix, cancel.clone()).unwrap();
+    let r = Revocations::redis(
+        tokengate::revocation::connection_info(url, None).unwrap(),
+        prefix,
+        1_000_000,
+        cancel.clone(),
+    )
+    .unwrap();
     assert!(r.wait_up(Duration::from_secs(10)).await, "Redis is required at {url}; scripts/test starts it");
     (r, cancel)
 }
@@ -181,7 +186,8 @@ async fn sub_before_is_inclusive_and_tokens_without_iat_are_revoked() {
     let (code, _, err) =
         run_cli(&["revoke", "--sub", "carol", "--before", "2000", "--redis", &redis_url(), "--prefix", &prefix]);
     assert_eq!(code, 0, "{err}");
-    assert!(r.check_ids(&ids("a", "carol", Some(1999))).await.unwrap().is_some());
+    // In effect once Redis's push reaches the mirror (well under 100 ms; see BENCHMARKS.md).
+    until_revoked(&r, &ids("a", "carol", Some(1999))).await;
     assert!(r.check_ids(&ids("b", "carol", Some(2000))).await.unwrap().is_some(), "at the boundary: revoked");
     assert!(r.check_ids(&ids("c", "carol", Some(2001))).await.unwrap().is_none(), "issued after: valid");
     assert!(r.check_ids(&ids("d", "carol", None)).await.unwrap().is_some(), "no iat: revoked");
@@ -278,4 +284,101 @@ async fn check_with_the_config_uses_the_verifying_keys_kid_as_the_gate_does() {
     let (code, out, err) = cli(&["revocations", "check", "--config", &cfg, &no_kid]);
     assert_eq!(code, 1, "the verifying key is revoked, as the gate would see it: {out} {err}");
     assert!(out.contains("verified key") && out.contains(r#""kind":"kid""#), "{out}");
+}
+
+/// Waits until the mirror is in step with `entries` entries (loading a million takes seconds).
+async fn until_mirrored(r: &Revocations, entries: usize) {
+    use tokengate::revocation::mirror::State;
+    for _ in 0..1800 {
+        if r.mirror() == Some((State::Synced, entries)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the mirror did not load {entries} entries: {:?}", r.mirror());
+}
+
+/// Polls until `t` is no longer revoked.
+async fn until_not_revoked(r: &Revocations, t: &TokenIds) {
+    for _ in 0..500 {
+        if r.check_ids(t).await.unwrap().is_none() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the deletion never took effect");
+}
+
+fn jti(id: &str) -> TokenIds {
+    TokenIds { jti: Some(id.into()), fingerprint: "cd".repeat(32), ..Default::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_million_entries_are_mirrored_kept_in_step_with_redis_cli_and_survive_a_restart() {
+    const N: usize = 1_000_000;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let snapshot = ["--dir", dir.path().to_str().unwrap()];
+    let mut server = OwnRedis::start_with(port, &snapshot);
+    let prefix = unique_prefix("mirror");
+    let mut conn = tokengate::revocation::edit::redis_connect(&server.url()).await.unwrap();
+    for start in (0..N).step_by(10_000) {
+        let mut pipe = redis::pipe();
+        for i in start..start + 10_000 {
+            pipe.cmd("SET").arg(key(&prefix, Kind::Jti, &format!("bulk-{i}"))).arg("bulk").ignore();
+        }
+        let () = pipe.query_async(&mut conn).await.unwrap();
+    }
+    let (r, _cancel) = tracked(&server.url(), &prefix).await;
+    until_mirrored(&r, N).await;
+
+    // Every lookup, of a revoked token or a never-seen one, is answered without Redis.
+    let round_trips = r.round_trips();
+    assert!(r.check_ids(&jti("bulk-123456")).await.unwrap().is_some());
+    for i in 0..1000 {
+        assert!(r.check_ids(&jti(&format!("fresh-{i}"))).await.unwrap().is_none());
+    }
+    assert_eq!(r.round_trips(), round_trips, "no lookup waited on Redis");
+
+    // Writes from plain redis-cli while lookups run: each takes effect, both ways.
+    let cli = move |args: Vec<String>| {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &port.to_string()])
+            .args(&args)
+            .output()
+            .expect("redis-cli is required");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    let (p, c) = (prefix.clone(), cli);
+    let writer = tokio::task::spawn_blocking(move || {
+        for i in 0..50 {
+            c(vec!["SET".into(), key(&p, Kind::Jti, &format!("live-{i}")), "from redis-cli".into()]);
+            c(vec!["DEL".into(), key(&p, Kind::Jti, &format!("bulk-{i}"))]);
+        }
+    });
+    for i in 0..50 {
+        let detail = until_revoked(&r, &jti(&format!("live-{i}"))).await;
+        assert!(detail.contains("from redis-cli"), "{detail}");
+        until_not_revoked(&r, &jti(&format!("bulk-{i}"))).await;
+    }
+    writer.await.unwrap();
+    until_mirrored(&r, N).await;
+
+    // A restart (the list kept in a snapshot): fail closed while down, then mirrored again.
+    let () = redis::cmd("SAVE").query_async(&mut conn).await.unwrap();
+    server.stop();
+    for _ in 0..500 {
+        if r.check_ids(&jti("fresh-0")).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(r.check_ids(&jti("fresh-0")).await.is_err(), "no answer while Redis is down");
+    let _server = OwnRedis::start_with(port, &snapshot);
+    until_mirrored(&r, N).await;
+    assert!(r.check_ids(&jti("live-7")).await.unwrap().is_some(), "kept across the restart");
+    assert!(r.check_ids(&jti("bulk-7")).await.unwrap().is_none(), "deleted before the restart");
+    let mut conn = tokengate::revocation::edit::redis_connect(&format!("redis://127.0.0.1:{port}")).await.unwrap();
+    let _: () = conn.set(key(&prefix, Kind::Jti, "after-restart"), "again").await.unwrap();
+    until_revoked(&r, &jti("after-restart")).await;
 }

@@ -199,8 +199,14 @@ pub struct OwnRedis {
 
 impl OwnRedis {
     pub fn start(port: u16) -> OwnRedis {
+        OwnRedis::start_with(port, &[])
+    }
+
+    /// With extra `redis-server` arguments (`--dir` to keep a snapshot across restarts).
+    pub fn start_with(port: u16, extra: &[&str]) -> OwnRedis {
         let child = std::process::Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(extra)
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server is required (scripts/setup installs it)");

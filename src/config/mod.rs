@@ -181,6 +181,8 @@ pub struct RedisSettings {
     pub info: redis::ConnectionInfo,
     /// Key prefix.
     pub prefix: String,
+    /// Mirror the whole list while it has at most this many entries (0: never).
+    pub mirror_max_entries: usize,
     /// What to do while Redis cannot be read.
     pub on_unavailable: OnUnavailable,
 }
@@ -671,7 +673,12 @@ fn validate(raw: &Config, c: &mut Check) -> Settings {
         let password = r.password.as_ref().and_then(|s| c.secret_text("redis.password", s));
         match connection_info(&r.url, password.as_deref()) {
             Ok(info) => {
-                redis = Some(RedisSettings { info, prefix: r.prefix.clone(), on_unavailable: r.on_unavailable })
+                redis = Some(RedisSettings {
+                    info,
+                    prefix: r.prefix.clone(),
+                    mirror_max_entries: r.mirror_max_entries,
+                    on_unavailable: r.on_unavailable,
+                })
             }
             Err(e) => {
                 c.add("redis.url", format!("must be redis://, rediss:// or unix:// ({})", hide_values(&e.to_string())))

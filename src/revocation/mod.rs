@@ -18,12 +18,14 @@ use redis::{AsyncConnectionConfig, ProtocolVersion, PushInfo, PushKind};
 use tokio_util::sync::CancellationToken;
 
 pub mod edit;
+pub mod mirror;
 pub mod schema;
 
 pub use schema::{DEFAULT_PREFIX, Entry, Kind, TokenIds, key};
 use schema::{fetch, judge};
 
 use crate::verify::{Rejection, Verified};
+use mirror::Mirror;
 
 /// The longest wait between two connection attempts while Redis is down.
 const RECONNECT_MAX: Duration = Duration::from_millis(500);
@@ -74,15 +76,18 @@ impl Revocations {
 
     /// A list in Redis, with the tracked local cache; keeps reconnecting until `cancel`.
     /// An unreachable Redis is not an error here: it is retried in the background.
+    /// The whole list is mirrored locally while it has at most `mirror_max_entries` entries
+    /// (0: never; then seen tokens are cached and new ones looked up).
     pub fn redis(
         info: redis::ConnectionInfo,
         prefix: &str,
+        mirror_max_entries: usize,
         cancel: CancellationToken,
     ) -> Result<Revocations, redis::RedisError> {
         // RESP3 carries tracking invalidations on the data connection itself (Redis 6+).
         let settings = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
         let client = redis::Client::open(info.set_redis_settings(settings))?;
-        let tracked = Arc::new(Tracked::new(client));
+        let tracked = Arc::new(Tracked::new(client, prefix, mirror_max_entries));
         tokio::spawn(Arc::clone(&tracked).supervise(cancel));
         Ok(Revocations { prefix: prefix.to_owned(), store: Store::Redis(tracked) })
     }
@@ -104,6 +109,14 @@ impl Revocations {
         match &self.store {
             Store::Redis(t) => t.round_trips.load(Ordering::Relaxed),
             Store::Memory(_) => 0,
+        }
+    }
+
+    /// Where the local mirror stands and how many entries it holds (`None` for an in-memory list).
+    pub fn mirror(&self) -> Option<(mirror::State, usize)> {
+        match &self.store {
+            Store::Redis(t) => Some((t.mirror.state(), t.mirror.len())),
+            Store::Memory(_) => None,
         }
     }
 
@@ -146,9 +159,14 @@ impl Revocations {
     }
 }
 
-/// A Redis connection with client-side tracking and the cache it keeps honest.
+/// A Redis connection with client-side tracking, and the mirror and cache it keeps honest.
 struct Tracked {
     client: redis::Client,
+    prefix: String,
+    /// The whole list, when it is small enough (lookups wait on nothing).
+    mirror: Mirror,
+    /// The mirror's pushed keys, taken by the connection's supervisor.
+    pushed: Mutex<Option<mirror::Pushed>>,
     conn: Mutex<Option<MultiplexedConnection>>,
     cache: moka::sync::Cache<String, Entry>,
     /// Whether the cache may be used: tracking is on and the connection proved alive.
@@ -160,9 +178,13 @@ struct Tracked {
 }
 
 impl Tracked {
-    fn new(client: redis::Client) -> Tracked {
+    fn new(client: redis::Client, prefix: &str, mirror_max_entries: usize) -> Tracked {
+        let (mirror, pushed) = Mirror::new(mirror_max_entries);
         Tracked {
             client,
+            prefix: prefix.to_owned(),
+            mirror,
+            pushed: Mutex::new(Some(pushed)),
             conn: Mutex::new(None),
             cache: moka::sync::Cache::builder().max_capacity(CACHE_ENTRIES).build(),
             tracking: AtomicBool::new(false),
@@ -175,6 +197,7 @@ impl Tracked {
         self.tracking.store(false, Ordering::SeqCst);
         self.invalidations.fetch_add(1, Ordering::SeqCst);
         self.cache.invalidate_all();
+        self.mirror.disconnected();
     }
 
     fn on_push(&self, push: PushInfo) {
@@ -187,10 +210,14 @@ impl Tracked {
                         for k in keys {
                             if let Ok(k) = redis::from_redis_value_ref::<String>(k) {
                                 self.cache.invalidate(&k);
+                                self.mirror.pushed(&k);
                             }
                         }
                     }
-                    _ => self.cache.invalidate_all(),
+                    _ => {
+                        self.cache.invalidate_all();
+                        self.mirror.reload_whole();
+                    }
                 }
             }
             PushKind::Disconnection => {
@@ -207,24 +234,36 @@ impl Tracked {
     /// costs nothing, and routes resume within about a second of Redis answering again.
     async fn supervise(self: Arc<Self>, cancel: CancellationToken) {
         let mut backoff = Duration::from_millis(100);
+        let mut pushed = self.pushed.lock().expect("not poisoned").take().expect("one supervisor");
         loop {
             match self.connect().await {
-                Ok(mut conn) => {
+                Ok(conn) => {
                     backoff = Duration::from_millis(100);
                     tracing::info!("revocation list connected (client tracking on)");
                     crate::telemetry::set_revocation_up(true);
-                    loop {
-                        tokio::select! {
-                            _ = cancel.cancelled() => return,
-                            _ = tokio::time::sleep(HEARTBEAT) => {}
+                    let heartbeat = async {
+                        let mut conn = conn.clone();
+                        loop {
+                            tokio::time::sleep(HEARTBEAT).await;
+                            let ping = redis::cmd("PING");
+                            let ping = tokio::time::timeout(HEARTBEAT, ping.query_async::<()>(&mut conn)).await;
+                            if !matches!(ping, Ok(Ok(()))) || self.conn.lock().expect("not poisoned").is_none() {
+                                return;
+                            }
                         }
-                        let ping =
-                            tokio::time::timeout(HEARTBEAT, redis::cmd("PING").query_async::<()>(&mut conn)).await;
-                        if !matches!(ping, Ok(Ok(()))) || self.conn.lock().expect("not poisoned").is_none() {
-                            break;
+                    };
+                    let mirror = async {
+                        if !self.mirror.enabled() {
+                            return std::future::pending().await;
                         }
+                        let e = self.mirror.run(&mut conn.clone(), &self.prefix, &mut pushed).await;
+                        tracing::warn!(error = %e, "reading the revocation list failed");
+                    };
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = heartbeat => tracing::warn!("Redis heartbeat failed; revocation cache cleared, reconnecting"),
+                        _ = mirror => {}
                     }
-                    tracing::warn!("Redis heartbeat failed; revocation cache cleared, reconnecting");
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot connect to Redis; holding messages that need the revocation list")
@@ -256,18 +295,31 @@ impl Tracked {
             });
         let mut conn = self.client.get_multiplexed_async_connection_with_config(&config).await?;
         self.drop_cache();
-        redis::cmd("CLIENT").arg("TRACKING").arg("ON").query_async::<()>(&mut conn).await?;
+        let mut tracking = redis::cmd("CLIENT");
+        tracking.arg("TRACKING").arg("ON");
+        if self.mirror.enabled() {
+            // Every change under the list's prefix, not only keys read on this connection.
+            tracking.arg("BCAST").arg("PREFIX").arg(format!("{}revoked:", self.prefix));
+        }
+        tracking.query_async::<()>(&mut conn).await?;
         *self.conn.lock().expect("not poisoned") = Some(conn.clone());
         self.tracking.store(true, Ordering::SeqCst);
+        if self.mirror.enabled() {
+            self.mirror.reload_whole();
+        }
         Ok(conn)
     }
 
-    /// Looks up `keys`, from the cache where tracking vouches for it, else in one round trip.
+    /// Looks up `keys`, from the mirror or the cache where tracking vouches for them, else in
+    /// one round trip.
     async fn lookup<'k>(
         &self,
         keys: impl ExactSizeIterator<Item = &'k str> + Clone,
     ) -> Result<Vec<Entry>, Unavailable> {
         let use_cache = self.tracking.load(Ordering::SeqCst);
+        if use_cache && let Some(entries) = self.mirror.lookup(keys.clone()) {
+            return Ok(entries);
+        }
         if use_cache {
             let hits: Vec<Entry> = keys.clone().map_while(|k| self.cache.get(k)).collect();
             if hits.len() == keys.len() {

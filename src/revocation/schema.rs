@@ -192,6 +192,9 @@ pub fn judge(kind: Kind, entry: &Entry, v: &TokenIds) -> Option<Rejection> {
 
 /// Reads `keys` in one round trip: EXISTS for each (it sees keys of any type), then one MGET.
 pub async fn fetch(conn: &mut MultiplexedConnection, keys: &[&str]) -> Result<Vec<Entry>, String> {
+    if keys.is_empty() {
+        return Ok(Vec::new()); // MGET needs a key (a SCAN step may name none)
+    }
     let mut pipe = redis::pipe();
     for k in keys {
         pipe.cmd("EXISTS").arg(*k);
