@@ -83,6 +83,7 @@ async fn rotation_is_picked_up_by_an_unknown_kid_refetch() {
     let p = Policy::default();
     let old = token(Algorithm::RS256, json!({}));
     assert!(v.verify(&p, &old, NOW).await.unwrap().is_ok());
+    assert!(v.verify(&p, &old, NOW).await.unwrap().is_ok(), "seen twice: cached");
     let new = rsa2_token("rsa2");
     // Not published yet: unknown (and remembered for min_refetch).
     assert_eq!(v.verify(&p, &new, NOW).await.unwrap().unwrap_err().reason, Reason::UnknownKid);

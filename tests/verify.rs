@@ -216,7 +216,9 @@ fn cache_hits_skip_the_signature_but_not_time_or_policy() {
     let t = token(Algorithm::RS256, json!({"exp": NOW + 100}));
     let first = now_or_never(v.verify(&policy, &t, NOW)).unwrap().unwrap();
     let second = now_or_never(v.verify(&policy, &t, NOW + 1)).unwrap().unwrap();
-    assert!(Arc::ptr_eq(&first, &second), "second decision comes from the cache");
+    assert!(!Arc::ptr_eq(&first, &second), "a token seen once is not cached (one-time tokens cost no entry)");
+    let third = now_or_never(v.verify(&policy, &t, NOW + 1)).unwrap().unwrap();
+    assert!(Arc::ptr_eq(&second, &third), "from its second sight on, decisions come from the cache");
     // Time is checked on every hit.
     let late = now_or_never(v.verify(&policy, &t, NOW + 131)).unwrap().unwrap_err();
     assert_eq!(late.reason, Reason::Expired);

@@ -5,6 +5,7 @@
 //! the registered claims, and finally the route's [`policy`]. Verified tokens are cached by their
 //! bytes; a hit skips the signature but still checks time and policy.
 
+pub mod cache;
 pub mod jwks;
 pub mod jwt;
 pub mod keys;
@@ -46,6 +47,24 @@ pub struct Verified {
     issuer_index: usize,
     generation: u64,
     cache_ttl: Duration,
+}
+
+#[cfg(test)]
+impl Verified {
+    /// A verified token of no issuer, cached for a minute.
+    pub(crate) fn for_tests() -> Verified {
+        Verified {
+            issuer: Arc::from("test"),
+            kid: None,
+            alg: Algorithm::HS256,
+            fingerprint: String::new(),
+            std: StdClaims::default(),
+            claims: Map::new(),
+            issuer_index: 0,
+            generation: 0,
+            cache_ttl: Duration::from_secs(60),
+        }
+    }
 }
 
 /// The fingerprint of a token: SHA-256 of `header.payload`, so a re-encoded signature (ECDSA
@@ -92,7 +111,8 @@ pub struct Issuer {
 /// Sizes of the verified-token cache.
 #[derive(Debug, Clone)]
 pub struct CacheSettings {
-    /// Most tokens kept; each costs about 1-2 KB. Zero disables the cache.
+    /// Most tokens kept (each is cached on its second sight); each costs about 1-2 KB. Zero
+    /// disables the cache.
     pub max_entries: u64,
     /// How long a token without `exp` stays cached.
     pub ttl_without_exp: Duration,
@@ -104,19 +124,11 @@ impl Default for CacheSettings {
     }
 }
 
-struct UntilExpiry;
-
-impl moka::Expiry<Box<str>, Arc<Verified>> for UntilExpiry {
-    fn expire_after_create(&self, _: &Box<str>, v: &Arc<Verified>, _: std::time::Instant) -> Option<Duration> {
-        Some(v.cache_ttl)
-    }
-}
-
 /// The verification engine shared by every route.
 pub struct Verifier {
     issuers: Vec<Issuer>,
     by_iss: HashMap<String, usize>,
-    cache: Option<moka::sync::Cache<Box<str>, Arc<Verified>>>,
+    cache: Option<cache::TokenCache>,
     ttl_without_exp: Duration,
 }
 
@@ -129,14 +141,7 @@ impl Verifier {
     /// An engine over `issuers`; remote keys are not fetched until [`Verifier::start`].
     pub fn new(issuers: Vec<Issuer>, cache: &CacheSettings) -> Verifier {
         let by_iss = issuers.iter().enumerate().map(|(i, is)| (is.checks.iss.clone(), i)).collect();
-        Verifier {
-            issuers,
-            by_iss,
-            cache: (cache.max_entries > 0).then(|| {
-                moka::sync::Cache::builder().max_capacity(cache.max_entries).expire_after(UntilExpiry).build()
-            }),
-            ttl_without_exp: cache.ttl_without_exp,
-        }
+        Verifier { issuers, by_iss, cache: cache::TokenCache::new(cache), ttl_without_exp: cache.ttl_without_exp }
     }
 
     /// Fetches every remote key set once; returns the failures (those issuers hold until fixed).
@@ -198,7 +203,7 @@ impl Verifier {
         let verdict = self.admit(policy, Arc::clone(&verified), now);
         let timely = !matches!(&verdict, Err(r) if matches!(r.reason, Reason::Expired | Reason::NotYetValid | Reason::IssuedInFuture | Reason::TooOld | Reason::MissingClaim));
         if let (true, Some(c)) = (timely, &self.cache) {
-            c.insert(token.into(), verified);
+            c.offer(token, verified);
         }
         Ok(verdict)
     }
