@@ -114,8 +114,19 @@ async fn produce(p: &FutureProducer, topic: &str, tokens: &[String], n: usize, r
 struct Result {
     label: String,
     msgs_per_sec: f64,
+    /// Process CPU microseconds per message while the backlog drains.
+    cpu_us_per_msg: f64,
     p50_ms: f64,
     p99_ms: f64,
+}
+
+/// CPU seconds this process has used (user + system), from `/proc/self/stat` (ticks of 10 ms).
+fn cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at the last ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, r)| r).split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0 // utime, stime: fields 14 and 15 of the whole line
 }
 
 async fn run(bootstrap: &str, mode: Mode, n: usize, latency_n: usize) -> Result {
@@ -149,6 +160,7 @@ async fn run(bootstrap: &str, mode: Mode, n: usize, latency_n: usize) -> Result 
         tokengate::config::parse(&config(bootstrap, &tin, &tout, &tdlq, &format!("g-{id}")), &[], Path::new("."))
             .unwrap_or_else(|e| panic!("{e:?}"));
     let cancel = CancellationToken::new();
+    let cpu_start = cpu_secs();
     let gate = match mode {
         Mode::PassThrough => {
             Arc::new(Gate::pass_through(Arc::new(Verifier::new(std::mem::take(&mut s.issuers), &s.cache))))
@@ -179,6 +191,7 @@ async fn run(bootstrap: &str, mode: Mode, n: usize, latency_n: usize) -> Result 
         }
     }
     let msgs_per_sec = (hi - lo) as f64 / t_hi.duration_since(t_lo.unwrap()).as_secs_f64().max(1e-3);
+    let cpu_us_per_msg = (cpu_secs() - cpu_start) * 1e6 / n as f64;
     drop(counter);
     eprintln!("{}: drained at {msgs_per_sec:.0} msg/s", mode.label());
     // Added latency: a steady 1000 msg/s stream, measured from produce time to trusted arrival.
@@ -211,7 +224,7 @@ async fn run(bootstrap: &str, mode: Mode, n: usize, latency_n: usize) -> Result 
     task.await.unwrap().unwrap();
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let pct = |q: f64| lat[((lat.len() as f64 * q).ceil() as usize).clamp(1, lat.len()) - 1];
-    Result { label: mode.label(), msgs_per_sec, p50_ms: pct(0.5), p99_ms: pct(0.99) }
+    Result { label: mode.label(), msgs_per_sec, cpu_us_per_msg, p50_ms: pct(0.5), p99_ms: pct(0.99) }
 }
 
 #[tokio::main]
@@ -256,14 +269,17 @@ async fn main() {
 (producers at librdkafka's default linger.ms 5, fetch.wait.max.ms 10 on both consumers)."
     );
     println!("Percentages and added latency are against the faster of the two pass-through runs.");
-    println!("| run | msg/s | % of pass-through | p50 ms | p99 ms | p50 added ms | p99 added ms |");
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!("CPU/msg = this process's CPU time while the gate drains the backlog / messages (the gate,");
+    println!("plus the reader counting arrivals, the same in every run).");
+    println!("| run | msg/s | % of pass-through | CPU µs/msg | p50 ms | p99 ms | p50 added ms | p99 added ms |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for r in &results {
         println!(
-            "| {} | {:.0} | {:.0}% | {:.1} | {:.1} | {:+.1} | {:+.1} |",
+            "| {} | {:.0} | {:.0}% | {:.1} | {:.1} | {:.1} | {:+.1} | {:+.1} |",
             r.label,
             r.msgs_per_sec,
             100.0 * r.msgs_per_sec / base.msgs_per_sec,
+            r.cpu_us_per_msg,
             r.p50_ms,
             r.p99_ms,
             r.p50_ms - base.p50_ms,

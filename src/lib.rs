@@ -13,7 +13,7 @@
 //! source::kafka / source::amqp     read a record or delivery -> envelope::Envelope
 //!   -> pipeline::Pipeline          decide up to 64 at once, in order of reading:
 //!        gate::Gate::handle        verify::Verifier (token, signature, claims, policy)
-//!                                  + revocation::Revocations (Redis, cached)
+//!                                  + revocation::Revocations (local mirror of Redis)
 //!                                  -> Outcome::Forward | Outcome::DeadLetter | Hold (retry)
 //!   -> sink::kafka / sink::amqp    publish in read order, confirmed by the broker
 //!   -> source ack rule             Kafka: commit the contiguous confirmed offsets;
@@ -26,8 +26,9 @@
 //! - [`verify`]: the decision; [`verify::jwt`] token parsing, [`verify::reason`] rejection
 //!   codes, [`verify::keys`] pinned keys, [`verify::jwks`] rotating key sets, [`verify::policy`]
 //!   route rules.
-//! - [`revocation`]: the Redis revocation list as the gate reads it (tracked local cache); its
-//!   key schema in [`revocation::schema`], operators' writes in [`revocation::edit`].
+//! - [`revocation`]: the Redis revocation list as the gate reads it: a complete local
+//!   [`revocation::mirror`] kept in step by Redis (or per-key lookups, cached); its key schema
+//!   in [`revocation::schema`], operators' writes in [`revocation::edit`].
 //! - [`envelope`]: a message from any broker ([`envelope::Envelope`]) and what goes out.
 //! - [`gate`]: the core, `Gate::handle(route, envelope) -> Outcome` (forward / dead-letter) or a hold.
 //! - [`pipeline`]: the one message path of every route ([`pipeline::Route`], its live

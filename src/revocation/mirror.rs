@@ -24,10 +24,6 @@ const QUEUE: usize = 65_536;
 /// Keys read per SCAN step and per refetch round trip.
 const BATCH: usize = 1000;
 
-/// Approximate bytes one mirrored entry costs beyond its key and value bytes (hash table slot,
-/// two allocations), for the memory estimate the docs give; measured in BENCHMARKS.md.
-pub const ENTRY_OVERHEAD_BYTES: usize = 64;
-
 /// Where the mirror stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {

@@ -1,7 +1,8 @@
-//! The revocation list as the gate reads it: Redis with a local cache that Redis invalidates.
-//! Its key schema is [`schema`]; operators' writes are [`edit`].
+//! The revocation list as the gate reads it: Redis with a complete local [`mirror`] (while the
+//! list is small enough) or else per-key lookups and a local cache, both kept honest by Redis's
+//! pushes. Its key schema is [`schema`]; operators' writes are [`edit`].
 //!
-//! # Cache
+//! # Cache (when not mirrored)
 //! One RESP3 connection with `CLIENT TRACKING ON`: Redis pushes an invalidation on that same
 //! connection whenever a key we read changes (from tokengate, `redis-cli`, anything), so a token
 //! seen before costs no round trip. A heartbeat PING proves the connection (and so the
