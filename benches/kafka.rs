@@ -2,7 +2,7 @@
 //! verification versus a pass-through run of the same pipeline, in the same run.
 //!
 //! cargo bench --bench kafka      (needs a broker at TOKENGATE_TEST_KAFKA or 127.0.0.1:9092)
-//! Optional: TOKENGATE_BENCH_MESSAGES (default 20000).
+//! Optional: TOKENGATE_BENCH_MESSAGES (default 100000), TOKENGATE_BENCH_ONLY (words of the runs).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -249,8 +249,13 @@ async fn main() {
         // and the faster of the two is used (the conservative choice for the percentages).
         Mode::PassThrough,
     ];
+    // TOKENGATE_BENCH_ONLY=RS256,new (say) runs only the runs whose label has every word given
+    // (for profiling one run); the table's percentages then need a pass-through run among them.
+    let only: Vec<String> = std::env::var("TOKENGATE_BENCH_ONLY")
+        .map(|v| v.split(',').map(|w| w.trim().to_owned()).filter(|w| !w.is_empty()).collect())
+        .unwrap_or_default();
     let mut results = Vec::new();
-    for m in modes {
+    for m in modes.into_iter().filter(|m| only.iter().all(|w| m.label().contains(w.as_str()))) {
         let r = run(&bootstrap, m, n, 2000).await;
         eprintln!("{}: {:.0} msg/s", r.label, r.msgs_per_sec);
         results.push(r);

@@ -58,19 +58,16 @@ impl Origin {
         }
     }
 
-    /// `(header suffix, value)` pairs describing the source.
-    pub fn describe(&self) -> Vec<(&'static str, String)> {
+    /// The gate's headers describing the source: `(name, value)` with the names of `names`.
+    pub fn describe<'n>(&self, names: &'n HeaderNames) -> [(&'n str, String); 3] {
+        let [topic, partition, offset, queue, exchange, routing_key] = &names.source;
         match self {
-            Origin::Kafka { topic, partition, offset } => vec![
-                ("source-topic", topic.to_string()),
-                ("source-partition", partition.to_string()),
-                ("source-offset", offset.to_string()),
-            ],
-            Origin::Amqp { queue, exchange, routing_key, .. } => vec![
-                ("source-queue", queue.clone()),
-                ("source-exchange", exchange.clone()),
-                ("source-routing-key", routing_key.clone()),
-            ],
+            Origin::Kafka { topic: t, partition: p, offset: o } => {
+                [(topic, t.to_string()), (partition, p.to_string()), (offset, o.to_string())]
+            }
+            Origin::Amqp { queue: q, exchange: e, routing_key: r, .. } => {
+                [(queue, q.clone()), (exchange, e.clone()), (routing_key, r.clone())]
+            }
         }
     }
 }
@@ -117,4 +114,53 @@ pub struct Outgoing {
     pub amqp: Option<AmqpProperties>,
     /// Typed AMQP headers of the source to carry (minus removed ones).
     pub amqp_headers: Option<lapin::types::FieldTable>,
+}
+
+/// The names of the headers the gate adds on a route: its prefix (default `x-tokengate-`) and a
+/// fixed suffix, built once per route instead of once per message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeaderNames {
+    /// The prefix itself (incoming headers with it are removed).
+    pub prefix: String,
+    /// The verified `iss`.
+    pub issuer: String,
+    /// The key that verified the token.
+    pub kid: String,
+    /// The token's fingerprint.
+    pub fingerprint: String,
+    /// The route.
+    pub route: String,
+    /// A dead letter's reason code.
+    pub reason: String,
+    /// A dead letter's detail.
+    pub detail: String,
+    /// When the message was rejected.
+    pub rejected_at: String,
+    /// Parts of a dead letter dropped to fit its destination.
+    pub dropped: String,
+    /// The raw properties of an AMQP message the client could not decode.
+    pub raw_properties: String,
+    /// Source coordinates: topic, partition, offset, queue, exchange, routing key.
+    source: [String; 6],
+}
+
+impl HeaderNames {
+    /// The names under `prefix`.
+    pub fn new(prefix: &str) -> HeaderNames {
+        let n = |suffix: &str| format!("{prefix}{suffix}");
+        HeaderNames {
+            prefix: prefix.to_owned(),
+            issuer: n("issuer"),
+            kid: n("kid"),
+            fingerprint: n("fingerprint"),
+            route: n("route"),
+            reason: n("reason"),
+            detail: n("detail"),
+            rejected_at: n("rejected-at"),
+            dropped: n("dropped"),
+            raw_properties: n("raw-properties"),
+            source: ["topic", "partition", "offset", "queue", "exchange", "routing-key"]
+                .map(|s| n(&format!("source-{s}"))),
+        }
+    }
 }

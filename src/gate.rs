@@ -153,7 +153,7 @@ fn kept_headers(route: &RouteRules, env: &Envelope, strip_token: bool) -> Vec<(S
         .iter()
         .filter(|(name, _)| {
             let lower = name.to_ascii_lowercase();
-            !(lower.starts_with(&route.header_prefix)
+            !(lower.starts_with(&route.headers.prefix)
                 || route.identity_headers.iter().any(|(_, h)| *h == lower)
                 || (strip_token && lower == route.token.header.to_ascii_lowercase()))
         })
@@ -180,7 +180,7 @@ fn base(env: &Envelope, headers: Vec<(String, HeaderData)>) -> Outgoing {
 /// The trusted copy: identity headers added, token stripped (by default).
 pub fn forward(route: &RouteRules, env: &Envelope, v: Option<&Verified>) -> Outgoing {
     let mut headers = kept_headers(route, env, route.strip_token);
-    let p = &route.header_prefix;
+    let names = &route.headers;
     if let Some(v) = v {
         for (claim, header) in &route.identity_headers {
             match claim.get(&v.claims) {
@@ -195,15 +195,15 @@ pub fn forward(route: &RouteRules, env: &Envelope, v: Option<&Verified>) -> Outg
                 None => {}
             }
         }
-        headers.push((format!("{p}issuer"), text(v.std.iss.clone().unwrap_or_default())));
+        headers.push((names.issuer.clone(), text(v.std.iss.clone().unwrap_or_default())));
         if let Some(kid) = &v.kid {
-            headers.push((format!("{p}kid"), text(kid.clone())));
+            headers.push((names.kid.clone(), text(kid.clone())));
         }
-        headers.push((format!("{p}fingerprint"), text(v.fingerprint.clone())));
+        headers.push((names.fingerprint.clone(), text(v.fingerprint.clone())));
     }
-    headers.push((format!("{p}route"), text(route.name.clone())));
-    for (k, val) in env.origin.describe() {
-        headers.push((format!("{p}{k}"), text(val)));
+    headers.push((names.route.clone(), text(route.name.clone())));
+    for (k, val) in env.origin.describe(names) {
+        headers.push((k.to_owned(), text(val)));
     }
     base(env, headers)
 }
@@ -220,16 +220,16 @@ pub fn dead_letter(route: &RouteRules, env: &Envelope, r: &Rejection, fp: Option
             }
         }
     }
-    let p = &route.header_prefix;
-    headers.push((format!("{p}reason"), text(r.reason.code())));
-    headers.push((format!("{p}detail"), text(r.detail.clone())));
-    headers.push((format!("{p}route"), text(route.name.clone())));
-    headers.push((format!("{p}rejected-at"), text(humantime::format_rfc3339_millis(at).to_string())));
+    let names = &route.headers;
+    headers.push((names.reason.clone(), text(r.reason.code())));
+    headers.push((names.detail.clone(), text(r.detail.clone())));
+    headers.push((names.route.clone(), text(route.name.clone())));
+    headers.push((names.rejected_at.clone(), text(humantime::format_rfc3339_millis(at).to_string())));
     if let Some(fp) = fp {
-        headers.push((format!("{p}fingerprint"), text(fp)));
+        headers.push((names.fingerprint.clone(), text(fp)));
     }
-    for (k, val) in env.origin.describe() {
-        headers.push((format!("{p}{k}"), text(val)));
+    for (k, val) in env.origin.describe(names) {
+        headers.push((k.to_owned(), text(val)));
     }
     base(env, headers)
 }
@@ -286,7 +286,7 @@ mod tests {
             dead_letter_keeps_token: false,
             policy: Policy::default(),
             identity_headers: vec![(ClaimPath("sub".into()), "x-user".into())],
-            header_prefix: "x-tokengate-".into(),
+            headers: crate::envelope::HeaderNames::new("x-tokengate-"),
         }
     }
 

@@ -270,10 +270,9 @@ fn fit(route: &Route, env: &Envelope, outcome: Outcome) -> (crate::envelope::Out
     match outcome {
         Outcome::Forward(out) => (out, None),
         Outcome::DeadLetter(mut out, r) => {
-            let dropped = route.dead_letter.make_fit(&mut out, &rules.header_prefix);
+            let dropped = route.dead_letter.make_fit(&mut out, &rules.headers.prefix);
             if dropped > 0 {
-                let name = format!("{}dropped", rules.header_prefix);
-                out.headers.push((name, HeaderData::Bytes(dropped.to_string().into_bytes())));
+                out.headers.push((rules.headers.dropped.clone(), HeaderData::Bytes(dropped.to_string().into_bytes())));
             }
             (out, Some(r.reason))
         }

@@ -98,8 +98,8 @@ pub struct RouteRules {
     pub policy: Policy,
     /// Claim path -> header name for accepted messages.
     pub identity_headers: Vec<(ClaimPath, String)>,
-    /// Prefix of the gate's own headers.
-    pub header_prefix: String,
+    /// The gate's own header names (under the route's prefix).
+    pub headers: crate::envelope::HeaderNames,
 }
 
 /// A route: its rules and, if it consumes, its brokers.
@@ -663,7 +663,7 @@ fn validate(raw: &Config, c: &mut Check) -> Settings {
                 .iter()
                 .map(|(k, v)| (ClaimPath(k.clone()), v.to_ascii_lowercase()))
                 .collect(),
-            header_prefix: rc.header_prefix.to_ascii_lowercase(),
+            headers: crate::envelope::HeaderNames::new(&rc.header_prefix.to_ascii_lowercase()),
         };
         let io = route_io(c, &p, name, rc, raw, &brokers);
         routes.push(RouteSettings { rules, io });

@@ -15,7 +15,7 @@ use std::sync::{Mutex, RwLock};
 
 use redis::aio::MultiplexedConnection;
 
-use super::schema::{Entry, fetch, scan_pattern};
+use super::schema::{Entry, Kind, fetch, scan_pattern, write_key};
 
 /// Pushed keys waiting to be read again, at most. More means writes outpace the refetches:
 /// the mirror is reloaded whole instead (bounded memory either way).
@@ -109,6 +109,32 @@ impl Mirror {
             })
         })
         .collect()
+    }
+
+    /// The entries present for a token's ids (`(kind, id)`, keys built under `prefix` in one
+    /// reused buffer), or `None` if the mirror cannot vouch for them now. Absent ones are left
+    /// out: for almost every token the answer is an empty list, and nothing is allocated.
+    pub fn find(&self, prefix: &str, ids: &[(Kind, Option<&str>)]) -> Option<Vec<(Kind, Entry)>> {
+        if self.state() != State::Synced {
+            return None;
+        }
+        let entries = self.entries.read().expect("not poisoned");
+        let pending = self.pending.lock().expect("not poisoned");
+        let mut buf = String::with_capacity(128);
+        let mut present = Vec::new();
+        for (kind, id) in ids {
+            let Some(id) = id else { continue };
+            write_key(&mut buf, prefix, *kind, id);
+            if pending.contains_key(buf.as_str()) {
+                return None;
+            }
+            match entries.get(buf.as_str()) {
+                None => {}
+                Some(Some(v)) => present.push((*kind, Entry::Value(v.to_vec()))),
+                Some(None) => present.push((*kind, Entry::WrongType)),
+            }
+        }
+        Some(present)
     }
 
     /// A push named `key` (on the connection's reader, so it must not block).

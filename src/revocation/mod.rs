@@ -138,6 +138,24 @@ impl Revocations {
 
     /// Checks a verified token. `Ok(Some)` is a revocation; `Err` means "cannot tell now".
     pub async fn check(&self, v: &Verified) -> Result<Option<Rejection>, Unavailable> {
+        // The common case, answered by the mirror without copying the token's ids.
+        if let Store::Redis(t) = &self.store
+            && t.tracking.load(Ordering::SeqCst)
+        {
+            let ids = [
+                (Kind::Jti, v.std.jti.as_deref()),
+                (Kind::Sub, v.std.sub.as_deref()),
+                (Kind::Kid, v.kid.as_deref()),
+                (Kind::Fp, Some(v.fingerprint.as_str())),
+            ];
+            if let Some(present) = t.mirror.find(&self.prefix, &ids) {
+                if present.is_empty() {
+                    return Ok(None);
+                }
+                let ids = TokenIds::of(v);
+                return Ok(present.iter().find_map(|(kind, e)| judge(*kind, e, &ids)));
+            }
+        }
         self.check_ids(&TokenIds::of(v)).await
     }
 

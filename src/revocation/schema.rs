@@ -61,7 +61,17 @@ impl Kind {
 
 /// The Redis key of an entry.
 pub fn key(prefix: &str, kind: Kind, id: &str) -> String {
-    format!("{prefix}revoked:{}:{id}", kind.name())
+    let mut k = String::with_capacity(prefix.len() + 12 + id.len());
+    write_key(&mut k, prefix, kind, id);
+    k
+}
+
+/// Writes the Redis key of an entry into `buf` (cleared first), for lookups that allocate nothing.
+pub fn write_key(buf: &mut String, prefix: &str, kind: Kind, id: &str) {
+    buf.clear();
+    for part in [prefix, "revoked:", kind.name(), ":", id] {
+        buf.push_str(part);
+    }
 }
 
 /// Escapes glob characters so a prefix is matched literally by SCAN MATCH.

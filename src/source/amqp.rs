@@ -89,7 +89,7 @@ async fn remove_poison(route: &Route, src: &AmqpSourceSettings) -> Result<bool, 
         raw.requeue().await?;
         return Ok(false);
     };
-    let p = &route.rules.header_prefix;
+    let names = &route.rules.headers;
     let env = Envelope {
         key: None,
         payload: Some(raw.body.clone()),
@@ -113,8 +113,8 @@ async fn remove_poison(route: &Route, src: &AmqpSourceSettings) -> Result<bool, 
     let mut out = crate::gate::dead_letter(&route.rules, &env, &r, None, std::time::SystemTime::now());
     // The undecodable property bytes, for whoever investigates (bounded: one AMQP frame at most).
     let raw_props = &raw.properties[..raw.properties.len().min(64 * 1024)];
-    out.headers.push((format!("{p}raw-properties"), HeaderData::Bytes(hex::encode(raw_props).into_bytes())));
-    route.dead_letter.make_fit(&mut out, p);
+    out.headers.push((names.raw_properties.clone(), HeaderData::Bytes(hex::encode(raw_props).into_bytes())));
+    route.dead_letter.make_fit(&mut out, &names.prefix);
     let confirm = route.dead_letter.send(&out).await.map_err(|e| e.to_string())?;
     confirm.await.map_err(|e| e.to_string())?;
     let bytes = raw.body.len();

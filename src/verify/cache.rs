@@ -13,9 +13,34 @@ use super::{CacheSettings, Verified};
 /// differs between any two distinct tokens of a key. A forged collision only admits a token early.
 const TRACE_BYTES: usize = 32;
 
+/// Hashes only the end of what it is given (the token's signature) with a keyed SipHash: a
+/// lookup costs the same for a 1 KB token as for a short one. Equal tails of distinct tokens
+/// only share a bucket (the key comparison is on the whole token), and the random key keeps a
+/// producer from aiming tokens at one bucket.
+#[derive(Clone, Default)]
+struct TailHash(std::collections::hash_map::RandomState);
+
+struct TailHasher(std::collections::hash_map::DefaultHasher);
+
+impl std::hash::BuildHasher for TailHash {
+    type Hasher = TailHasher;
+    fn build_hasher(&self) -> TailHasher {
+        TailHasher(self.0.build_hasher())
+    }
+}
+
+impl std::hash::Hasher for TailHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.write(&bytes[bytes.len().saturating_sub(TRACE_BYTES)..]);
+    }
+    fn finish(&self) -> u64 {
+        self.0.finish()
+    }
+}
+
 /// Verified tokens by their text, each until its `exp` (plus leeway).
 pub struct TokenCache {
-    entries: moka::sync::Cache<Box<str>, Arc<Verified>>,
+    entries: moka::sync::Cache<Box<str>, Arc<Verified>, TailHash>,
     /// Hashes of tokens seen once, one per slot (a newer one overwrites an older one).
     seen: Box<[AtomicU64]>,
     hasher: std::collections::hash_map::RandomState,
@@ -38,7 +63,10 @@ impl TokenCache {
         // As many first-sight slots as cache entries (8 bytes each), at least 1024.
         let slots = (settings.max_entries as usize).clamp(1024, 1 << 24).next_power_of_two();
         Some(TokenCache {
-            entries: moka::sync::Cache::builder().max_capacity(settings.max_entries).expire_after(UntilExpiry).build(),
+            entries: moka::sync::Cache::builder()
+                .max_capacity(settings.max_entries)
+                .expire_after(UntilExpiry)
+                .build_with_hasher(TailHash::default()),
             seen: (0..slots).map(|_| AtomicU64::new(0)).collect(),
             hasher: std::collections::hash_map::RandomState::new(),
         })
