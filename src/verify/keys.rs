@@ -45,6 +45,10 @@ pub struct Key {
     pub algorithms: Vec<Algorithm>,
     /// The key material.
     pub material: DecodingKey,
+    /// The public key parsed once for each pinned algorithm (empty for secrets): verifying
+    /// through `DecodingKey` parses the key again on every token (for RSA, its Montgomery
+    /// context too), which costs a few microseconds per new token.
+    parsed: Vec<(Algorithm, aws_lc_rs::signature::ParsedPublicKey)>,
 }
 
 impl std::fmt::Debug for Key {
@@ -58,25 +62,92 @@ impl std::fmt::Debug for Key {
 }
 
 impl Key {
-    /// Builds a key pinned to `allowed` (intersected with what fits its kind).
+    /// Builds a key pinned to `allowed` (intersected with what fits its kind). `public` is the
+    /// public key as aws-lc-rs reads it (PKCS#1 or SPKI DER for RSA, the point for EC, the 32
+    /// bytes for Ed25519); `None` for secrets.
     pub fn new(
         kid: Option<String>,
         kind: KeyKind,
         material: DecodingKey,
+        public: Option<&[u8]>,
         allowed: &[Algorithm],
     ) -> Result<Key, String> {
         let algorithms: Vec<Algorithm> = allowed.iter().copied().filter(|a| kind.fits(*a)).collect();
         if algorithms.is_empty() {
             return Err(format!("a {kind:?} key cannot verify any of {allowed:?}"));
         }
-        Ok(Key { kid, kind, algorithms, material })
+        let mut parsed = Vec::new();
+        for alg in &algorithms {
+            if let (Some(bytes), Some(params)) = (public, verification_params(*alg)) {
+                let key = aws_lc_rs::signature::ParsedPublicKey::new(params, bytes)
+                    .map_err(|e| format!("bad {kind:?} key: {e}"))?;
+                parsed.push((*alg, key));
+            }
+        }
+        Ok(Key { kid, kind, algorithms, material, parsed })
     }
 
     /// Checks `signature` (base64url) over `message` with `alg`, which must be pinned to this key.
     pub fn verify(&self, alg: Algorithm, message: &[u8], signature: &str) -> bool {
-        self.algorithms.contains(&alg)
-            && jsonwebtoken::crypto::verify(signature, message, &self.material, alg).unwrap_or(false)
+        use base64::Engine as _;
+        if !self.algorithms.contains(&alg) {
+            return false;
+        }
+        match self.parsed.iter().find(|(a, _)| *a == alg) {
+            Some((_, key)) => base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(signature)
+                .is_ok_and(|sig| key.verify_sig(message, &sig).is_ok()),
+            None => jsonwebtoken::crypto::verify(signature, message, &self.material, alg).unwrap_or(false),
+        }
     }
+}
+
+/// The aws-lc-rs verification of an asymmetric JWS algorithm, as `jsonwebtoken` maps it (RSA of
+/// 2048 to 8192 bits, fixed-size ECDSA signatures); `None` for HMAC.
+fn verification_params(alg: Algorithm) -> Option<&'static dyn aws_lc_rs::signature::VerificationAlgorithm> {
+    use aws_lc_rs::signature as s;
+    Some(match alg {
+        Algorithm::RS256 => &s::RSA_PKCS1_2048_8192_SHA256,
+        Algorithm::RS384 => &s::RSA_PKCS1_2048_8192_SHA384,
+        Algorithm::RS512 => &s::RSA_PKCS1_2048_8192_SHA512,
+        Algorithm::PS256 => &s::RSA_PSS_2048_8192_SHA256,
+        Algorithm::PS384 => &s::RSA_PSS_2048_8192_SHA384,
+        Algorithm::PS512 => &s::RSA_PSS_2048_8192_SHA512,
+        Algorithm::ES256 => &s::ECDSA_P256_SHA256_FIXED,
+        Algorithm::ES384 => &s::ECDSA_P384_SHA384_FIXED,
+        Algorithm::EdDSA => &s::ED25519,
+        _ => return None,
+    })
+}
+
+/// A DER `RSAPublicKey` (RFC 8017: a sequence of the modulus and the exponent) from their
+/// big-endian bytes, for RSA keys that come as JWK components.
+fn rsa_public_key_der(n: &[u8], e: &[u8]) -> Vec<u8> {
+    fn len(out: &mut Vec<u8>, n: usize) {
+        match n {
+            0..=0x7f => out.push(n as u8),
+            0x80..=0xff => out.extend([0x81, n as u8]),
+            _ => out.extend([0x82, (n >> 8) as u8, n as u8]),
+        }
+    }
+    fn integer(out: &mut Vec<u8>, v: &[u8]) {
+        let v = &v[v.iter().take_while(|b| **b == 0).count().min(v.len().saturating_sub(1))..];
+        let pad = v.first().is_some_and(|b| b & 0x80 != 0);
+        out.push(0x02);
+        len(out, v.len() + usize::from(pad));
+        if pad {
+            out.push(0);
+        }
+        out.extend_from_slice(v);
+    }
+    let mut body = Vec::with_capacity(n.len() + e.len() + 16);
+    integer(&mut body, n);
+    integer(&mut body, e);
+    let mut out = Vec::with_capacity(body.len() + 4);
+    out.push(0x30);
+    len(&mut out, body.len());
+    out.extend(body);
+    out
 }
 
 /// Loads an HMAC secret.
@@ -85,7 +156,7 @@ pub fn hmac(kid: Option<String>, secret: &[u8], allowed: &[Algorithm]) -> Result
     if secret.len() < 32 {
         return Err(format!("HMAC secret is {} bytes; at least 32 are required", secret.len()));
     }
-    Key::new(kid, KeyKind::Hmac, DecodingKey::from_secret(secret), allowed)
+    Key::new(kid, KeyKind::Hmac, DecodingKey::from_secret(secret), None, allowed)
 }
 
 /// The shortest RSA modulus accepted by default (an issuer's `min_rsa_bits` may raise it, never
@@ -132,7 +203,8 @@ pub fn pem(kid: Option<String>, pem: &[u8], allowed: &[Algorithm], min_rsa_bits:
     if let Ok(k) = DecodingKey::from_rsa_pem(pem) {
         let der = k.try_get_as_bytes().map_err(|e| format!("bad RSA key: {e}"))?;
         check_rsa_modulus(pkcs1_modulus(der).ok_or("bad RSA key: no modulus")?, min_rsa_bits)?;
-        return Key::new(kid, KeyKind::Rsa, k, allowed);
+        let der = der.to_vec();
+        return Key::new(kid, KeyKind::Rsa, k, Some(&der), allowed);
     }
     if let Ok(k) = DecodingKey::from_ec_pem(pem) {
         // An uncompressed point is 0x04 || x || y: 65 bytes on P-256, 97 on P-384.
@@ -141,10 +213,12 @@ pub fn pem(kid: Option<String>, pem: &[u8], allowed: &[Algorithm], min_rsa_bits:
             Ok(97) => KeyKind::P384,
             _ => return Err("unsupported EC curve (P-256 and P-384 are)".into()),
         };
-        return Key::new(kid, kind, k, allowed);
+        let point = k.try_get_as_bytes().map_err(|e| format!("bad EC key: {e}"))?.to_vec();
+        return Key::new(kid, kind, k, Some(&point), allowed);
     }
     if let Ok(k) = DecodingKey::from_ed_pem(pem) {
-        return Key::new(kid, KeyKind::Ed25519, k, allowed);
+        let raw = k.try_get_as_bytes().map_err(|e| format!("bad Ed25519 key: {e}"))?.to_vec();
+        return Key::new(kid, KeyKind::Ed25519, k, Some(&raw), allowed);
     }
     Err("not a PEM public key (RSA, EC or Ed25519)".into())
 }
@@ -185,13 +259,18 @@ fn jwk(item: &Value, allowed: &[Algorithm], allow_secrets: bool, min_rsa_bits: u
     {
         return Err("key_ops lacks verify".into());
     }
+    let mut rsa_der = None;
     let kind = match &jwk.algorithm {
         AlgorithmParameters::RSA(p) => {
             use base64::Engine as _;
-            let n = base64::engine::general_purpose::URL_SAFE_NO_PAD
-                .decode(p.n.trim_end_matches('='))
-                .map_err(|e| format!("bad RSA modulus: {e}"))?;
+            let b64 = |v: &str, what: &str| {
+                base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(v.trim_end_matches('='))
+                    .map_err(|e| format!("bad RSA {what}: {e}"))
+            };
+            let n = b64(&p.n, "modulus")?;
             check_rsa_modulus(&n, min_rsa_bits)?;
+            rsa_der = Some(rsa_public_key_der(&n, &b64(&p.e, "exponent")?));
             KeyKind::Rsa
         }
         AlgorithmParameters::EllipticCurve(p) => match p.curve {
@@ -218,7 +297,12 @@ fn jwk(item: &Value, allowed: &[Algorithm], allow_secrets: bool, min_rsa_bits: u
     if kind == KeyKind::Hmac && material.try_get_as_bytes().map_or(0, <[u8]>::len) < 32 {
         return Err("oct key shorter than 32 bytes".into());
     }
-    Key::new(jwk.common.key_id.clone(), kind, material, &pinned)
+    let public = match kind {
+        KeyKind::Hmac => None,
+        KeyKind::Rsa => rsa_der,
+        _ => Some(material.try_get_as_bytes().map_err(|e| format!("bad key material: {e}"))?.to_vec()),
+    };
+    Key::new(jwk.common.key_id.clone(), kind, material, public.as_deref(), &pinned)
 }
 
 /// Source of key set generations: a new number whenever any key set changes, so that a cached
@@ -338,5 +422,17 @@ mod tests {
             skipped,
             vec!["key 0: RSA key of 1024 bits; at least 2048 are required", "key 1: key_ops lacks verify"]
         );
+    }
+
+    #[test]
+    fn rsa_components_encode_to_the_same_der_as_the_pem() {
+        let pem = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/keys/rsa.pub.pem")).unwrap();
+        let k = DecodingKey::from_rsa_pem(&pem).unwrap();
+        let der = k.try_get_as_bytes().unwrap();
+        let n = pkcs1_modulus(der).unwrap();
+        // 65537, as written in the key and as a JWK writes it ("AQAB").
+        assert_eq!(rsa_public_key_der(n, &[1, 0, 1]), der);
+        assert_eq!(rsa_public_key_der(&[0, 0, 0x7f], &[3]), vec![0x30, 6, 2, 1, 0x7f, 2, 1, 3]);
+        assert_eq!(rsa_public_key_der(&[0x80], &[3]), vec![0x30, 7, 2, 2, 0, 0x80, 2, 1, 3]);
     }
 }
