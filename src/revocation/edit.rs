@@ -6,9 +6,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde_json::{Map, Value, json};
 
-use super::schema::{
-    DEFAULT_JTI_TTL, Kind, REVOCATION_LEEWAY_SECS, TokenIds, fetch, judge, key, parse_key, scan_pattern,
-};
+use super::schema::{DEFAULT_JTI_TTL, Kind, REVOCATION_LEEWAY_SECS, TokenIds, fetch, judge, key, parse_key, scan};
 use crate::verify;
 
 /// Which revocation entry an ops command addresses.
@@ -176,19 +174,10 @@ pub async fn list(
     prefix: &str,
     kind: Option<Kind>,
 ) -> anyhow::Result<Vec<Written>> {
-    let pattern = scan_pattern(prefix, kind);
     let mut cursor = 0u64;
     let mut out = Vec::new();
     loop {
-        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(conn)
-            .await
-            .context("SCAN")?;
+        let (next, keys) = scan(conn, prefix, kind, cursor).await.context("SCAN")?;
         // A few operator-sized round trips per key: listing is rare and must show odd keys too.
         for k in keys {
             let ty: String = redis::cmd("TYPE").arg(&k).query_async(conn).await?;

@@ -15,13 +15,13 @@ use std::sync::{Mutex, RwLock};
 
 use redis::aio::MultiplexedConnection;
 
-use super::schema::{Entry, Kind, fetch, scan_pattern, write_key};
+use super::schema::{Entry, Kind, fetch, scan, write_key};
 
 /// Pushed keys waiting to be read again, at most. More means writes outpace the refetches:
 /// the mirror is reloaded whole instead (bounded memory either way).
 const QUEUE: usize = 65_536;
 
-/// Keys read per SCAN step and per refetch round trip.
+/// Pushed keys read again in one round trip, at most.
 const BATCH: usize = 1000;
 
 /// Where the mirror stands.
@@ -224,19 +224,10 @@ impl Mirror {
     async fn load(&self, conn: &mut MultiplexedConnection, prefix: &str) -> Result<(), String> {
         let started = std::time::Instant::now();
         let first_seq = self.seq.load(Ordering::SeqCst);
-        let pattern = scan_pattern(prefix, None);
         let mut map: HashMap<Box<str>, Option<Box<[u8]>>> = HashMap::new();
         let mut cursor = 0u64;
         loop {
-            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(BATCH)
-                .query_async(conn)
-                .await
-                .map_err(|e| e.to_string())?;
+            let (next, keys) = scan(conn, prefix, None, cursor).await.map_err(|e| e.to_string())?;
             // A key that is not UTF-8 is never looked up (keys are built from token claims).
             let keys: Vec<String> = keys.into_iter().filter_map(|k| String::from_utf8(k).ok()).collect();
             if map.len() + keys.len() > self.max_entries {

@@ -91,6 +91,26 @@ pub fn scan_pattern(prefix: &str, kind: Option<Kind>) -> String {
     format!("{}revoked:{}:*", glob_escape(prefix), kind.map_or("*", Kind::name))
 }
 
+/// One SCAN step over the list (of one kind, or every entry): the next cursor (0 at the end) and
+/// the keys this step named (SCAN may name a key twice). Never KEYS, which blocks Redis.
+pub async fn scan(
+    conn: &mut MultiplexedConnection,
+    prefix: &str,
+    kind: Option<Kind>,
+    cursor: u64,
+) -> redis::RedisResult<(u64, Vec<Vec<u8>>)> {
+    // Keys per step: few round trips for a large list, short replies for Redis.
+    const COUNT: usize = 1000;
+    redis::cmd("SCAN")
+        .arg(cursor)
+        .arg("MATCH")
+        .arg(scan_pattern(prefix, kind))
+        .arg("COUNT")
+        .arg(COUNT)
+        .query_async(conn)
+        .await
+}
+
 /// The kind and id of a key of this schema.
 pub fn parse_key<'k>(prefix: &str, key: &'k str) -> Option<(Kind, &'k str)> {
     let (kind, id) = key.strip_prefix(prefix)?.strip_prefix("revoked:")?.split_once(':')?;
