@@ -2,7 +2,9 @@
 //! verification versus a pass-through run of the same pipeline, in the same run.
 //!
 //! cargo bench --bench kafka      (needs a broker at TOKENGATE_TEST_KAFKA or 127.0.0.1:9092)
-//! Optional: TOKENGATE_BENCH_MESSAGES (default 100000), TOKENGATE_BENCH_ONLY (words of the runs).
+//! Optional: TOKENGATE_BENCH_MESSAGES (default 100000), TOKENGATE_BENCH_ONLY (words of the runs;
+//! "peer" for the hand-written peer's). The peer (`benches/peer.py`, Python confluent-kafka +
+//! PyJWT + redis-py) runs last on the same broker and Redis; scripts/setup installs its packages.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -46,12 +48,20 @@ impl Mode {
     }
 }
 
+/// The Redis of the bench (the gate's revocation list, mirrored; the peer's, per message).
+fn redis_url() -> String {
+    std::env::var("TOKENGATE_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
 fn config(bootstrap: &str, topic_in: &str, topic_out: &str, topic_dlq: &str, group: &str) -> String {
     format!(
         r#"
 shutdown_timeout = "10s"
 [admin]
 listen = ""
+[redis]
+url = "{redis}"
+prefix = "tgbench:{group}:"
 [kafka.main]
 bootstrap_servers = "{bootstrap}"
 {issuers}
@@ -62,7 +72,42 @@ trusted = {{ kafka = {{ cluster = "main", topic = "{topic_out}" }} }}
 dead_letter = {{ kafka = {{ cluster = "main", topic = "{topic_dlq}" }} }}
 "#,
         issuers = common::issuer_toml(),
+        redis = redis_url(),
     )
+}
+
+/// The hand-written peer (`benches/peer.py`) on a backlog of `n` messages with RS256 tokens:
+/// its throughput and CPU per message, as a row of the table.
+async fn peer(bootstrap: &str, reuse: Reuse, n: usize) -> Result {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let (tin, tout) = (format!("peer-in-{id}"), format!("peer-ok-{id}"));
+    create(bootstrap, &[&tin, &tout]).await;
+    let toks = common::mint(Algorithm::RS256, if reuse == Reuse::Pool { 10 } else { n });
+    produce(&producer(bootstrap), &tin, &toks, n, None).await;
+    let python = std::env::var("TOKENGATE_TEST_PYTHON")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/.tokengate/venv/bin/python").into());
+    let pem = common::keys_dir().join("rsa.pub.pem");
+    let out = tokio::process::Command::new(&python)
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/benches/peer.py"))
+        .args([bootstrap, &tin, &tout, &format!("peer-{id}"), &n.to_string()])
+        .arg(&pem)
+        .args([redis_url(), format!("tgbench:peer-{id}:")])
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("{python} (scripts/setup installs it): {e}"));
+    assert!(out.status.success(), "peer.py failed: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("peer.py prints one JSON line");
+    let label = match reuse {
+        Reuse::Pool => "hand-written peer (Python), RS256, 10 reused tokens",
+        Reuse::EveryMessageNew => "hand-written peer (Python), RS256, every token new",
+    };
+    Result {
+        label: label.into(),
+        msgs_per_sec: v["msgs_per_sec"].as_f64().unwrap(),
+        cpu_us_per_msg: v["cpu_secs"].as_f64().unwrap() * 1e6 / n as f64,
+        p50_ms: f64::NAN,
+        p99_ms: f64::NAN,
+    }
 }
 
 async fn create(bootstrap: &str, names: &[&str]) {
@@ -111,6 +156,7 @@ async fn produce(p: &FutureProducer, topic: &str, tokens: &[String], n: usize, r
     }
 }
 
+#[derive(Clone)]
 struct Result {
     label: String,
     msgs_per_sec: f64,
@@ -260,11 +306,26 @@ async fn main() {
         eprintln!("{}: {:.0} msg/s", r.label, r.msgs_per_sec);
         results.push(r);
     }
-    let base = if results[0].msgs_per_sec >= results[results.len() - 1].msgs_per_sec {
-        &results[0]
-    } else {
-        &results[results.len() - 1]
-    };
+    // The faster pass-through run is the baseline.
+    let base = results
+        .iter()
+        .filter(|r| r.label.starts_with("pass-through"))
+        .max_by(|a, b| a.msgs_per_sec.total_cmp(&b.msgs_per_sec))
+        .cloned()
+        .unwrap_or(Result {
+            label: String::new(),
+            msgs_per_sec: f64::NAN,
+            cpu_us_per_msg: 0.0,
+            p50_ms: 0.0,
+            p99_ms: 0.0,
+        });
+    if only.is_empty() || only.iter().any(|w| w == "peer") {
+        for reuse in [Reuse::Pool, Reuse::EveryMessageNew] {
+            let r = peer(&bootstrap, reuse, n).await;
+            eprintln!("{}: {:.0} msg/s", r.label, r.msgs_per_sec);
+            results.push(r);
+        }
+    }
     println!(
         "Kafka end to end through {bootstrap}: {n} backlog messages (256 B, 4 partitions) per run; throughput over"
     );
@@ -278,17 +339,22 @@ async fn main() {
     println!("plus the reader counting arrivals, the same in every run).");
     println!("| run | msg/s | % of pass-through | CPU µs/msg | p50 ms | p99 ms | p50 added ms | p99 added ms |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    let ms = |v: f64, signed: bool| match (v.is_nan(), signed) {
+        (true, _) => "-".to_owned(),
+        (false, true) => format!("{v:+.1}"),
+        (false, false) => format!("{v:.1}"),
+    };
     for r in &results {
         println!(
-            "| {} | {:.0} | {:.0}% | {:.1} | {:.1} | {:.1} | {:+.1} | {:+.1} |",
+            "| {} | {:.0} | {:.0}% | {:.1} | {} | {} | {} | {} |",
             r.label,
             r.msgs_per_sec,
             100.0 * r.msgs_per_sec / base.msgs_per_sec,
             r.cpu_us_per_msg,
-            r.p50_ms,
-            r.p99_ms,
-            r.p50_ms - base.p50_ms,
-            r.p99_ms - base.p99_ms
+            ms(r.p50_ms, false),
+            ms(r.p99_ms, false),
+            ms(r.p50_ms - base.p50_ms, true),
+            ms(r.p99_ms - base.p99_ms, true)
         );
     }
 }
