@@ -1,7 +1,10 @@
 //! AMQP -> AMQP throughput with publisher confirms and manual acks, with verification versus a
-//! pass-through run of the same pipeline, in the same process and the same run.
+//! pass-through run of the same pipeline and versus RabbitMQ's own shovel moving the same messages
+//! (`ack-mode = on-confirm`), for persistent and transient messages, in the same run; with the CPU
+//! per message of this process and of the broker.
 //!
-//! cargo bench --bench amqp      (needs RabbitMQ at TOKENGATE_TEST_AMQP or amqp://127.0.0.1:5672)
+//! cargo bench --bench amqp      (needs RabbitMQ at TOKENGATE_TEST_AMQP or amqp://127.0.0.1:5672,
+//!                                and `rabbitmq-plugins` on the PATH: it enables rabbitmq_shovel)
 //! Optional: TOKENGATE_BENCH_MESSAGES (default 20000).
 
 use std::path::Path;
@@ -46,7 +49,39 @@ async fn ready(ch: &Channel, q: &str) -> u32 {
         .message_count()
 }
 
-async fn run(url: &str, ch: &Channel, label: &str, alg: Option<Algorithm>, n: usize) -> f64 {
+/// CPU seconds (user + system) of process `pid` ("self" for this one), from `/proc`.
+fn cpu_secs(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, r)| r).split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The RabbitMQ node's process (the Erlang VM), for its CPU time.
+fn broker_pid() -> String {
+    let out = std::process::Command::new("pgrep").args(["-o", "beam.smp"]).output().expect("pgrep");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Who moves the messages.
+#[derive(Clone, Copy)]
+enum Mover {
+    /// tokengate: verification with tokens of this algorithm, or pass-through (`None`).
+    Gate(Option<Algorithm>),
+    /// RabbitMQ's shovel plugin, `ack-mode = on-confirm`.
+    Shovel,
+}
+
+/// One run's figures.
+struct Figures {
+    rate: f64,
+    /// This process's CPU µs per message (the gate; ~0 for the shovel).
+    gate_cpu: f64,
+    /// The broker's CPU µs per message.
+    broker_cpu: f64,
+}
+
+async fn run(url: &str, ch: &Channel, label: &str, mover: Mover, persistent: bool, n: usize) -> Figures {
     let id = uuid::Uuid::new_v4().simple().to_string();
     let (q_in, ex_out, q_out, ex_dlq) =
         (format!("b-in-{id}"), format!("b-out-x-{id}"), format!("b-out-{id}"), format!("b-dlq-x-{id}"));
@@ -72,6 +107,10 @@ async fn run(url: &str, ch: &Channel, label: &str, alg: Option<Algorithm>, n: us
     )
     .await
     .unwrap();
+    let alg = match mover {
+        Mover::Gate(a) => a,
+        Mover::Shovel => None,
+    };
     let toks = common::mint(alg.unwrap_or(Algorithm::HS256), 10);
     let body = vec![b'x'; 256];
     let mut confirms = Vec::with_capacity(n);
@@ -81,8 +120,10 @@ async fn run(url: &str, ch: &Channel, label: &str, alg: Option<Algorithm>, n: us
             "authorization".into(),
             AMQPValue::LongString(LongString::from(format!("Bearer {}", toks[i % toks.len()]).into_bytes())),
         );
-        let props =
-            BasicProperties::default().with_headers(h).with_delivery_mode(2).with_message_id(format!("m{i}").into());
+        let props = BasicProperties::default()
+            .with_headers(h)
+            .with_delivery_mode(if persistent { 2 } else { 1 })
+            .with_message_id(format!("m{i}").into());
         confirms.push(
             ch.basic_publish("".into(), q_in.as_str().into(), BasicPublishOptions::default(), &body, props)
                 .await
@@ -92,17 +133,30 @@ async fn run(url: &str, ch: &Channel, label: &str, alg: Option<Algorithm>, n: us
     for c in confirms {
         c.await.unwrap();
     }
-    let mut s = tokengate::config::parse(&config(url, &q_in, &ex_out, &ex_dlq), &[], Path::new("."))
-        .unwrap_or_else(|e| panic!("{e:?}"));
+    let broker = broker_pid();
+    let (cpu0, broker0) = (cpu_secs("self"), cpu_secs(&broker));
     let cancel = CancellationToken::new();
-    let gate = match alg {
-        None => Arc::new(Gate::pass_through(Arc::new(Verifier::new(std::mem::take(&mut s.issuers), &s.cache)))),
-        Some(_) => tokengate::app::build_gate(&mut s, None, &cancel).await.unwrap(),
+    let task = match mover {
+        Mover::Gate(alg) => {
+            let mut s = tokengate::config::parse(&config(url, &q_in, &ex_out, &ex_dlq), &[], Path::new("."))
+                .unwrap_or_else(|e| panic!("{e:?}"));
+            let gate = match alg {
+                None => Arc::new(Gate::pass_through(Arc::new(Verifier::new(std::mem::take(&mut s.issuers), &s.cache)))),
+                Some(_) => tokengate::app::build_gate(&mut s, None, &cancel).await.unwrap(),
+            };
+            let cancel = cancel.clone();
+            Some(tokio::spawn(async move { tokengate::app::run_routes(&s, gate, cancel).await }))
+        }
+        Mover::Shovel => {
+            let def = serde_json::json!({
+                "src-protocol": "amqp091", "src-uri": "amqp://", "src-queue": q_in, "src-prefetch-count": 1000,
+                "dest-protocol": "amqp091", "dest-uri": "amqp://", "dest-exchange": ex_out,
+                "ack-mode": "on-confirm",
+            });
+            rabbitmqctl(&["set_parameter", "shovel", &format!("bench-{id}"), &def.to_string()]);
+            None
+        }
     };
-    let task = tokio::spawn({
-        let cancel = cancel.clone();
-        async move { tokengate::app::run_routes(&s, gate, cancel).await }
-    });
     // Rate over the middle 80% of the run, read from the destination queue's depth.
     let (lo, hi) = ((n / 10) as u32, (n - n / 10) as u32);
     let mut t_lo = None;
@@ -116,12 +170,22 @@ async fn run(url: &str, ch: &Channel, label: &str, alg: Option<Algorithm>, n: us
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
+    let (gate_cpu, broker_cpu) =
+        ((cpu_secs("self") - cpu0) * 1e6 / f64::from(hi), (cpu_secs(&broker) - broker0) * 1e6 / f64::from(hi));
     let (t0, c0) = t_lo.unwrap();
     let rate = f64::from(t_hi.1 - c0) / t_hi.0.duration_since(t0).as_secs_f64().max(1e-3);
     cancel.cancel();
-    task.await.unwrap().unwrap();
+    match task {
+        Some(t) => t.await.unwrap().unwrap(),
+        None => rabbitmqctl(&["clear_parameter", "shovel", &format!("bench-{id}")]),
+    }
     eprintln!("{label}: {rate:.0} msg/s");
-    rate
+    Figures { rate, gate_cpu, broker_cpu }
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let out = std::process::Command::new("rabbitmqctl").args(args).output().expect("rabbitmqctl is required");
+    assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[tokio::main]
@@ -135,21 +199,38 @@ async fn main() {
         .unwrap_or_else(|e| panic!("RabbitMQ is required at {url}: {e}"));
     let ch = conn.create_channel().await.unwrap();
     ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
-    let runs: [(&str, Option<Algorithm>); 4] = [
-        ("pass-through (no verification)", None),
-        ("HS256, 10 reused tokens", Some(Algorithm::HS256)),
-        ("RS256, 10 reused tokens", Some(Algorithm::RS256)),
-        ("ES256, 10 reused tokens", Some(Algorithm::ES256)),
+    let out = std::process::Command::new("rabbitmq-plugins")
+        .args(["enable", "rabbitmq_shovel"])
+        .output()
+        .expect("rabbitmq-plugins is required (it ships with rabbitmq-server)");
+    assert!(out.status.success(), "enabling rabbitmq_shovel: {}", String::from_utf8_lossy(&out.stderr));
+    let runs: [(&str, Mover, bool); 8] = [
+        ("pass-through (no verification), persistent", Mover::Gate(None), true),
+        ("HS256, 10 reused tokens, persistent", Mover::Gate(Some(Algorithm::HS256)), true),
+        ("RS256, 10 reused tokens, persistent", Mover::Gate(Some(Algorithm::RS256)), true),
+        ("ES256, 10 reused tokens, persistent", Mover::Gate(Some(Algorithm::ES256)), true),
+        ("RabbitMQ shovel (on-confirm), persistent", Mover::Shovel, true),
+        ("pass-through (no verification), transient", Mover::Gate(None), false),
+        ("RS256, 10 reused tokens, transient", Mover::Gate(Some(Algorithm::RS256)), false),
+        ("RabbitMQ shovel (on-confirm), transient", Mover::Shovel, false),
     ];
     let mut results = Vec::new();
-    for (label, alg) in runs {
-        results.push((label, run(&url, &ch, label, alg, n).await));
+    for (label, mover, persistent) in runs {
+        results.push((label, run(&url, &ch, label, mover, persistent, n).await));
     }
-    println!("AMQP -> AMQP through RabbitMQ at {url}: {n} persistent 256 B messages per run, prefetch 1000,");
+    println!("AMQP -> AMQP through RabbitMQ at {url}: {n} 256 B messages per run, prefetch 1000,");
     println!("publisher confirms + mandatory on the destination, manual acks after confirm; rate over the middle 80%.");
-    println!("| run | msg/s | % of pass-through |");
-    println!("|---|---:|---:|");
-    for (label, rate) in &results {
-        println!("| {label} | {rate:.0} | {:.0}% |", 100.0 * rate / results[0].1);
+    println!("CPU µs/msg: this process (the gate) and the RabbitMQ node (beam.smp), over the same 90% of a run.");
+    println!("| run | msg/s | % of the shovel | gate CPU µs/msg | broker CPU µs/msg |");
+    println!("|---|---:|---:|---:|---:|");
+    for (label, f) in &results {
+        let shovel = if label.ends_with("persistent") { &results[4].1 } else { &results[7].1 };
+        println!(
+            "| {label} | {:.0} | {:.0}% | {:.1} | {:.1} |",
+            f.rate,
+            100.0 * f.rate / shovel.rate,
+            f.gate_cpu,
+            f.broker_cpu
+        );
     }
 }
