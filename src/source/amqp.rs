@@ -205,7 +205,14 @@ async fn session(
         tokio::select! {
             biased;
             _ = cancel.cancelled() => break,
-            Some(done) = pipe.confirmations.next(), if !pipe.confirmations.is_empty() => settle(&mut pipe, done).await?,
+            Some(done) = pipe.confirmations.next(), if !pipe.confirmations.is_empty() => {
+                // Every confirmation already in, settled together: one ack for the lot.
+                let mut settled = vec![done];
+                while let Some(Some(d)) = pipe.confirmations.next().now_or_never() {
+                    settled.push(d);
+                }
+                settle(&mut pipe, settled).await?
+            }
             Some(chunk) = pipe.decisions.next(), if !pipe.decisions.is_empty() => pipe.decided(chunk),
             _ = tokio::time::sleep_until(wake.unwrap_or_else(tokio::time::Instant::now)), if wake.is_some() => {}
             // The consumer stream does not always end when the connection dies: check it.
@@ -250,7 +257,7 @@ async fn session(
     while let Ok(Some(done)) =
         tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), pipe.confirmations.next()).await
     {
-        let _ = settle(&mut pipe, done).await;
+        let _ = settle(&mut pipe, vec![done]).await;
     }
     let _ = channel.close(200, "shutdown".into()).await;
     let _ = conn.close(200, "shutdown".into()).await;
@@ -260,20 +267,35 @@ async fn session(
 }
 
 /// AMQP's acknowledgement rule: ack a confirmed republish; nack (requeue) a failed one and
-/// pause intake.
-async fn settle(pipe: &mut Pipeline<Acker>, (acker, result): Settled<Acker>) -> anyhow::Result<()> {
-    match result {
-        Ok(()) => {
-            tokio::time::timeout(amqp::TIMEOUT, acker.ack(BasicAckOptions::default()))
-                .await
-                .map_err(|_| anyhow::anyhow!("ack timed out"))??;
-        }
-        Err(e) => {
-            pipe.pause_after_failure(&e);
-            // If the channel is gone the broker requeues it anyway.
-            let nack = acker.nack(BasicNackOptions { requeue: true, ..Default::default() });
-            let _ = tokio::time::timeout(amqp::TIMEOUT, nack).await;
+/// pause intake. `settled` is in read order (confirmations are handed back in publish order,
+/// which is read order), so every delivery before a confirmed one is settled already: one ack
+/// with `multiple` covers a run of confirmed ones, one frame and one wait instead of one each.
+async fn settle(pipe: &mut Pipeline<Acker>, settled: Vec<Settled<Acker>>) -> anyhow::Result<()> {
+    let mut confirmed: Option<Acker> = None;
+    for (acker, result) in settled {
+        match result {
+            Ok(()) => confirmed = Some(acker),
+            Err(e) => {
+                if let Some(last) = confirmed.take() {
+                    ack_through(&last).await?;
+                }
+                pipe.pause_after_failure(&e);
+                // If the channel is gone the broker requeues it anyway.
+                let nack = acker.nack(BasicNackOptions { requeue: true, ..Default::default() });
+                let _ = tokio::time::timeout(amqp::TIMEOUT, nack).await;
+            }
         }
     }
+    match confirmed {
+        Some(last) => ack_through(&last).await,
+        None => Ok(()),
+    }
+}
+
+/// Acks `last` and every delivery before it on its channel that is not settled yet.
+async fn ack_through(last: &Acker) -> anyhow::Result<()> {
+    tokio::time::timeout(amqp::TIMEOUT, last.ack(BasicAckOptions { multiple: true }))
+        .await
+        .map_err(|_| anyhow::anyhow!("ack timed out"))??;
     Ok(())
 }
