@@ -90,27 +90,6 @@ impl Mirror {
         self.len() == 0
     }
 
-    /// Answers `keys` from the mirror, or `None` if it cannot vouch for all of them now (not in
-    /// step, or a key is pending): then the caller asks Redis.
-    pub fn lookup<'k>(&self, keys: impl Iterator<Item = &'k str>) -> Option<Vec<Entry>> {
-        if self.state() != State::Synced {
-            return None;
-        }
-        let entries = self.entries.read().expect("not poisoned");
-        let pending = self.pending.lock().expect("not poisoned");
-        keys.map(|k| {
-            if pending.contains_key(k) {
-                return None;
-            }
-            Some(match entries.get(k) {
-                None => Entry::Absent,
-                Some(Some(v)) => Entry::Value(v.to_vec()),
-                Some(None) => Entry::WrongType,
-            })
-        })
-        .collect()
-    }
-
     /// The entries present for a token's ids (`(kind, id)`, keys built under `prefix` in one
     /// reused buffer), or `None` if the mirror cannot vouch for them now. Absent ones are left
     /// out: for almost every token the answer is an empty list, and nothing is allocated.

@@ -139,28 +139,43 @@ impl Revocations {
     /// Checks a verified token. `Ok(Some)` is a revocation; `Err` means "cannot tell now".
     pub async fn check(&self, v: &Verified) -> Result<Option<Rejection>, Unavailable> {
         // The common case, answered by the mirror without copying the token's ids.
-        if let Store::Redis(t) = &self.store
-            && t.tracking.load(Ordering::SeqCst)
-        {
-            let ids = [
-                (Kind::Jti, v.std.jti.as_deref()),
-                (Kind::Sub, v.std.sub.as_deref()),
-                (Kind::Kid, v.kid.as_deref()),
-                (Kind::Fp, Some(v.fingerprint.as_str())),
-            ];
-            if let Some(present) = t.mirror.find(&self.prefix, &ids) {
-                if present.is_empty() {
-                    return Ok(None);
-                }
-                let ids = TokenIds::of(v);
-                return Ok(present.iter().find_map(|(kind, e)| judge(*kind, e, &ids)));
-            }
+        let ids = [
+            (Kind::Jti, v.std.jti.as_deref()),
+            (Kind::Sub, v.std.sub.as_deref()),
+            (Kind::Kid, v.kid.as_deref()),
+            (Kind::Fp, Some(v.fingerprint.as_str())),
+        ];
+        match self.mirrored(&ids) {
+            Some(present) if present.is_empty() => Ok(None),
+            Some(present) => Ok(judge_all(&present, &TokenIds::of(v))),
+            None => self.look_up(&TokenIds::of(v)).await,
         }
-        self.check_ids(&TokenIds::of(v)).await
     }
 
     /// Checks a token by its ids.
     pub async fn check_ids(&self, v: &TokenIds) -> Result<Option<Rejection>, Unavailable> {
+        let ids = [
+            (Kind::Jti, v.jti.as_deref()),
+            (Kind::Sub, v.sub.as_deref()),
+            (Kind::Kid, v.kid.as_deref()),
+            (Kind::Fp, Some(v.fingerprint.as_str())),
+        ];
+        match self.mirrored(&ids) {
+            Some(present) => Ok(judge_all(&present, v)),
+            None => self.look_up(v).await,
+        }
+    }
+
+    /// The entries present for `ids`, from the mirror, if it can vouch for them now.
+    fn mirrored(&self, ids: &[(Kind, Option<&str>)]) -> Option<Vec<(Kind, Entry)>> {
+        match &self.store {
+            Store::Redis(t) if t.tracking.load(Ordering::SeqCst) => t.mirror.find(&self.prefix, ids),
+            _ => None,
+        }
+    }
+
+    /// Looks `v` up key by key (cached where tracking vouches for it): the list is not mirrored.
+    async fn look_up(&self, v: &TokenIds) -> Result<Option<Rejection>, Unavailable> {
         let keys = v.keys(&self.prefix);
         let entries = match &self.store {
             Store::Redis(t) => t.lookup(keys.iter().map(|(_, k)| k.as_str())).await?,
@@ -176,6 +191,11 @@ impl Revocations {
         };
         Ok(keys.iter().zip(&entries).find_map(|((kind, _), e)| judge(*kind, e, v)))
     }
+}
+
+/// The first revocation among present entries (in key order: jti, sub, kid, fingerprint).
+fn judge_all(present: &[(Kind, Entry)], v: &TokenIds) -> Option<Rejection> {
+    present.iter().find_map(|(kind, e)| judge(*kind, e, v))
 }
 
 /// A Redis connection with client-side tracking, and the mirror and cache it keeps honest.
@@ -329,16 +349,12 @@ impl Tracked {
         Ok(conn)
     }
 
-    /// Looks up `keys`, from the mirror or the cache where tracking vouches for them, else in
-    /// one round trip.
+    /// Looks up `keys`, from the cache where tracking vouches for them, else in one round trip.
     async fn lookup<'k>(
         &self,
         keys: impl ExactSizeIterator<Item = &'k str> + Clone,
     ) -> Result<Vec<Entry>, Unavailable> {
         let use_cache = self.tracking.load(Ordering::SeqCst);
-        if use_cache && let Some(entries) = self.mirror.lookup(keys.clone()) {
-            return Ok(entries);
-        }
         if use_cache {
             let hits: Vec<Entry> = keys.clone().map_while(|k| self.cache.get(k)).collect();
             if hits.len() == keys.len() {
