@@ -183,7 +183,7 @@ pub fn forward(route: &RouteRules, env: &Envelope, v: Option<&Verified>) -> Outg
     let names = &route.headers;
     if let Some(v) = v {
         for (claim, header) in &route.identity_headers {
-            match claim.get(&v.claims) {
+            match v.claims.get(claim) {
                 // A string with control characters (CR, LF, NUL, ...) is written JSON-encoded,
                 // quoted and escaped, on every broker: a consumer that splits or logs header
                 // values line by line cannot be fooled into reading a second header or line.
@@ -195,11 +195,11 @@ pub fn forward(route: &RouteRules, env: &Envelope, v: Option<&Verified>) -> Outg
                 None => {}
             }
         }
-        headers.push((names.issuer.clone(), text(v.std.iss.clone().unwrap_or_default())));
+        headers.push((names.issuer.clone(), text(v.iss.to_string())));
         if let Some(kid) = &v.kid {
-            headers.push((names.kid.clone(), text(kid.clone())));
+            headers.push((names.kid.clone(), text(kid.to_string())));
         }
-        headers.push((names.fingerprint.clone(), text(v.fingerprint.clone())));
+        headers.push((names.fingerprint.clone(), text(v.fingerprint.to_string())));
     }
     headers.push((names.route.clone(), text(route.name.clone())));
     for (k, val) in env.origin.describe(names) {

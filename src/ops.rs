@@ -162,11 +162,11 @@ pub async fn verify_token(
             json!({
                 "decision": "accept",
                 "issuer": &*v.issuer,
-                "kid": v.kid,
+                "kid": v.kid.as_deref(),
                 "alg": format!("{:?}", v.alg),
-                "sub": v.std.sub,
-                "fingerprint": v.fingerprint,
-                "expires_in_secs": v.std.exp.map(|e| e.saturating_sub(now)),
+                "sub": v.sub,
+                "fingerprint": v.fingerprint.to_string(),
+                "expires_in_secs": v.times.exp.map(|e| e.saturating_sub(now)),
             }),
         ),
         Err(r) => (

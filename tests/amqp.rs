@@ -324,6 +324,7 @@ async fn cross_broker_kafka_to_amqp_and_amqp_to_kafka() {
     let n = topology(&ch, "cross").await;
     let t = crate::kafka::topics("cross");
     create_topics(&bs, &[&t.untrusted, &t.trusted, &t.dead_letter], 2).await;
+    let group = format!("cross-{}", uuid::Uuid::new_v4().simple());
     let text = format!(
         r#"{preamble}
 [amqp.rabbit]
@@ -331,7 +332,7 @@ url = "{url}"
 [kafka.main]
 bootstrap_servers = "{bs}"
 [routes.k2a]
-source = {{ kafka = {{ cluster = "main", topics = ["{kin}"], group = "cross-{id}" }} }}
+source = {{ kafka = {{ cluster = "main", topics = ["{kin}"], group = "{group}" }} }}
 trusted = {{ amqp = {{ broker = "rabbit", exchange = "{ok}", routing_key = "orders.{{topic}}" }} }}
 dead_letter = {{ amqp = {{ broker = "rabbit", exchange = "{dlq}" }} }}
 [routes.a2k]
@@ -347,9 +348,9 @@ dead_letter = {{ kafka = {{ cluster = "main", topic = "{kdlq}" }} }}
         ok = n.ex_ok,
         dlq = n.ex_dlq,
         qin = n.queue_in,
-        id = uuid::Uuid::new_v4().simple(),
     );
     let gate = Running::start(&text).await;
+    crate::kafka::wait_group(&bs, &group, 1).await;
     let tok = format!(
         "Bearer {}",
         token(

@@ -182,6 +182,29 @@ pub fn committed(bootstrap: &str, group: &str, topic: &str, partitions: i32) -> 
     got.elements().iter().map(|e| e.offset().to_raw().unwrap_or(-1).max(0)).sum()
 }
 
+/// Waits until `group` is stable with `members` members (as the broker's group coordinator
+/// reports it), so that a test does not guess how long a join takes.
+pub async fn wait_group(bootstrap: &str, group: &str, members: usize) {
+    let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", bootstrap).create().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let seen = match c.fetch_group_list(Some(group), Duration::from_secs(5)) {
+            Ok(list) => list
+                .groups()
+                .iter()
+                .find(|g| g.name() == group)
+                .map(|g| (g.state().to_owned(), g.members().len()))
+                .unwrap_or_default(),
+            Err(e) => (e.to_string(), 0),
+        };
+        if seen.0 == "Stable" && seen.1 == members {
+            return;
+        }
+        assert!(Instant::now() < deadline, "group {group} not stable with {members} members within 60s: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 pub async fn wait_committed(bootstrap: &str, group: &str, topic: &str, partitions: i32, want: i64) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -311,7 +334,7 @@ async fn kafka_two_instances_in_one_group_share_partitions_without_loss() {
     let group = format!("gate-{}", uuid::Uuid::new_v4().simple());
     let a = Running::start(&gate_config(&bs, &t, &group, "instance_a", None)).await;
     let b = Running::start(&gate_config(&bs, &t, &group, "instance_b", None)).await;
-    tokio::time::sleep(Duration::from_secs(3)).await; // let both join the group
+    wait_group(&bs, &group, 2).await;
     let good = auth(Algorithm::HS256, json!({}));
     let msgs: Vec<Msg> = (0..2000).map(|i| (format!("key-{}", i % 50), format!("m{i}"), good.clone())).collect();
     produce(&bs, &t.untrusted, &msgs).await;

@@ -596,7 +596,7 @@ fn validate(raw: &Config, c: &mut Check) -> Settings {
         issuers.push(verify::Issuer {
             name: Arc::from(name.as_str()),
             checks: IssuerChecks {
-                iss: ic.iss.clone(),
+                iss: Arc::from(ic.iss.as_str()),
                 audiences: ic.audiences.clone(),
                 algorithms: algorithms.clone(),
                 leeway: ic.leeway.0.as_secs() as i64,
@@ -698,8 +698,21 @@ fn validate(raw: &Config, c: &mut Check) -> Settings {
             .map_err(|_| c.add("admin.listen", "must be host:port, e.g. 127.0.0.1:9900 (empty disables)"))
             .ok(),
     };
-    let cache =
-        verify::CacheSettings { max_entries: raw.cache.max_entries, ttl_without_exp: raw.cache.ttl_without_exp.0 };
+    // A verified token keeps the claims some route reads, each path once.
+    let mut claims: Vec<ClaimPath> = Vec::new();
+    for r in &routes {
+        let reads = r.rules.policy.claim_paths().chain(r.rules.identity_headers.iter().map(|(p, _)| p));
+        for p in reads {
+            if !claims.contains(p) {
+                claims.push(p.clone());
+            }
+        }
+    }
+    let cache = verify::CacheSettings {
+        max_entries: raw.cache.max_entries,
+        ttl_without_exp: raw.cache.ttl_without_exp.0,
+        claims: claims.into(),
+    };
     Settings {
         issuers,
         cache,
@@ -1051,7 +1064,7 @@ fn load_key(
     }
     // A kid on a jwks_file entry picks that one key of the file.
     if let Some(kid) = &kc.kid {
-        keys.retain(|k| k.kid.as_ref() == Some(kid));
+        keys.retain(|k| k.kid.as_deref() == Some(kid.as_str()));
         if keys.is_empty() {
             return Err(format!("{} has no usable key with kid {}", f.display(), verify::jwt::shorten(kid)));
         }
@@ -1105,6 +1118,13 @@ mod tests {
         let s = parse(GOOD, &[], Path::new(".")).ok().unwrap();
         assert_eq!(s.routes[0].rules.policy.equals[0].1, serde_json::json!("acme"));
         assert_eq!(s.issuers[0].checks.leeway, 30);
+        let more = format!(
+            "{GOOD}\nidentity_headers = {{ sub = \"x-sub\", tenant = \"x-tenant\" }}\n[routes.audit]\nrequire = [{{ claim = \"realm_access.roles\", any_of = [\"auditor\"] }}]\n"
+        );
+        let s = parse(&more, &[], Path::new(".")).ok().unwrap();
+        let mut kept: Vec<&str> = s.cache.claims.iter().map(|p| p.0.as_str()).collect();
+        kept.sort();
+        assert_eq!(kept, ["realm_access.roles", "scope", "sub", "tenant"], "what routes read, each once");
     }
 
     #[test]
@@ -1117,7 +1137,7 @@ mod tests {
         };
         let s = parse(&text("rsa"), &[], Path::new(".")).unwrap_or_else(|p| panic!("{p:?}"));
         let kids: Vec<_> = s.issuers[0].keys.current().keys.iter().map(|k| k.kid.clone()).collect();
-        assert_eq!(kids, vec![Some("rsa".to_owned())]);
+        assert_eq!(kids, vec![Some(Arc::from("rsa"))]);
         let got = problems(&text("nope"), &[]);
         assert_eq!(got.len(), 1, "{got:?}");
         assert!(got[0].message.contains("has no usable key with kid"), "{got:?}");

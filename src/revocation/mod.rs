@@ -139,11 +139,12 @@ impl Revocations {
     /// Checks a verified token. `Ok(Some)` is a revocation; `Err` means "cannot tell now".
     pub async fn check(&self, v: &Verified) -> Result<Option<Rejection>, Unavailable> {
         // The common case, answered by the mirror without copying the token's ids.
+        let fp = v.fingerprint.hex();
         let ids = [
-            (Kind::Jti, v.std.jti.as_deref()),
-            (Kind::Sub, v.std.sub.as_deref()),
+            (Kind::Jti, v.jti.as_deref()),
+            (Kind::Sub, v.sub.as_deref()),
             (Kind::Kid, v.kid.as_deref()),
-            (Kind::Fp, Some(v.fingerprint.as_str())),
+            (Kind::Fp, Some(fp.as_str())),
         ];
         match self.mirrored(&ids) {
             Some(present) if present.is_empty() => Ok(None),

@@ -136,11 +136,11 @@ impl TokenIds {
     /// The ids of a verified token.
     pub fn of(v: &Verified) -> TokenIds {
         TokenIds {
-            jti: v.std.jti.clone(),
-            sub: v.std.sub.clone(),
-            iat: v.std.iat,
-            kid: v.kid.clone(),
-            fingerprint: v.fingerprint.clone(),
+            jti: v.jti.as_deref().map(str::to_owned),
+            sub: v.sub.as_deref().map(str::to_owned),
+            iat: v.times.iat,
+            kid: v.kid.as_deref().map(str::to_owned),
+            fingerprint: v.fingerprint.to_string(),
         }
     }
 

@@ -54,6 +54,24 @@ pub struct StdClaims {
     pub jti: Option<String>,
 }
 
+impl StdClaims {
+    /// `exp`, `nbf` and `iat`.
+    pub fn times(&self) -> Times {
+        Times { exp: self.exp, nbf: self.nbf, iat: self.iat }
+    }
+}
+
+/// The time claims, checked on every use of a token.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Times {
+    /// `exp`, seconds since the epoch.
+    pub exp: Option<i64>,
+    /// `nbf`, seconds since the epoch.
+    pub nbf: Option<i64>,
+    /// `iat`, seconds since the epoch.
+    pub iat: Option<i64>,
+}
+
 fn malformed(detail: impl Into<String>) -> Rejection {
     Rejection::new(Reason::Malformed, detail)
 }

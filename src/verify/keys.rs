@@ -37,8 +37,9 @@ impl KeyKind {
 
 /// One verification key.
 pub struct Key {
-    /// The key id tokens name in their `kid` header, if the key has one.
-    pub kid: Option<String>,
+    /// The key id tokens name in their `kid` header, if the key has one (shared with every
+    /// token it verifies).
+    pub kid: Option<Arc<str>>,
     /// What kind of key material this is.
     pub kind: KeyKind,
     /// The algorithms this key may verify: never empty, each one fits `kind`.
@@ -84,7 +85,7 @@ impl Key {
                 parsed.push((*alg, key));
             }
         }
-        Ok(Key { kid, kind, algorithms, material, parsed })
+        Ok(Key { kid: kid.map(Arc::from), kind, algorithms, material, parsed })
     }
 
     /// Checks `signature` (base64url) over `message` with `alg`, which must be pinned to this key.

@@ -21,32 +21,41 @@ use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
 pub use jwks::{IssuerKeys, KeyHealth, KeysUnavailable};
-pub use jwt::StdClaims;
-pub use policy::{ClaimPath, HeaderValue, Policy, Requirement, TokenSpec};
+pub use jwt::{StdClaims, Times};
+pub use policy::{ClaimPath, Claims, HeaderValue, Policy, Requirement, TokenSpec};
 pub use reason::{Reason, Rejection};
 
 /// The largest `leeway` an issuer may have. Revocation entries of expiring tokens outlive the
 /// token's `exp` by this much plus a margin, without knowing which issuer will see the token.
 pub const MAX_LEEWAY_SECS: u64 = 300;
 
-/// A token whose signature and issuer-level claims checked out.
+/// A token whose signature and issuer-level claims checked out: what routes, revocation and
+/// the trusted copy read, and nothing more (a cached token costs about this struct).
 #[derive(Debug)]
 pub struct Verified {
     /// The issuer's config name.
     pub issuer: Arc<str>,
+    /// The issuer's `iss` (the token's, which had to equal it).
+    pub iss: Arc<str>,
     /// The `kid` of the key that verified it, if the key has one.
-    pub kid: Option<String>,
+    pub kid: Option<Arc<str>>,
     /// The algorithm it was verified with.
     pub alg: Algorithm,
-    /// SHA-256 (hex) of the signing input, see [`fingerprint`].
-    pub fingerprint: String,
-    /// Registered claims, typed.
-    pub std: StdClaims,
-    /// All claims.
-    pub claims: Map<String, Value>,
+    /// See [`Fingerprint`].
+    pub fingerprint: Fingerprint,
+    /// `sub`.
+    pub sub: Option<Box<str>>,
+    /// `jti`.
+    pub jti: Option<Box<str>>,
+    /// `exp`, `nbf` and `iat`, checked again on every use.
+    pub times: Times,
+    /// The claims some route reads ([`CacheSettings::claims`]).
+    pub claims: Claims,
     issuer_index: usize,
     generation: u64,
-    cache_ttl: Duration,
+    /// Unix time after which a cached copy is not used (`exp` plus leeway, or the TTL for tokens
+    /// without `exp`).
+    cached_until: i64,
 }
 
 #[cfg(test)]
@@ -55,23 +64,67 @@ impl Verified {
     pub(crate) fn for_tests() -> Verified {
         Verified {
             issuer: Arc::from("test"),
+            iss: Arc::from("test"),
             kid: None,
             alg: Algorithm::HS256,
-            fingerprint: String::new(),
-            std: StdClaims::default(),
-            claims: Map::new(),
+            fingerprint: Fingerprint::of("test"),
+            sub: None,
+            jti: None,
+            times: Times::default(),
+            claims: Claims::keep(&Arc::from([]), &Map::new()),
             issuer_index: 0,
             generation: 0,
-            cache_ttl: Duration::from_secs(60),
+            cached_until: unix_now() + 60,
         }
     }
 }
 
-/// The fingerprint of a token: SHA-256 of `header.payload`, so a re-encoded signature (ECDSA
-/// malleability) keeps the fingerprint. Safe to log and to use as a revocation key.
+/// A token's fingerprint: SHA-256 of `header.payload`, so a re-encoded signature (ECDSA
+/// malleability) keeps it. Safe to log and to use as a revocation key; written as 64 hex digits.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Fingerprint([u8; 32]);
+
+impl Fingerprint {
+    /// The fingerprint of `token`.
+    pub fn of(token: &str) -> Fingerprint {
+        let signing_input = token.rsplit_once('.').map_or(token, |(si, _)| si);
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, signing_input.as_bytes());
+        Fingerprint(digest.as_ref().try_into().expect("SHA-256 is 32 bytes"))
+    }
+
+    /// The 64 hex digits, without allocating.
+    pub fn hex(&self) -> FingerprintHex {
+        let mut out = [0u8; 64];
+        hex::encode_to_slice(self.0, &mut out).expect("64 hex digits for 32 bytes");
+        FingerprintHex(out)
+    }
+}
+
+impl std::fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.hex().as_str())
+    }
+}
+
+impl std::fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+/// A fingerprint's text, on the stack.
+pub struct FingerprintHex([u8; 64]);
+
+impl FingerprintHex {
+    /// The hex digits.
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("hex digits are ASCII")
+    }
+}
+
+/// The fingerprint of a token as text, see [`Fingerprint`].
 pub fn fingerprint(token: &str) -> String {
-    let signing_input = token.rsplit_once('.').map_or(token, |(si, _)| si);
-    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, signing_input.as_bytes()))
+    Fingerprint::of(token).to_string()
 }
 
 /// The result of a decision: the verified token or why not.
@@ -81,7 +134,7 @@ pub type Verdict = Result<Arc<Verified>, Rejection>;
 #[derive(Debug, Clone)]
 pub struct IssuerChecks {
     /// The `iss` value tokens of this issuer carry.
-    pub iss: String,
+    pub iss: Arc<str>,
     /// Acceptable `aud` values (any one); empty means `aud` is not checked.
     pub audiences: Vec<String>,
     /// Algorithms this issuer may use; keys narrow this further.
@@ -108,19 +161,22 @@ pub struct Issuer {
     pub keys: IssuerKeys,
 }
 
-/// Sizes of the verified-token cache.
+/// The verified-token cache, and what a verified token keeps.
 #[derive(Debug, Clone)]
 pub struct CacheSettings {
-    /// Most tokens kept (each is cached on its second sight); each costs about 1-2 KB. Zero
-    /// disables the cache.
+    /// Most tokens kept (each is cached on its second sight); each costs its own length plus
+    /// about 550 bytes (BENCHMARKS.md, 2a). Zero disables the cache.
     pub max_entries: u64,
     /// How long a token without `exp` stays cached.
     pub ttl_without_exp: Duration,
+    /// Every claim path some route reads: a verified token keeps these claims only. The config
+    /// collects them from all routes.
+    pub claims: Arc<[ClaimPath]>,
 }
 
 impl Default for CacheSettings {
     fn default() -> Self {
-        CacheSettings { max_entries: 100_000, ttl_without_exp: Duration::from_secs(300) }
+        CacheSettings { max_entries: 100_000, ttl_without_exp: Duration::from_secs(300), claims: Arc::from([]) }
     }
 }
 
@@ -130,6 +186,7 @@ pub struct Verifier {
     by_iss: HashMap<String, usize>,
     cache: Option<cache::TokenCache>,
     ttl_without_exp: Duration,
+    claims: Arc<[ClaimPath]>,
 }
 
 /// Seconds since the Unix epoch.
@@ -140,8 +197,14 @@ pub fn unix_now() -> i64 {
 impl Verifier {
     /// An engine over `issuers`; remote keys are not fetched until [`Verifier::start`].
     pub fn new(issuers: Vec<Issuer>, cache: &CacheSettings) -> Verifier {
-        let by_iss = issuers.iter().enumerate().map(|(i, is)| (is.checks.iss.clone(), i)).collect();
-        Verifier { issuers, by_iss, cache: cache::TokenCache::new(cache), ttl_without_exp: cache.ttl_without_exp }
+        let by_iss = issuers.iter().enumerate().map(|(i, is)| (is.checks.iss.to_string(), i)).collect();
+        Verifier {
+            issuers,
+            by_iss,
+            cache: cache::TokenCache::new(cache),
+            ttl_without_exp: cache.ttl_without_exp,
+            claims: Arc::clone(&cache.claims),
+        }
     }
 
     /// Fetches every remote key set once; returns the failures (those issuers hold until fixed).
@@ -188,7 +251,7 @@ impl Verifier {
     /// Decides `token` for a route with `policy` at unix time `now`. `Err` means the decision
     /// could not be made (keys unavailable): hold and retry, never accept.
     pub async fn verify(&self, policy: &Policy, token: &str, now: i64) -> Result<Verdict, KeysUnavailable> {
-        if let Some(v) = self.cache.as_ref().and_then(|c| c.get(token)) {
+        if let Some(v) = self.cache.as_ref().and_then(|c| c.get(token, now)) {
             if self.issuers[v.issuer_index].keys.current().generation == v.generation {
                 return Ok(self.admit(policy, v, now));
             }
@@ -211,7 +274,7 @@ impl Verifier {
     /// Checks what can change between two uses of the same verified token: time and route policy.
     fn admit(&self, policy: &Policy, v: Arc<Verified>, now: i64) -> Verdict {
         let checks = &self.issuers[v.issuer_index].checks;
-        check_time(checks, &v.std, now)?;
+        check_time(checks, &v.times, now)?;
         policy.check(&v.issuer, &v.claims)?;
         Ok(v)
     }
@@ -294,22 +357,23 @@ impl Verifier {
         if let Err(r) = check_claims(&issuer.checks, p.typ.as_deref(), &std, &p.claims) {
             return Ok(Err(r));
         }
-        let cache_ttl = match std.exp {
-            Some(exp) => {
-                Duration::from_secs((exp.saturating_add(issuer.checks.leeway).saturating_sub(now)).max(0) as u64)
-            }
-            None => self.ttl_without_exp,
+        let cached_until = match std.exp {
+            Some(exp) => exp.saturating_add(issuer.checks.leeway),
+            None => now.saturating_add(self.ttl_without_exp.as_secs() as i64),
         };
         Ok(Ok(Verified {
             issuer: Arc::clone(&issuer.name),
+            iss: Arc::clone(&issuer.checks.iss),
             kid,
             alg: p.alg,
-            fingerprint: fingerprint(token),
-            std,
-            claims: p.claims,
+            fingerprint: Fingerprint::of(token),
+            times: std.times(),
+            sub: std.sub.map(String::into_boxed_str),
+            jti: std.jti.map(String::into_boxed_str),
+            claims: Claims::keep(&self.claims, &p.claims),
             issuer_index: idx,
             generation,
-            cache_ttl,
+            cached_until,
         }))
     }
 }
@@ -352,7 +416,7 @@ fn check_claims(
 }
 
 /// Time checks, run on every use of a token (cached or not).
-pub fn check_time(c: &IssuerChecks, s: &StdClaims, now: i64) -> Result<(), Rejection> {
+pub fn check_time(c: &IssuerChecks, s: &Times, now: i64) -> Result<(), Rejection> {
     let leeway = c.leeway;
     match s.exp {
         Some(exp) if now >= exp.saturating_add(leeway) => {
@@ -405,8 +469,7 @@ mod tests {
             required_claims: vec![],
         };
         let now = 1_000_000;
-        let c =
-            |exp: Option<i64>, nbf: Option<i64>, iat: Option<i64>| StdClaims { exp, nbf, iat, ..Default::default() };
+        let c = |exp: Option<i64>, nbf: Option<i64>, iat: Option<i64>| Times { exp, nbf, iat };
         let cases = [
             (c(Some(now + 10), None, Some(now)), None),
             (c(Some(now - 29), None, Some(now)), None),
@@ -424,7 +487,7 @@ mod tests {
             assert_eq!(check_time(&checks, &claims, now).err().map(|r| r.reason), want, "{claims:?}");
         }
         let lax = IssuerChecks { require_exp: false, max_age: None, ..checks };
-        assert!(check_time(&lax, &StdClaims::default(), now).is_ok());
+        assert!(check_time(&lax, &Times::default(), now).is_ok());
     }
 
     #[test]
