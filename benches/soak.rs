@@ -24,7 +24,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Exchange
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use rdkafka::message::{Header as KafkaHeader, Headers as _, Message as _, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use serde_json::json;
 
 mod common;
@@ -163,7 +163,11 @@ async fn main() {
         .iter()
         .map(|t| rdkafka::admin::NewTopic::new(t, 3, rdkafka::admin::TopicReplication::Fixed(1)))
         .collect();
-    for r in admin.create_topics(&topics, &rdkafka::admin::AdminOptions::new()).await.expect("Kafka at {bs}") {
+    for r in admin
+        .create_topics(&topics, &rdkafka::admin::AdminOptions::new())
+        .await
+        .unwrap_or_else(|e| panic!("Kafka at {bs}: {e}"))
+    {
         r.unwrap_or_else(|(t, e)| panic!("create topic {t}: {e}"));
     }
     let conn = Connection::connect(&amqp_url, ConnectionProperties::default()).await.expect("RabbitMQ");
@@ -329,7 +333,7 @@ dead_letter = {{ amqp = {{ broker = "rabbit", exchange = "{ex_dlq}" }} }}
         new_share * 100.0
     );
     println!(
-        "| min | Kafka sent/s | Kafka p50 ms | Kafka p99 ms | AMQP sent/s | AMQP p50 ms | AMQP p99 ms | gate RSS MB | gate fds | Redis used MB | tracking keys |"
+        "| min | Kafka sent/s | Kafka p50 ms | Kafka p99 ms | AMQP sent/s | AMQP p50 ms | AMQP p99 ms | gate RSS MB | gate fds | Redis used MB | tracked keys/prefixes |"
     );
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut rows: Vec<(f64, f64, f64)> = Vec::new(); // (RSS MB, Kafka p99, AMQP p99)
@@ -345,9 +349,10 @@ dead_letter = {{ amqp = {{ broker = "rabbit", exchange = "{ex_dlq}" }} }}
         let (rss, fds) = rss_and_fds(pid);
         let used = redis_info(&mut redis, "used_memory").await;
         let tracked = redis_info(&mut redis, "tracking_total_keys").await;
+        let prefixes = redis_info(&mut redis, "tracking_total_prefixes").await;
         let rss_mb = rss as f64 / 1e6;
         println!(
-            "| {minute} | {} | {kp50:.1} | {kp99:.1} | {} | {ap50:.1} | {ap99:.1} | {rss_mb:.0} | {fds} | {:.1} | {tracked} |",
+            "| {minute} | {} | {kp50:.1} | {kp99:.1} | {} | {ap50:.1} | {ap99:.1} | {rss_mb:.0} | {fds} | {:.1} | {tracked}/{prefixes} |",
             (k - last.0) / 60,
             (a - last.1) / 60,
             used as f64 / 1e6

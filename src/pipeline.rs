@@ -212,7 +212,7 @@ impl<A: Send + 'static> Pipeline<A> {
             let (out, rejected) = fit(&self.route, &item.env, outcome);
             let dead = rejected.is_some();
             let sink = if dead { &self.route.dead_letter } else { &self.route.trusted };
-            match sink.send(&out).await {
+            match sink.send(out).await {
                 Ok(confirm) => {
                     // Counted once it is handed over: a refused publish is decided again.
                     self.route.metrics.count(rejected);

@@ -1,6 +1,7 @@
 //! An AMQP exchange as a destination: publisher confirms and `mandatory`, so an unroutable
 //! message is an error that holds, never a silent loss. Reconnects on the next send after a loss.
 
+use futures_util::FutureExt as _;
 use lapin::Confirmation;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -91,30 +92,38 @@ impl AmqpSink {
         before - out.headers.len()
     }
 
-    /// Publishes `out`; the future resolves on the broker's confirm.
-    pub async fn send(&self, out: &Outgoing) -> Result<Confirm, PublishError> {
+    /// Publishes `out`. Its frames are queued on the connection before this returns, so
+    /// publishes keep their call order, but it does not wait for them to be written: a run of
+    /// publishes is written, and wakes the route, once, not once per message. The future
+    /// resolves on the broker's confirm (or fails if the frames were never written).
+    pub async fn send(&self, out: Outgoing) -> Result<Confirm, PublishError> {
         let mut guard = self.channel.lock().await;
         if guard.as_ref().is_none_or(|(c, ch)| !c.status().connected() || !ch.status().connected()) {
             *guard = Some(connect_confirming(&self.url).await.map_err(PublishError::Failed)?);
         }
         let (_, channel) = guard.as_ref().expect("just connected");
-        let confirm = channel
-            .basic_publish(
-                ShortString::from(self.exchange.as_str()),
-                ShortString::try_new(cut(self.routing_key(out), MAX_SHORT_STRING)).unwrap_or_default(),
-                BasicPublishOptions { mandatory: true, ..Default::default() },
-                out.payload.as_deref().unwrap_or_default(),
-                properties(out),
-            )
-            .await;
-        let confirm = match confirm {
-            Ok(c) => c,
-            Err(e) => {
-                *guard = None;
-                return Err(PublishError::Failed(e.to_string()));
-            }
-        };
+        let channel = channel.clone();
+        let exchange = ShortString::from(self.exchange.as_str());
+        let key = ShortString::try_new(cut(self.routing_key(&out), MAX_SHORT_STRING)).unwrap_or_default();
+        let props = properties(&out);
+        let payload = out.payload.unwrap_or_default();
+        let mut publish = Box::pin(async move {
+            let options = BasicPublishOptions { mandatory: true, ..Default::default() };
+            channel.basic_publish(exchange, key, options, &payload, props).await
+        });
+        // The first poll queues the frames (and takes the confirm's sequence number) and then
+        // waits for the write: that wait is left to the returned future.
+        let first = (&mut publish).now_or_never();
+        if let Some(Err(e)) = first {
+            *guard = None;
+            return Err(PublishError::Failed(e.to_string()));
+        }
         Ok(Box::pin(async move {
+            let confirm = match first {
+                Some(written) => written,
+                None => publish.await,
+            };
+            let confirm = confirm.map_err(|e| PublishError::Failed(e.to_string()))?;
             match confirm.await {
                 Ok(Confirmation::Ack(None)) => Ok(()),
                 Ok(Confirmation::Ack(Some(ret))) => Err(PublishError::Failed(format!(

@@ -35,9 +35,9 @@ pub enum Sink {
 
 impl Sink {
     /// Enqueues `out`; the returned future resolves on the broker's confirmation.
-    pub async fn send(&self, out: &Outgoing) -> Result<Confirm, PublishError> {
+    pub async fn send(&self, out: Outgoing) -> Result<Confirm, PublishError> {
         match self {
-            Sink::Kafka(k) => k.send(out),
+            Sink::Kafka(k) => k.send(&out),
             Sink::Amqp(a) => a.send(out).await,
         }
     }

@@ -115,7 +115,7 @@ async fn remove_poison(route: &Route, src: &AmqpSourceSettings) -> Result<bool, 
     let raw_props = &raw.properties[..raw.properties.len().min(64 * 1024)];
     out.headers.push((names.raw_properties.clone(), HeaderData::Bytes(hex::encode(raw_props).into_bytes())));
     route.dead_letter.make_fit(&mut out, &names.prefix);
-    let confirm = route.dead_letter.send(&out).await.map_err(|e| e.to_string())?;
+    let confirm = route.dead_letter.send(out).await.map_err(|e| e.to_string())?;
     confirm.await.map_err(|e| e.to_string())?;
     let bytes = raw.body.len();
     raw.ack().await?;
