@@ -7,8 +7,8 @@
 //! cargo bench --bench soak      (needs Kafka, RabbitMQ and Redis as `scripts/setup` starts them)
 //! Optional: TOKENGATE_SOAK_MINUTES (default 30), TOKENGATE_SOAK_KAFKA_RATE (msg/s, default
 //! 3000), TOKENGATE_SOAK_AMQP_RATE (default 500), TOKENGATE_SOAK_NEW (share of messages with a
-//! token never seen before, default 0.1), TOKENGATE_SOAK_REVOKED (revocation entries, default
-//! 100000).
+//! token never seen before, default 0.1), TOKENGATE_SOAK_POOL (distinct reused tokens, default
+//! 100), TOKENGATE_SOAK_REVOKED (revocation entries, default 100000).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -37,7 +37,7 @@ fn now_ns() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }
 
-/// Tokens for the load: 100 reused ones, and a fresh one (new `jti` and `sub`) when asked.
+/// Tokens for the load: a pool of reused ones, and a fresh one (new `jti` and `sub`) when asked.
 struct Tokens {
     reused: Vec<String>,
     key: jsonwebtoken::EncodingKey,
@@ -46,18 +46,18 @@ struct Tokens {
 }
 
 impl Tokens {
-    fn new() -> Tokens {
+    fn new(pool: usize) -> Tokens {
         let (key, kid) = common::signing_key(Algorithm::HS256);
         let mut header = Header::new(Algorithm::HS256);
         header.kid = Some(kid.into());
-        Tokens { reused: common::mint(Algorithm::HS256, 100), key, header, minted: AtomicU64::new(0) }
+        Tokens { reused: common::mint(Algorithm::HS256, pool.max(1)), key, header, minted: AtomicU64::new(0) }
     }
 
     fn pick(&self, seq: u64, new_share: f64) -> String {
         // A fixed pattern: message `seq` carries a new token when the share passes a whole number.
         let new = ((seq + 1) as f64 * new_share).floor() > (seq as f64 * new_share).floor();
         if !new {
-            return format!("Bearer {}", self.reused[(seq % 100) as usize]);
+            return format!("Bearer {}", self.reused[seq as usize % self.reused.len()]);
         }
         let i = self.minted.fetch_add(1, Ordering::Relaxed);
         let now = tokengate::verify::unix_now();
@@ -109,16 +109,21 @@ async fn redis_info(c: &mut redis::aio::MultiplexedConnection, field: &str) -> u
     info.lines().find_map(|l| l.strip_prefix(&format!("{field}:"))).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
 }
 
-/// RSS (bytes) and open file descriptors of process `pid`.
-fn rss_and_fds(pid: u32) -> (u64, usize) {
+/// A memory figure of process `pid` from `/proc` (`VmRSS`, `VmHWM`), in bytes.
+fn mem(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let kb: u64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0);
+    kb * 1024
+}
+
+/// RSS (bytes) and open file descriptors of process `pid`.
+fn rss_and_fds(pid: u32) -> (u64, usize) {
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
-    (kb * 1024, fds)
+    (mem(pid, "VmRSS"), fds)
 }
 
 fn seq_and_sent(seq: Option<&[u8]>, sent: Option<&[u8]>) -> Option<(u64, u64)> {
@@ -150,6 +155,7 @@ async fn main() {
     let amqp_rate: u64 = env_or("TOKENGATE_SOAK_AMQP_RATE", 500);
     let new_share: f64 = env_or("TOKENGATE_SOAK_NEW", 0.1);
     let revoked: usize = env_or("TOKENGATE_SOAK_REVOKED", 100_000);
+    let pool: usize = env_or("TOKENGATE_SOAK_POOL", 100);
     let bs = std::env::var("TOKENGATE_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into());
     let amqp_url = std::env::var("TOKENGATE_TEST_AMQP").unwrap_or_else(|_| "amqp://127.0.0.1:5672/%2f".into());
     let redis_url = std::env::var("TOKENGATE_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
@@ -272,7 +278,7 @@ dead_letter = {{ amqp = {{ broker = "rabbit", exchange = "{ex_dlq}" }} }}
     });
 
     // Producers at fixed rates, in ticks of 10 ms.
-    let tokens = Arc::new(Tokens::new());
+    let tokens = Arc::new(Tokens::new(pool));
     let end = Instant::now() + Duration::from_secs(minutes * 60);
     let kafka_sent = Arc::new(AtomicU64::new(0));
     let amqp_sent = Arc::new(AtomicU64::new(0));
@@ -329,7 +335,7 @@ dead_letter = {{ amqp = {{ broker = "rabbit", exchange = "{ex_dlq}" }} }}
 
     println!(
         "soak: {minutes} min, Kafka {kafka_rate} msg/s + AMQP {amqp_rate} msg/s (persistent), {:.0}% new tokens, \
-         {revoked} revocation entries mirrored; gate pid {pid}",
+         the rest from {pool} reused ones, {revoked} revocation entries mirrored; gate pid {pid}",
         new_share * 100.0
     );
     println!(
@@ -399,6 +405,7 @@ dead_letter = {{ amqp = {{ broker = "rabbit", exchange = "{ex_dlq}" }} }}
         mean(first, |r| r.2),
         mean(tail, |r| r.2),
     );
+    println!("gate peak RSS (VmHWM): {:.0} MB", mem(pid, "VmHWM") as f64 / 1e6);
     let _ = gate.start_kill();
     let _ = gate.wait().await;
     let _: Result<(), _> = redis::cmd("EVAL")
