@@ -103,10 +103,28 @@ impl Arrivals {
     }
 }
 
-/// A value from `INFO` (one of its `name:value` lines).
-async fn redis_info(c: &mut redis::aio::MultiplexedConnection, field: &str) -> u64 {
-    let info: String = redis::cmd("INFO").arg("all").query_async(c).await.unwrap_or_default();
-    info.lines().find_map(|l| l.strip_prefix(&format!("{field}:"))).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+/// A number from Redis's `INFO` text (one of its `name:value` lines).
+fn info_field(info: &str, field: &str) -> u64 {
+    info.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':')).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+}
+
+/// Calls `send` with the next sequence number `rate` times a second (in ticks of 10 ms) until
+/// `end`, counting in `sent`.
+async fn paced<F: std::future::Future<Output = ()>>(
+    rate: u64,
+    end: Instant,
+    sent: &AtomicU64,
+    mut send: impl FnMut(u64) -> F,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let started = Instant::now();
+    while Instant::now() < end {
+        tick.tick().await;
+        let due = started.elapsed().as_millis() as u64 * rate / 1000;
+        while sent.load(Ordering::Relaxed) < due {
+            send(sent.fetch_add(1, Ordering::Relaxed)).await;
+        }
+    }
 }
 
 /// A memory figure of process `pid` from `/proc` (`VmRSS`, `VmHWM`), in bytes.
@@ -287,49 +305,40 @@ dead_letter = {{ amqp = {{ broker = "rabbit", exchange = "{ex_dlq}" }} }}
     let kafka_task = tokio::spawn({
         let (tokens, sent, topic) = (Arc::clone(&tokens), Arc::clone(&kafka_sent), k_in.clone());
         async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(10));
-            let started = Instant::now();
-            while Instant::now() < end {
-                tick.tick().await;
-                let due = started.elapsed().as_millis() as u64 * kafka_rate / 1000;
-                while sent.load(Ordering::Relaxed) < due {
-                    let seq = sent.fetch_add(1, Ordering::Relaxed);
-                    let (token, seq_text, sent_ns) =
-                        (tokens.pick(seq, new_share), seq.to_string(), now_ns().to_string());
-                    let headers = OwnedHeaders::new()
-                        .insert(KafkaHeader { key: "authorization", value: Some(token.as_bytes()) })
-                        .insert(KafkaHeader { key: "x-seq", value: Some(seq_text.as_bytes()) })
-                        .insert(KafkaHeader { key: "x-sent-ns", value: Some(sent_ns.as_bytes()) });
-                    let key = format!("k{}", seq % 64);
-                    let rec = FutureRecord::to(&topic).key(&key).payload(&[b'x'; 256][..]).headers(headers);
-                    if let Err((e, _)) = producer.send_result(rec) {
-                        panic!("Kafka producer queue: {e}");
-                    }
+            paced(kafka_rate, end, &sent, |seq| {
+                let (token, seq_text, sent_ns) = (tokens.pick(seq, new_share), seq.to_string(), now_ns().to_string());
+                let headers = OwnedHeaders::new()
+                    .insert(KafkaHeader { key: "authorization", value: Some(token.as_bytes()) })
+                    .insert(KafkaHeader { key: "x-seq", value: Some(seq_text.as_bytes()) })
+                    .insert(KafkaHeader { key: "x-sent-ns", value: Some(sent_ns.as_bytes()) });
+                let key = format!("k{}", seq % 64);
+                let rec = FutureRecord::to(&topic).key(&key).payload(&[b'x'; 256][..]).headers(headers);
+                if let Err((e, _)) = producer.send_result(rec) {
+                    panic!("Kafka producer queue: {e}");
                 }
-            }
+                std::future::ready(())
+            })
+            .await;
             producer.flush(Duration::from_secs(30)).unwrap();
         }
     });
     let amqp_task = tokio::spawn({
         let (tokens, sent, ch, q_in) = (Arc::clone(&tokens), Arc::clone(&amqp_sent), ch.clone(), q_in.clone());
         async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(10));
-            let started = Instant::now();
-            while Instant::now() < end {
-                tick.tick().await;
-                let due = started.elapsed().as_millis() as u64 * amqp_rate / 1000;
-                while sent.load(Ordering::Relaxed) < due {
-                    let seq = sent.fetch_add(1, Ordering::Relaxed);
-                    let mut h = FieldTable::default();
-                    let text = |s: String| AMQPValue::LongString(LongString::from(s.into_bytes()));
-                    h.insert("authorization".into(), text(tokens.pick(seq, new_share)));
-                    h.insert("x-seq".into(), text(seq.to_string()));
-                    h.insert("x-sent-ns".into(), text(now_ns().to_string()));
-                    let props = BasicProperties::default().with_headers(h).with_delivery_mode(2);
+            paced(amqp_rate, end, &sent, |seq| {
+                let mut h = FieldTable::default();
+                let text = |s: String| AMQPValue::LongString(LongString::from(s.into_bytes()));
+                h.insert("authorization".into(), text(tokens.pick(seq, new_share)));
+                h.insert("x-seq".into(), text(seq.to_string()));
+                h.insert("x-sent-ns".into(), text(now_ns().to_string()));
+                let props = BasicProperties::default().with_headers(h).with_delivery_mode(2);
+                let (ch, q_in) = (ch.clone(), q_in.clone());
+                async move {
                     let opts = BasicPublishOptions::default();
                     ch.basic_publish("".into(), q_in.as_str().into(), opts, &[b'x'; 256], props).await.unwrap();
                 }
-            }
+            })
+            .await;
         }
     });
 
@@ -353,9 +362,10 @@ dead_letter = {{ amqp = {{ broker = "rabbit", exchange = "{ex_dlq}" }} }}
         let (_, kp50, kp99) = kafka_in.lock().unwrap().take_minute();
         let (_, ap50, ap99) = amqp_in.lock().unwrap().take_minute();
         let (rss, fds) = rss_and_fds(pid);
-        let used = redis_info(&mut redis, "used_memory").await;
-        let tracked = redis_info(&mut redis, "tracking_total_keys").await;
-        let prefixes = redis_info(&mut redis, "tracking_total_prefixes").await;
+        let info: String = redis::cmd("INFO").arg("all").query_async(&mut redis).await.unwrap_or_default();
+        let used = info_field(&info, "used_memory");
+        let tracked = info_field(&info, "tracking_total_keys");
+        let prefixes = info_field(&info, "tracking_total_prefixes");
         let rss_mb = rss as f64 / 1e6;
         println!(
             "| {minute} | {} | {kp50:.1} | {kp99:.1} | {} | {ap50:.1} | {ap99:.1} | {rss_mb:.0} | {fds} | {:.1} | {tracked}/{prefixes} |",

@@ -140,13 +140,7 @@ impl Revocations {
     pub async fn check(&self, v: &Verified) -> Result<Option<Rejection>, Unavailable> {
         // The common case, answered by the mirror without copying the token's ids.
         let fp = v.fingerprint.hex();
-        let ids = [
-            (Kind::Jti, v.jti.as_deref()),
-            (Kind::Sub, v.sub.as_deref()),
-            (Kind::Kid, v.kid.as_deref()),
-            (Kind::Fp, Some(fp.as_str())),
-        ];
-        match self.mirrored(&ids) {
+        match self.mirrored(&ids(v.jti.as_deref(), v.sub.as_deref(), v.kid.as_deref(), fp.as_str())) {
             Some(present) if present.is_empty() => Ok(None),
             Some(present) => Ok(judge_all(&present, &TokenIds::of(v))),
             None => self.look_up(&TokenIds::of(v)).await,
@@ -155,13 +149,7 @@ impl Revocations {
 
     /// Checks a token by its ids.
     pub async fn check_ids(&self, v: &TokenIds) -> Result<Option<Rejection>, Unavailable> {
-        let ids = [
-            (Kind::Jti, v.jti.as_deref()),
-            (Kind::Sub, v.sub.as_deref()),
-            (Kind::Kid, v.kid.as_deref()),
-            (Kind::Fp, Some(v.fingerprint.as_str())),
-        ];
-        match self.mirrored(&ids) {
+        match self.mirrored(&ids(v.jti.as_deref(), v.sub.as_deref(), v.kid.as_deref(), &v.fingerprint)) {
             Some(present) => Ok(judge_all(&present, v)),
             None => self.look_up(v).await,
         }
@@ -192,6 +180,16 @@ impl Revocations {
         };
         Ok(keys.iter().zip(&entries).find_map(|((kind, _), e)| judge(*kind, e, v)))
     }
+}
+
+/// A token's ids as the mirror is asked for them, in key order (jti, sub, kid, fingerprint).
+fn ids<'a>(
+    jti: Option<&'a str>,
+    sub: Option<&'a str>,
+    kid: Option<&'a str>,
+    fingerprint: &'a str,
+) -> [(Kind, Option<&'a str>); 4] {
+    [(Kind::Jti, jti), (Kind::Sub, sub), (Kind::Kid, kid), (Kind::Fp, Some(fingerprint))]
 }
 
 /// The first revocation among present entries (in key order: jti, sub, kid, fingerprint).

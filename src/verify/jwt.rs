@@ -44,21 +44,10 @@ pub struct StdClaims {
     pub sub: Option<String>,
     /// `aud`, a string or an array of strings.
     pub aud: Vec<String>,
-    /// `exp`, seconds since the epoch.
-    pub exp: Option<i64>,
-    /// `nbf`, seconds since the epoch.
-    pub nbf: Option<i64>,
-    /// `iat`, seconds since the epoch.
-    pub iat: Option<i64>,
+    /// `exp`, `nbf` and `iat`.
+    pub times: Times,
     /// `jti`.
     pub jti: Option<String>,
-}
-
-impl StdClaims {
-    /// `exp`, `nbf` and `iat`.
-    pub fn times(&self) -> Times {
-        Times { exp: self.exp, nbf: self.nbf, iat: self.iat }
-    }
 }
 
 /// The time claims, checked on every use of a token.
@@ -185,9 +174,7 @@ pub fn std_claims(c: &Map<String, Value>) -> Result<StdClaims, Rejection> {
         iss: string("iss")?,
         sub: string("sub")?,
         aud,
-        exp: date("exp")?,
-        nbf: date("nbf")?,
-        iat: date("iat")?,
+        times: Times { exp: date("exp")?, nbf: date("nbf")?, iat: date("iat")? },
         jti: string("jti")?,
     })
 }
@@ -379,7 +366,7 @@ mod tests {
         let map: Map<String, Value> =
             serde_json::from_str(r#"{"exp":1.9,"aud":"x","iat":1e300,"nbf":18446744073709551615}"#).unwrap();
         let c = std_claims(&map).unwrap();
-        assert_eq!((c.exp, c.iat, c.nbf), (Some(1), Some(i64::MAX), Some(i64::MAX)));
+        assert_eq!(c.times, Times { exp: Some(1), iat: Some(i64::MAX), nbf: Some(i64::MAX) });
         assert_eq!(c.aud, vec!["x".to_owned()]);
     }
 

@@ -357,7 +357,7 @@ impl Verifier {
         if let Err(r) = check_claims(&issuer.checks, p.typ.as_deref(), &std, &p.claims) {
             return Ok(Err(r));
         }
-        let cached_until = match std.exp {
+        let cached_until = match std.times.exp {
             Some(exp) => exp.saturating_add(issuer.checks.leeway),
             None => now.saturating_add(self.ttl_without_exp.as_secs() as i64),
         };
@@ -367,7 +367,7 @@ impl Verifier {
             kid,
             alg: p.alg,
             fingerprint: Fingerprint::of(token),
-            times: std.times(),
+            times: std.times,
             sub: std.sub.map(String::into_boxed_str),
             jti: std.jti.map(String::into_boxed_str),
             claims: Claims::keep(&self.claims, &p.claims),
