@@ -28,7 +28,15 @@ pub struct AdminState {
 
 /// Installs the Prometheus recorder once per process; later calls get `None`.
 pub fn install_metrics() -> Option<PrometheusHandle> {
-    metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder().ok()
+    let mut builder = metrics_exporter_prometheus::PrometheusBuilder::new();
+    for m in crate::telemetry::METRICS {
+        if let crate::telemetry::Kind::Histogram(buckets) = m.kind {
+            builder = builder
+                .set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Full(m.name.to_owned()), buckets)
+                .ok()?;
+        }
+    }
+    builder.install_recorder().ok()
 }
 
 /// Serves the endpoint on `listener` until `cancel`.

@@ -74,11 +74,26 @@ pub async fn run_routes(settings: &Settings, gate: Arc<Gate>, cancel: Cancellati
         let name = &rs.rules.name;
         let status = Arc::new(RouteStatus::default());
         statuses.push((name.clone(), Arc::clone(&status)));
+        let (trusted, dead_letter) = match (&io.exactly_once, &io.trusted, &io.dead_letter) {
+            (
+                Some(eo),
+                SinkSettings::Kafka { config, topic: trusted },
+                SinkSettings::Kafka { topic: dead_letter, .. },
+            ) => {
+                let (t, d) = KafkaSink::transactional(config.clone(), &eo.transactional_id, trusted, dead_letter)
+                    .with_context(|| format!("routes.{name}.trusted"))?;
+                (Sink::Kafka(t), Sink::Kafka(d))
+            }
+            _ => (
+                build_sink(&io.trusted).with_context(|| format!("routes.{name}.trusted"))?,
+                build_sink(&io.dead_letter).with_context(|| format!("routes.{name}.dead_letter"))?,
+            ),
+        };
         let route = Arc::new(Route {
             rules: rs.rules.clone(),
             gate: Arc::clone(&gate),
-            trusted: build_sink(&io.trusted).with_context(|| format!("routes.{name}.trusted"))?,
-            dead_letter: build_sink(&io.dead_letter).with_context(|| format!("routes.{name}.dead_letter"))?,
+            trusted,
+            dead_letter,
             max_in_flight: io.max_in_flight,
             guard: io.guard.clone(),
             status,
@@ -87,10 +102,18 @@ pub async fn run_routes(settings: &Settings, gate: Arc<Gate>, cancel: Cancellati
         let supervised_route = Arc::clone(&route);
         let c = cancel.clone();
         let start: StartRoute = match &io.source {
-            SourceSettings::Kafka(k) => {
-                let k = k.clone();
-                Box::new(move || Box::pin(source::kafka::run(Arc::clone(&route), k.clone(), c.clone(), drain)))
-            }
+            SourceSettings::Kafka(k) => match io.exactly_once.clone() {
+                Some(eo) => {
+                    let k = k.clone();
+                    Box::new(move || {
+                        Box::pin(source::transaction::run(Arc::clone(&route), k.clone(), eo.clone(), c.clone(), drain))
+                    })
+                }
+                None => {
+                    let k = k.clone();
+                    Box::new(move || Box::pin(source::kafka::run(Arc::clone(&route), k.clone(), c.clone(), drain)))
+                }
+            },
             SourceSettings::Amqp(a) => {
                 let a = Arc::clone(a);
                 Box::new(move || Box::pin(source::amqp::run(Arc::clone(&route), Arc::clone(&a), c.clone(), drain)))

@@ -36,6 +36,8 @@ pub enum Kind {
     Counter,
     /// Goes up and down.
     Gauge,
+    /// A distribution in buckets (served as `_bucket`, `_sum` and `_count`).
+    Histogram(&'static [f64]),
 }
 
 /// A metric tokengate serves. Its name appears nowhere but here: code uses the handles below.
@@ -135,11 +137,32 @@ const JWKS_AGE: Metric = metric(
     &["issuer"],
     "age of the issuer's last good JWKS (current at every scrape)",
 );
+const TRANSACTIONS: Metric = metric(
+    "tokengate_transactions_total",
+    Kind::Counter,
+    &["route", "outcome"],
+    "Kafka transactions of exactly_once routes: committed or aborted",
+);
+const TRANSACTION_SECONDS: Metric = metric(
+    "tokengate_transaction_seconds",
+    Kind::Histogram(&[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+    &["route"],
+    "time from a committed transaction's first record to its commit",
+);
+const TRANSACTION_RECORDS: Metric = metric(
+    "tokengate_transaction_records",
+    Kind::Histogram(&[1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0]),
+    &["route"],
+    "records per committed transaction",
+);
+
+/// Metrics served only by a process with an `exactly_once` route.
+pub const TRANSACTION_METRICS: [&Metric; 3] = [&TRANSACTIONS, &TRANSACTION_SECONDS, &TRANSACTION_RECORDS];
 
 /// Every metric tokengate serves. Each is registered when the metrics endpoint starts, so it is
 /// present from the first scrape; the README's metric table lists the same names (a test
 /// compares the table with this list and with what `/metrics` serves).
-pub const METRICS: [&Metric; 16] = [
+pub const METRICS: [&Metric; 19] = [
     &MESSAGES,
     &REJECTIONS,
     &HOLDS,
@@ -156,6 +179,9 @@ pub const METRICS: [&Metric; 16] = [
     &REVOCATION_MIRROR_ENTRIES,
     &JWKS_FETCH_ERRORS,
     &JWKS_AGE,
+    &TRANSACTIONS,
+    &TRANSACTION_SECONDS,
+    &TRANSACTION_RECORDS,
 ];
 
 /// Why a message is held (the `cause` label of `tokengate_holds_total`).
@@ -168,6 +194,7 @@ pub fn register(issuers: &[String], revocation_up: bool) {
         match m.kind {
             Kind::Counter => metrics::describe_counter!(m.name, m.help),
             Kind::Gauge => metrics::describe_gauge!(m.name, m.help),
+            Kind::Histogram(_) => metrics::describe_histogram!(m.name, m.help),
         }
     }
     set_revocation_up(revocation_up);
@@ -309,5 +336,42 @@ impl RouteMetrics {
     /// Counts a poison message taken off the source.
     pub fn poison_removed(&self) {
         self.poison.increment(1);
+    }
+}
+
+/// An `exactly_once` route's transaction metrics.
+pub struct TransactionMetrics {
+    committed: metrics::Counter,
+    aborted: metrics::Counter,
+    seconds: metrics::Histogram,
+    records: metrics::Histogram,
+}
+
+impl TransactionMetrics {
+    /// Registers the transaction metrics of `route` with the installed recorder.
+    pub fn new(route: &str) -> TransactionMetrics {
+        let outcome = |o: &'static str| {
+            let c = metrics::counter!(TRANSACTIONS.name, "route" => route.to_owned(), "outcome" => o);
+            c.increment(0);
+            c
+        };
+        TransactionMetrics {
+            committed: outcome("committed"),
+            aborted: outcome("aborted"),
+            seconds: metrics::histogram!(TRANSACTION_SECONDS.name, "route" => route.to_owned()),
+            records: metrics::histogram!(TRANSACTION_RECORDS.name, "route" => route.to_owned()),
+        }
+    }
+
+    /// Counts a committed transaction of `records` records that was open for `took`.
+    pub fn committed(&self, records: usize, took: std::time::Duration) {
+        self.committed.increment(1);
+        self.seconds.record(took.as_secs_f64());
+        self.records.record(records as f64);
+    }
+
+    /// Counts an aborted transaction.
+    pub fn aborted(&self) {
+        self.aborted.increment(1);
     }
 }

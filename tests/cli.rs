@@ -176,6 +176,25 @@ fn check_config_reports_every_problem_with_paths() {
 }
 
 #[test]
+fn check_config_refuses_exactly_once_beyond_one_kafka_cluster_and_says_why() {
+    let amqp = "[amqp.r]\nurl = \"amqp://127.0.0.1:5672/%2f\"\n[kafka.k]\nbootstrap_servers = \"127.0.0.1:1\"\n\
+        [routes.x]\ndelivery = \"exactly_once\"\nsource = { amqp = { broker = \"r\", queue = \"q\" } }\n\
+        trusted = { kafka = { cluster = \"k\", topic = \"t\" } }\ndead_letter = { kafka = { cluster = \"k\", topic = \"d\" } }\n";
+    let f = write_config(amqp);
+    let out = tokengate(&["check-config", f.path().to_str().unwrap()], None);
+    assert_eq!(out.status.code(), Some(78), "EX_CONFIG");
+    let err = text(&out.stderr);
+    assert!(err.contains("routes.x.delivery") && err.contains("one cluster"), "{err}");
+    let ok = "[kafka.k]\nbootstrap_servers = \"127.0.0.1:1\"\n[routes.x]\ndelivery = \"exactly_once\"\n\
+        source = { kafka = { cluster = \"k\", topics = [\"a\"], group = \"g\" } }\n\
+        trusted = { kafka = { cluster = \"k\", topic = \"t\" } }\ndead_letter = { kafka = { cluster = \"k\", topic = \"d\" } }\n\
+        [routes.x.transaction]\nmax_messages = 0\n";
+    let f = write_config(ok);
+    let err = text(&tokengate(&["check-config", f.path().to_str().unwrap()], None).stderr);
+    assert!(err.contains("routes.x.transaction.max_messages"), "{err}");
+}
+
+#[test]
 fn the_shipped_configs_are_valid() {
     for file in ["tokengate.example.toml", "tokengate.compose.toml"] {
         let path = format!("{}/config/{file}", env!("CARGO_MANIFEST_DIR"));
@@ -284,6 +303,14 @@ fn check_config_and_run_agree_on_every_shipped_and_broken_file() {
         (
             "topic-regex",
             "[kafka.k]\nbootstrap_servers = \"127.0.0.1:1\"\n[routes.x]\nsource = { kafka = { cluster = \"k\", topic_regex = \"(\", group = \"g\" } }\ntrusted = { kafka = { cluster = \"k\", topic = \"t\" } }\ndead_letter = { kafka = { cluster = \"k\", topic = \"d\" } }\n",
+        ),
+        (
+            "exactly-once-amqp",
+            "[amqp.r]\nurl = \"amqp://127.0.0.1:5672/%2f\"\n[routes.x]\ndelivery = \"exactly_once\"\nsource = { amqp = { broker = \"r\", queue = \"q\" } }\ntrusted = { amqp = { broker = \"r\", exchange = \"t\" } }\ndead_letter = { amqp = { broker = \"r\", exchange = \"d\" } }\n",
+        ),
+        (
+            "exactly-once-two-clusters",
+            "[kafka.k]\nbootstrap_servers = \"127.0.0.1:1\"\n[kafka.l]\nbootstrap_servers = \"127.0.0.1:2\"\n[routes.x]\ndelivery = \"exactly_once\"\nsource = { kafka = { cluster = \"k\", topics = [\"a\"], group = \"g\" } }\ntrusted = { kafka = { cluster = \"l\", topic = \"t\" } }\ndead_letter = { kafka = { cluster = \"k\", topic = \"d\" } }\n",
         ),
         ("unknown-field", "colour = \"blue\"\n"),
         ("syntax", "[issuers.a\n"),

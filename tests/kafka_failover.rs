@@ -96,7 +96,7 @@ impl Drop for OwnKafka {
     }
 }
 
-fn signal(pid: u32, sig: &str) {
+pub fn signal(pid: u32, sig: &str) {
     Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().unwrap();
 }
 
@@ -161,7 +161,7 @@ impl Drop for GateProcess {
 
 /// A gate config for one instance: route `route` (it names the instance in `x-tokengate-route`),
 /// consumer `properties` (TOML inline-table body), optional `instance_id` and admin port.
-fn instance_config(
+pub fn instance_config(
     bs: &str,
     t: &Topics,
     group: &str,
@@ -197,21 +197,21 @@ dead_letter = {{ kafka = {{ cluster = "main", topic = "{dlq}" }} }}
 
 /// One message of a stream: payload `key:seq:valid` (or `:invalid`).
 #[derive(Clone)]
-struct Sent {
-    key: String,
-    seq: u64,
-    valid: bool,
+pub struct Sent {
+    pub key: String,
+    pub seq: u64,
+    pub valid: bool,
 }
 
 impl Sent {
-    fn payload(&self) -> String {
+    pub fn payload(&self) -> String {
         format!("{}:{}:{}", self.key, self.seq, if self.valid { "valid" } else { "invalid" })
     }
 }
 
 /// Produces `n` messages over `keys` keys at about `per_sec`; every tenth has no token or an
 /// expired one. Returns what was sent once every message is confirmed by the broker.
-async fn stream(bs: String, topic: String, n: u64, per_sec: u64, keys: u64) -> Vec<Sent> {
+pub async fn stream(bs: String, topic: String, n: u64, per_sec: u64, keys: u64) -> Vec<Sent> {
     // Idempotent: retries through a broker outage must not reorder the source topic itself.
     let p: FutureProducer =
         ClientConfig::new().set("bootstrap.servers", &bs).set("enable.idempotence", "true").create().unwrap();
@@ -253,18 +253,18 @@ async fn stream(bs: String, topic: String, n: u64, per_sec: u64, keys: u64) -> V
 }
 
 #[derive(serde::Deserialize, Debug)]
-struct Fate {
-    dest: String,
-    key: String,
-    payload: String,
-    partition: i32,
-    offset: i64,
-    route: String,
-    reason: String,
+pub struct Fate {
+    pub dest: String,
+    pub key: String,
+    pub payload: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub route: String,
+    pub reason: String,
 }
 
 /// Every record on the trusted and dead-letter topics, read by the third-party consumer.
-async fn fates(bs: &str, t: &Topics, expected: usize, secs: u64) -> Vec<Fate> {
+pub async fn fates(bs: &str, t: &Topics, expected: usize, secs: u64) -> Vec<Fate> {
     let (bs, t) = (bs.to_owned(), t.clone());
     tokio::task::spawn_blocking(move || read_fates(&bs, &t, expected, secs)).await.unwrap()
 }
@@ -284,7 +284,7 @@ fn read_fates(bs: &str, t: &Topics, expected: usize, secs: u64) -> Vec<Fate> {
 /// Asserts every sent message's fate: valid ones on the trusted topic (at least once), invalid ones
 /// on the dead-letter topic and never on the trusted one, and per-key order on the trusted topic.
 /// Returns how many trusted records were duplicates (redeliveries after a crash).
-fn assert_fates(sent: &[Sent], fates: &[Fate]) -> usize {
+pub fn assert_fates(sent: &[Sent], fates: &[Fate]) -> usize {
     let mut count: HashMap<(&str, &str), usize> = HashMap::new();
     for f in fates {
         *count.entry((f.payload.as_str(), f.dest.as_str())).or_default() += 1;
@@ -363,7 +363,7 @@ async fn three_instances_one_killed_one_joining_mid_stream_lose_and_leak_nothing
 }
 
 /// Polls `/ready` until its status is `want` (true: 200) or `secs` pass; returns the wait.
-async fn wait_ready(port: u16, want: bool, secs: u64) -> Duration {
+pub async fn wait_ready(port: u16, want: bool, secs: u64) -> Duration {
     let http = reqwest::Client::new();
     let started = Instant::now();
     loop {

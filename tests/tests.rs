@@ -4,6 +4,7 @@ mod util;
 
 mod amqp;
 mod cli;
+mod exactly_once;
 mod hostile;
 mod jwks;
 mod kafka;

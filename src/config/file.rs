@@ -339,6 +339,45 @@ pub struct RouteConfig {
     /// Guard against dead-lettering everything (a wrong key, say).
     #[serde(default)]
     pub dead_letter_guard: GuardConfig,
+    /// `at_least_once` (default) or `exactly_once`: Kafka -> Kafka on one cluster only, each
+    /// source record's trusted or dead-letter write committed in one Kafka transaction with its
+    /// source offset. Downstream consumers must read with `isolation.level=read_committed`.
+    #[serde(default)]
+    pub delivery: Delivery,
+    /// How large an `exactly_once` route's transactions grow.
+    #[serde(default)]
+    pub transaction: TransactionConfig,
+}
+
+/// A route's delivery guarantee.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum Delivery {
+    /// Every source message reaches trusted or dead-letter at least once (duplicates after a crash).
+    #[default]
+    AtLeastOnce,
+    /// Every source record reaches trusted or dead-letter exactly once, as seen by a
+    /// `read_committed` consumer (Kafka transactions).
+    ExactlyOnce,
+}
+
+/// The size of an `exactly_once` route's transactions (`[routes.NAME.transaction]`): a
+/// transaction commits when it holds `max_messages` records or is `max_time` old, whichever
+/// comes first.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TransactionConfig {
+    /// Most records per transaction.
+    #[serde(default = "default_transaction_messages")]
+    pub max_messages: usize,
+    /// Longest a transaction stays open before it commits (also the added latency, at most).
+    #[serde(default = "default_transaction_time")]
+    pub max_time: Dur,
+}
+
+impl Default for TransactionConfig {
+    fn default() -> Self {
+        TransactionConfig { max_messages: default_transaction_messages(), max_time: default_transaction_time() }
+    }
 }
 
 /// The runaway dead-letter guard (`[routes.NAME.dead_letter_guard]`).
@@ -459,6 +498,12 @@ fn default_identity_headers() -> BTreeMap<String, String> {
 }
 fn default_header_prefix() -> String {
     "x-tokengate-".to_owned()
+}
+fn default_transaction_messages() -> usize {
+    1000
+}
+fn default_transaction_time() -> Dur {
+    Dur(Duration::from_millis(100))
 }
 fn default_max_in_flight() -> usize {
     // Enough to hide a broker round trip at 100k msg/s; bounded so memory stays small.

@@ -21,7 +21,7 @@ use jsonwebtoken::Algorithm;
 use lapin::types::FieldTable;
 use rdkafka::ClientConfig;
 
-use file::{Config, KeyConfig, RouteConfig, SecretEncoding, SinkConfig, SourceConfig};
+use file::{Config, Delivery, KeyConfig, RouteConfig, SecretEncoding, SinkConfig, SourceConfig};
 pub use file::{Dur, GuardConfig, OnUnavailable, Secret};
 
 use crate::verify::{self, ClaimPath, IssuerChecks, IssuerKeys, Policy, Requirement, TokenSpec};
@@ -122,6 +122,23 @@ pub struct RouteIo {
     pub max_in_flight: usize,
     /// The dead-letter storm guard.
     pub guard: GuardConfig,
+    /// Kafka transactions, for an `exactly_once` route.
+    pub exactly_once: Option<ExactlyOnce>,
+}
+
+/// An `exactly_once` route's transactions: one transactional producer writes the trusted and the
+/// dead-letter topic (with the trusted destination's config) and commits the source offsets.
+#[derive(Clone, Debug)]
+pub struct ExactlyOnce {
+    /// The producer's `transactional.id`: `tokengate.{route}.{instance_id}`, so that a restarted
+    /// instance fences its previous incarnation at once; without `instance_id`, a random suffix
+    /// per process (a killed process's open transaction is then aborted by the broker after
+    /// `transaction.timeout.ms`).
+    pub transactional_id: String,
+    /// Most records per transaction.
+    pub max_messages: usize,
+    /// Longest a transaction stays open.
+    pub max_time: Duration,
 }
 
 /// A route's source, ready to connect.
@@ -829,12 +846,58 @@ fn route_io(c: &mut Check, p: &str, name: &str, rc: &RouteConfig, raw: &Config, 
     {
         c.add(format!("{p}.trusted.kafka.topic"), "the trusted topic is also a source topic (a loop)");
     }
+    let exactly_once = exactly_once(c, p, name, rc, raw);
     Some(RouteIo {
         source: source?,
         trusted: trusted?,
         dead_letter: dead_letter?,
         max_in_flight: rc.max_in_flight,
         guard: rc.dead_letter_guard.clone(),
+        exactly_once,
+    })
+}
+
+/// An `exactly_once` route's transactions, if it asks for them and can have them: a Kafka source
+/// and Kafka destinations on one cluster, since one transaction covers one cluster's writes and
+/// offsets, and one producer (the trusted destination's properties) writes both topics.
+fn exactly_once(c: &mut Check, p: &str, route: &str, rc: &RouteConfig, raw: &Config) -> Option<ExactlyOnce> {
+    if rc.delivery != Delivery::ExactlyOnce {
+        return None;
+    }
+    let why = "exactly_once needs a Kafka source and Kafka trusted and dead_letter topics on one cluster: \
+               a Kafka transaction covers the writes and consumer offsets of one cluster only (AMQP has no \
+               transactions spanning a queue and an exchange; see the README's Delivery section)";
+    match (&rc.source, &rc.trusted, &rc.dead_letter) {
+        (Some(SourceConfig::Kafka(s)), Some(SinkConfig::Kafka(t)), Some(SinkConfig::Kafka(d)))
+            if s.cluster == t.cluster && t.cluster == d.cluster =>
+        {
+            if d.properties != t.properties {
+                c.add(
+                    format!("{p}.dead_letter.kafka.properties"),
+                    "with exactly_once one producer writes both topics: set the same properties as trusted (or none)",
+                );
+            }
+        }
+        _ => {
+            c.add(format!("{p}.delivery"), why);
+            return None;
+        }
+    }
+    let t = &rc.transaction;
+    if t.max_messages == 0 {
+        c.add(format!("{p}.transaction.max_messages"), "must be positive");
+    }
+    if t.max_time.0.is_zero() || t.max_time.0 > Duration::from_secs(60) {
+        c.add(format!("{p}.transaction.max_time"), "must be between 1ms and 60s");
+    }
+    let suffix = match &raw.instance_id {
+        Some(id) => id.clone(),
+        None => format!("{:016x}", rand::random::<u64>()),
+    };
+    Some(ExactlyOnce {
+        transactional_id: format!("tokengate.{route}.{suffix}"),
+        max_messages: t.max_messages,
+        max_time: t.max_time.0,
     })
 }
 

@@ -24,16 +24,36 @@ const DEFAULT_MAX_BYTES: usize = 1_000_000;
 
 impl KafkaSink {
     /// A sink publishing to `topic` with the given client config (cluster and sink properties).
-    pub fn new(mut config: ClientConfig, topic: &str) -> Result<KafkaSink, KafkaError> {
-        // Small batches keep latency low; a user property may raise linger.ms for throughput.
-        if config.get("linger.ms").is_none() {
-            config.set("linger.ms", "5");
+    pub fn new(config: ClientConfig, topic: &str) -> Result<KafkaSink, KafkaError> {
+        let config = pinned(config);
+        Ok(KafkaSink { producer: config.create()?, topic: topic.to_owned(), max_bytes: max_bytes(&config) })
+    }
+
+    /// Two sinks, to `trusted` and to `dead_letter`, on one transactional producer (`config` with
+    /// `transactional.id` = `id`), for an `exactly_once` route: its loop runs the transactions.
+    /// A transaction the broker did not see end within `transaction.timeout.ms` (the process was
+    /// killed) is aborted by the broker: 10 s unless set, so that a partition's next owner waits
+    /// no longer than that for it.
+    pub fn transactional(
+        config: ClientConfig,
+        id: &str,
+        trusted: &str,
+        dead_letter: &str,
+    ) -> Result<(KafkaSink, KafkaSink), KafkaError> {
+        let mut config = pinned(config);
+        config.set("transactional.id", id);
+        if config.get("transaction.timeout.ms").is_none() {
+            config.set("transaction.timeout.ms", "10000");
         }
-        for (k, v) in PINNED {
-            config.set(*k, *v);
-        }
-        let max_bytes = config.get("message.max.bytes").and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_MAX_BYTES);
-        Ok(KafkaSink { producer: config.create()?, topic: topic.to_owned(), max_bytes })
+        let producer: FutureProducer = config.create()?;
+        let max_bytes = max_bytes(&config);
+        let sink = |topic: &str| KafkaSink { producer: producer.clone(), topic: topic.to_owned(), max_bytes };
+        Ok((sink(trusted), sink(dead_letter)))
+    }
+
+    /// The producer (an `exactly_once` route's loop begins and commits its transactions).
+    pub fn producer(&self) -> &FutureProducer {
+        &self.producer
     }
 
     /// Whether the topic can take `out` (librdkafka refuses records over `message.max.bytes`).
@@ -103,6 +123,23 @@ impl KafkaSink {
             Err((e, _)) => Err(PublishError::Failed(e.to_string())),
         }
     }
+}
+
+/// `config` with low-latency batching unless set, and the delivery settings tokengate insists on.
+fn pinned(mut config: ClientConfig) -> ClientConfig {
+    // Small batches keep latency low; a user property may raise linger.ms for throughput.
+    if config.get("linger.ms").is_none() {
+        config.set("linger.ms", "5");
+    }
+    for (k, v) in PINNED {
+        config.set(*k, *v);
+    }
+    config
+}
+
+/// The producer's `message.max.bytes`.
+fn max_bytes(config: &ClientConfig) -> usize {
+    config.get("message.max.bytes").and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_MAX_BYTES)
 }
 
 /// About what a record takes against `message.max.bytes`: key, payload, headers and overhead.

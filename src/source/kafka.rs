@@ -23,7 +23,8 @@ use crate::envelope::{Envelope, HeaderData, Origin};
 use crate::pipeline::Route;
 use crate::pipeline::{Acks, CHUNK, Pipeline, Settled};
 
-type TopicPartition = (Arc<str>, i32);
+/// A partition of a topic (the name shared by every message read from it).
+pub(super) type TopicPartition = (Arc<str>, i32);
 /// How a Kafka message is acknowledged: its partition, offset, and the epoch it was read in.
 type Ack = (TopicPartition, i64, u64);
 
@@ -205,21 +206,26 @@ pub fn headers_from_bytes(raw: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> (Vec<(String,
     (headers, defect)
 }
 
-/// Copies a record out of the consumer, with its topic interned and its partition's epoch.
-fn intake(
-    topics: &mut HashMap<String, Arc<str>>,
-    tracker: &Mutex<Tracker>,
-    m: &BorrowedMessage<'_>,
-) -> (Envelope, Ack) {
+/// Copies a record out of the consumer, with its topic interned: its envelope, partition and offset.
+pub(super) fn read(topics: &mut HashMap<String, Arc<str>>, m: &BorrowedMessage<'_>) -> (Envelope, TopicPartition, i64) {
     // Looked up by &str first: no allocation per message once the topic is known.
     let topic = match topics.get(m.topic()) {
         Some(t) => Arc::clone(t),
         None => Arc::clone(topics.entry(m.topic().to_owned()).or_insert_with(|| Arc::from(m.topic()))),
     };
     let env = envelope(m, &topic);
-    let tp = (topic, m.partition());
+    (env, (topic, m.partition()), m.offset())
+}
+
+/// A record with its partition's epoch.
+fn intake(
+    topics: &mut HashMap<String, Arc<str>>,
+    tracker: &Mutex<Tracker>,
+    m: &BorrowedMessage<'_>,
+) -> (Envelope, Ack) {
+    let (env, tp, offset) = read(topics, m);
     let epoch = tracker.lock().expect("not poisoned").epoch(&tp);
-    (env, (tp, m.offset(), epoch))
+    (env, (tp, offset, epoch))
 }
 
 /// Kafka's publish-time rule: only messages of the partition's current epoch are published, and
@@ -297,8 +303,8 @@ pub async fn run(
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-async fn probe(
-    consumer: Arc<StreamConsumer<Ctx>>,
+pub(super) async fn probe<C: ConsumerContext + 'static>(
+    consumer: Arc<StreamConsumer<C>>,
     topic: Option<String>,
     route: Arc<Route>,
     cancel: CancellationToken,

@@ -5,6 +5,7 @@
 pub mod amqp;
 pub mod kafka;
 pub mod poison;
+pub mod transaction;
 
 use std::future::Future;
 use std::sync::atomic::Ordering;

@@ -1,0 +1,418 @@
+//! The exactly-once Kafka -> Kafka loop: the trusted and dead-letter writes of many source records
+//! and those records' consumer offsets are committed in one Kafka transaction.
+//!
+//! One transaction is always open. The shared [`Pipeline`] decides and publishes into it in read
+//! order, as on an at-least-once route; the transaction commits when it holds `max_messages`
+//! records or is `max_time` old, with the offsets sent together with the consumer's group
+//! metadata, so that an instance that lost its partitions in a rebalance (a zombie) is fenced by
+//! the group coordinator instead of committing them twice. A failed transaction is aborted, and
+//! its partitions are rewound to its first record: read, decided and written again (its aborted
+//! writes are invisible to `read_committed` consumers). Partitions about to be revoked get their
+//! open transaction committed first, so a rebalance costs no rework.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt as _;
+use futures_util::StreamExt as _;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, ConsumerGroupMetadata, Rebalance, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{FutureProducer, Producer as _};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+use super::kafka::{TopicPartition, probe, read};
+use crate::config::{ExactlyOnce, KafkaSourceSettings};
+use crate::pipeline::{Acks, CHUNK, Pipeline, Route, Settled};
+use crate::sink::Sink;
+use crate::telemetry::TransactionMetrics;
+
+/// How long one transactional call (send offsets, commit, abort, init) may take.
+const TXN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How a message is acknowledged here: its partition, offset and the epoch it was read in.
+type Ack = (TopicPartition, i64, u64);
+
+/// The open transaction, shared by the loop and the rebalance callback.
+#[derive(Default)]
+struct Open {
+    /// Each partition's epoch, bumped on rewind and revoke: a message read in an older epoch is
+    /// dropped unpublished (it will be read again).
+    epochs: HashMap<TopicPartition, u64>,
+    /// Epochs are unique across partitions and their re-assignments.
+    last_epoch: u64,
+    /// First and last offset written per partition in the open transaction.
+    offsets: HashMap<TopicPartition, (i64, i64)>,
+    /// Records written in the open transaction.
+    records: usize,
+    /// When its first record was written.
+    started: Option<Instant>,
+    /// A write of the open transaction failed: it cannot commit.
+    failed: bool,
+}
+
+impl Open {
+    fn epoch(&mut self, tp: &TopicPartition) -> u64 {
+        if let Some(e) = self.epochs.get(tp) {
+            return *e;
+        }
+        self.last_epoch += 1;
+        self.epochs.insert(tp.clone(), self.last_epoch);
+        self.last_epoch
+    }
+
+    /// Takes the open transaction's contents, leaving an empty one.
+    fn take(&mut self) -> (HashMap<TopicPartition, (i64, i64)>, usize, Option<Instant>) {
+        self.failed = false;
+        (std::mem::take(&mut self.offsets), std::mem::take(&mut self.records), self.started.take())
+    }
+}
+
+/// How a transaction ended.
+enum Ended {
+    /// Nothing was written in it: nothing to commit.
+    Empty,
+    /// Committed.
+    Committed,
+    /// Aborted: these partitions must be read again from these offsets.
+    Aborted(Vec<(TopicPartition, i64)>),
+}
+
+/// A route's transactional producer and its open transaction.
+struct Transactions {
+    route: String,
+    producer: FutureProducer,
+    open: Mutex<Open>,
+    metrics: TransactionMetrics,
+    max_messages: usize,
+    max_time: Duration,
+}
+
+impl Transactions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Open> {
+        self.open.lock().expect("not poisoned")
+    }
+
+    /// Makes the producer ready and opens the first transaction. A previous run of the route in
+    /// this process may have left a transaction open: it is aborted (its records are read again).
+    fn start(&self) -> Result<(), KafkaError> {
+        match self.producer.init_transactions(TXN_TIMEOUT) {
+            Ok(()) => {}
+            Err(e) if fatal(&e) => return Err(e),
+            // Initialised by an earlier run: end whatever it left open.
+            Err(_) => {
+                let _ = self.producer.abort_transaction(TXN_TIMEOUT);
+            }
+        }
+        self.producer.begin_transaction()
+    }
+
+    /// Commits the open transaction with its source offsets, or aborts it, and opens the next.
+    /// Blocking (librdkafka waits for the broker): call off the async workers. `Err` is a fatal
+    /// producer error (fenced by another producer with the same `transactional.id`).
+    fn end(&self, group: Option<ConsumerGroupMetadata>) -> Result<Ended, KafkaError> {
+        let (offsets, records, started, failed) = {
+            let mut open = self.lock();
+            let failed = open.failed;
+            let (o, r, s) = open.take();
+            (o, r, s, failed)
+        };
+        if records == 0 {
+            return Ok(Ended::Empty);
+        }
+        let began = Instant::now();
+        let committed = match (failed, group) {
+            (true, _) => Err(KafkaError::Canceled),
+            (false, None) => Err(KafkaError::Canceled),
+            (false, Some(group)) => {
+                let mut tpl = TopicPartitionList::with_capacity(offsets.len());
+                for ((topic, partition), (_, last)) in &offsets {
+                    tpl.add_partition_offset(topic, *partition, Offset::Offset(last + 1))?;
+                }
+                self.producer
+                    .send_offsets_to_transaction(&tpl, &group, TXN_TIMEOUT)
+                    .and_then(|()| self.producer.commit_transaction(TXN_TIMEOUT))
+            }
+        };
+        let ended = match committed {
+            Ok(()) => {
+                self.metrics.committed(records, started.map_or(began.elapsed(), |s| s.elapsed()));
+                Ended::Committed
+            }
+            Err(e) if fatal(&e) => return Err(e),
+            Err(e) => {
+                tracing::warn!(route = %self.route, records, error = %e, "transaction failed; aborting it and reading its records again");
+                self.abort()?;
+                self.metrics.aborted();
+                let mut open = self.lock();
+                let mut rewind = Vec::with_capacity(offsets.len());
+                for (tp, (first, _)) in offsets {
+                    open.epochs.remove(&tp);
+                    rewind.push((tp, first));
+                }
+                Ended::Aborted(rewind)
+            }
+        };
+        self.producer.begin_transaction()?;
+        Ok(ended)
+    }
+
+    /// Aborts the open transaction, retrying while the broker does not answer (about a minute),
+    /// since nothing can be written until it is aborted.
+    fn abort(&self) -> Result<(), KafkaError> {
+        let mut tries = 0;
+        loop {
+            match self.producer.abort_transaction(TXN_TIMEOUT) {
+                Ok(()) => return Ok(()),
+                Err(e) if fatal(&e) || tries >= 2 => return Err(e),
+                Err(e) => {
+                    tracing::warn!(route = %self.route, error = %e, "abort failed; retrying");
+                    tries += 1;
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    /// Whether the open transaction should commit now: full, old enough, or already failed.
+    fn due(&self) -> bool {
+        let open = self.lock();
+        open.records >= self.max_messages || open.failed || open.started.is_some_and(|s| s.elapsed() >= self.max_time)
+    }
+
+    /// When the open transaction reaches `max_time`, if it holds a record.
+    fn due_at(&self) -> Option<tokio::time::Instant> {
+        self.lock().started.map(|s| tokio::time::Instant::from_std(s + self.max_time))
+    }
+}
+
+/// A fatal producer error: the producer cannot write again (fenced, or misconfigured).
+fn fatal(e: &KafkaError) -> bool {
+    matches!(e, KafkaError::Transaction(t) if t.is_fatal())
+}
+
+/// Commits the open transaction before partitions are taken away, so that their new owner
+/// starts after everything this instance wrote.
+struct Ctx(Arc<Transactions>);
+
+impl ClientContext for Ctx {}
+
+impl ConsumerContext for Ctx {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(tpl) = rebalance else { return };
+        let txns = &self.0;
+        match txns.end(consumer.group_metadata()) {
+            Ok(Ended::Aborted(rewind)) => seek(consumer, &txns.route, rewind),
+            Ok(_) => {}
+            // The loop meets the same error at its next commit and ends the route.
+            Err(e) => tracing::error!(route = %txns.route, error = %e, "transaction failed fatally before a rebalance"),
+        }
+        let mut open = txns.lock();
+        for el in tpl.elements() {
+            open.epochs.retain(|(t, p), _| !(&**t == el.topic() && *p == el.partition()));
+        }
+        tracing::info!(route = %txns.route, partitions = tpl.count(), "partitions revoked after committing the open transaction");
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            tracing::info!(route = %self.0.route, partitions = tpl.count(), "partitions assigned");
+        }
+    }
+}
+
+/// Rewinds partitions to the first record of an aborted transaction. A partition no longer
+/// assigned cannot be sought; its next owner reads it from the last committed offset anyway.
+fn seek<C: ConsumerContext>(consumer: &impl Consumer<C>, route: &str, rewind: Vec<(TopicPartition, i64)>) {
+    for ((topic, partition), offset) in rewind {
+        if let Err(e) = consumer.seek(&topic, partition, Offset::Offset(offset), Duration::from_secs(10)) {
+            tracing::debug!(route, %topic, partition, offset, error = %e, "not rewound (partition no longer assigned)");
+        }
+    }
+}
+
+/// The publish-time rule: a message of a partition's current epoch is written into the open
+/// transaction, and its offset recorded there.
+struct TxnAcks(Arc<Transactions>);
+
+impl Acks for TxnAcks {
+    type Ack = Ack;
+
+    fn current(&mut self, (tp, _, epoch): &Ack) -> bool {
+        self.0.lock().epoch(tp) == *epoch
+    }
+
+    fn published(&mut self, (tp, offset, _): &Ack) {
+        let mut open = self.0.lock();
+        open.offsets.entry(tp.clone()).and_modify(|(_, last)| *last = *offset).or_insert((*offset, *offset));
+        open.records += 1;
+        open.started.get_or_insert_with(Instant::now);
+    }
+}
+
+/// Runs one `exactly_once` route until `cancel`, then commits what it wrote within `drain_timeout`.
+/// The route's trusted and dead-letter sinks share its transactional producer.
+pub async fn run(
+    route: Arc<Route>,
+    mut src: KafkaSourceSettings,
+    eo: ExactlyOnce,
+    cancel: CancellationToken,
+    drain_timeout: Duration,
+) -> anyhow::Result<()> {
+    let Sink::Kafka(trusted) = &route.trusted else {
+        anyhow::bail!("an exactly_once route writes to Kafka (check-config refuses anything else)")
+    };
+    let txns = Arc::new(Transactions {
+        route: route.rules.name.clone(),
+        producer: trusted.producer().clone(),
+        open: Mutex::default(),
+        metrics: TransactionMetrics::new(&route.rules.name),
+        max_messages: eo.max_messages,
+        max_time: eo.max_time,
+    });
+    let t = Arc::clone(&txns);
+    tokio::task::spawn_blocking(move || t.start())
+        .await?
+        .map_err(|e| anyhow::anyhow!("transactional producer {:?} cannot start: {e}", eo.transactional_id))?;
+    let reset = src.config.get("auto.offset.reset").unwrap_or("earliest").to_owned();
+    src.config
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("isolation.level", "read_committed")
+        .set("auto.offset.reset", reset);
+    let consumer: Arc<StreamConsumer<Ctx>> = Arc::new(src.config.create_with_context(Ctx(Arc::clone(&txns)))?);
+    let topics: Vec<&str> = src.topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics)?;
+    let probe_stop = CancellationToken::new();
+    let probe_topic = src.topics.first().filter(|t| !t.starts_with('^')).cloned();
+    let probe = tokio::spawn(probe(Arc::clone(&consumer), probe_topic, Arc::clone(&route), probe_stop.clone()));
+    route.status.running.store(true, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(route = %route.rules.name, topics = ?src.topics, trusted = %route.trusted.describe(), dead_letter = %route.dead_letter.describe(), transactional_id = %eo.transactional_id, max_messages = eo.max_messages, max_time_ms = eo.max_time.as_millis() as u64, "route started (exactly once)");
+    let mut l = Loop {
+        pipe: Pipeline::new(Arc::clone(&route)),
+        acks: TxnAcks(Arc::clone(&txns)),
+        route,
+        consumer,
+        txns,
+        topics: HashMap::new(),
+        cancel,
+    };
+    let result = l.consume().await;
+    if result.is_ok() {
+        l.shutdown(drain_timeout).await;
+    }
+    probe_stop.cancel();
+    let _ = probe.await;
+    l.route.status.running.store(false, std::sync::atomic::Ordering::Relaxed);
+    result
+}
+
+/// A record with its partition's epoch.
+fn intake(
+    topics: &mut HashMap<String, Arc<str>>,
+    txns: &Transactions,
+    m: &rdkafka::message::BorrowedMessage<'_>,
+) -> (crate::envelope::Envelope, Ack) {
+    let (env, tp, offset) = read(topics, m);
+    let epoch = txns.lock().epoch(&tp);
+    (env, (tp, offset, epoch))
+}
+
+struct Loop {
+    route: Arc<Route>,
+    pipe: Pipeline<Ack>,
+    acks: TxnAcks,
+    consumer: Arc<StreamConsumer<Ctx>>,
+    txns: Arc<Transactions>,
+    topics: HashMap<String, Arc<str>>,
+    cancel: CancellationToken,
+}
+
+impl Loop {
+    async fn consume(&mut self) -> anyhow::Result<()> {
+        loop {
+            let wake = self.pipe.wake_at();
+            let due = self.txns.due_at();
+            tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => return Ok(()),
+                Some(done) = self.pipe.confirmations.next(), if !self.pipe.confirmations.is_empty() => self.settle(done),
+                _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {}
+                Some(chunk) = self.pipe.decisions.next(), if !self.pipe.decisions.is_empty() => self.pipe.decided(chunk),
+                _ = tokio::time::sleep_until(wake.unwrap_or_else(tokio::time::Instant::now)), if wake.is_some() => {}
+                msg = self.consumer.recv(), if self.pipe.has_room() => match msg {
+                    Ok(m) => {
+                        let mut batch = vec![intake(&mut self.topics, &self.txns, &m)];
+                        drop(m);
+                        while batch.len() < CHUNK {
+                            match self.consumer.recv().now_or_never() {
+                                Some(Ok(m)) => batch.push(intake(&mut self.topics, &self.txns, &m)),
+                                _ => break,
+                            }
+                        }
+                        self.pipe.submit(batch);
+                    }
+                    Err(e) => {
+                        tracing::warn!(route = %self.route.rules.name, error = %e, "consumer error");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                },
+            }
+            if !self.txns.due() {
+                self.pipe.pump(&mut self.acks).await;
+            }
+            if self.txns.due() {
+                self.end().await?;
+            }
+        }
+    }
+
+    /// A write's delivery report. Writes are only visible once their transaction commits, so a
+    /// success needs nothing; a failure dooms the open transaction (librdkafka refuses to commit
+    /// it), which then aborts at once and is read again.
+    fn settle(&mut self, ((tp, _, epoch), result): Settled<Ack>) {
+        if let Err(e) = result {
+            let mut open = self.txns.lock();
+            if open.epochs.get(&tp) == Some(&epoch) {
+                open.failed = true;
+                drop(open);
+                self.pipe.pause_after_failure(&e);
+            }
+        }
+    }
+
+    /// Ends the open transaction off the async workers; rewinds what an abort gave back.
+    async fn end(&mut self) -> anyhow::Result<()> {
+        let (txns, consumer) = (Arc::clone(&self.txns), Arc::clone(&self.consumer));
+        let ended = tokio::task::spawn_blocking(move || {
+            let ended = txns.end(consumer.group_metadata());
+            if let Ok(Ended::Aborted(rewind)) = &ended {
+                seek(&*consumer, &txns.route, rewind.clone());
+            }
+            ended
+        })
+        .await?;
+        match ended {
+            Ok(Ended::Aborted(_)) => {
+                self.pipe.pause_after_failure(&crate::sink::PublishError::Failed("transaction aborted".into()));
+                Ok(())
+            }
+            Ok(_) => Ok(()),
+            Err(e) => {
+                anyhow::bail!(
+                    "the transactional producer failed fatally (another process with the same transactional.id fenced it?): {e}"
+                )
+            }
+        }
+    }
+
+    /// Stops intake and commits what was written, within `drain_timeout`; what was decided but
+    /// not written is read again by the partition's next owner.
+    async fn shutdown(&mut self, drain_timeout: Duration) {
+        let name = self.route.rules.name.clone();
+        let records = self.txns.lock().records;
+        let ended = tokio::time::timeout(drain_timeout, self.end()).await;
+        tracing::info!(route = %name, records, committed = matches!(ended, Ok(Ok(()))), "route stopped");
+    }
+}

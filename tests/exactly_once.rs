@@ -1,0 +1,78 @@
+//! Exactly-once Kafka -> Kafka routes on the real broker: gate processes in one group, one of them
+//! killed with SIGKILL again and again mid-stream, and a third-party `read_committed` consumer
+//! (Python confluent-kafka, tests/fixtures/fates.py) that must see every source record exactly once
+//! across the trusted and dead-letter topics.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rand::{RngExt as _, SeedableRng as _};
+
+use crate::kafka::{create_topics, kafka, topics, wait_group};
+use crate::kafka_failover::{GateProcess, assert_fates, fates, instance_config, stream};
+use crate::util::free_port;
+
+/// An instance of an `exactly_once` route (transactions of at most 100 ms by default).
+fn eos_config(bs: &str, t: &crate::kafka::Topics, group: &str, route: &str, admin: Option<u16>) -> String {
+    // A dead member is noticed after 6 s (the broker's minimum) instead of the default 45 s.
+    let props = r#""session.timeout.ms" = "6000", "heartbeat.interval.ms" = "1000""#;
+    instance_config(bs, t, group, route, props, None, admin) + "delivery = \"exactly_once\"\n"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_with_an_instance_killed_five_times_writes_every_record_exactly_once() {
+    let bs = kafka();
+    let t = topics("eos");
+    create_topics(&bs, &[&t.untrusted, &t.trusted, &t.dead_letter], 6).await;
+    let group = format!("gate-{}", uuid::Uuid::new_v4().simple());
+    let port = free_port();
+    let a = GateProcess::spawn(&eos_config(&bs, &t, &group, "gate_a", Some(port)));
+    let mut b = GateProcess::spawn(&eos_config(&bs, &t, &group, "gate_b", None));
+    let c = GateProcess::spawn(&eos_config(&bs, &t, &group, "gate_c", None));
+    wait_group(&bs, &group, 3).await;
+
+    const N: u64 = 20_000;
+    let producer = tokio::spawn(stream(bs.clone(), t.untrusted.clone(), N, 400, 48));
+    let seed: u64 = rand::random();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut kills = Vec::new();
+    for _ in 0..5 {
+        let alive = Duration::from_millis(rng.random_range(2_000..8_000));
+        tokio::time::sleep(alive).await;
+        b.kill9();
+        kills.push(alive.as_millis());
+        tokio::time::sleep(Duration::from_millis(rng.random_range(200..3_000))).await;
+        b = GateProcess::spawn(&eos_config(&bs, &t, &group, "gate_b", None));
+    }
+    let sent = producer.await.unwrap();
+
+    let fates = fates(&bs, &t, N as usize, 240).await;
+    assert_eq!(assert_fates(&sent, &fates), 0, "no trusted record twice (seed {seed})");
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for f in &fates {
+        *seen.entry(f.payload.as_str()).or_default() += 1;
+    }
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "{} records written more than once (seed {seed}): {twice:?}", twice.len());
+    assert_eq!(seen.len(), N as usize, "every record once across trusted and dead-letter (seed {seed})");
+
+    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.unwrap().text().await.unwrap();
+    let committed = metrics
+        .lines()
+        .find(|l| l.starts_with(r#"tokengate_transactions_total{route="gate_a",outcome="committed"}"#))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(committed > 0.0, "instance a committed transactions: {metrics}");
+    assert!(metrics.contains("tokengate_transaction_seconds_bucket{route=\"gate_a\""), "{metrics}");
+    assert!(metrics.contains("tokengate_transaction_records_count{route=\"gate_a\"}"), "{metrics}");
+    let by: HashMap<&str, usize> = fates.iter().fold(HashMap::new(), |mut m, f| {
+        *m.entry(f.route.as_str()).or_default() += 1;
+        m
+    });
+    eprintln!(
+        "seed {seed}; b killed after {kills:?} ms alive; records by instance: {by:?}; a committed {committed} transactions"
+    );
+    for g in [a, b, c] {
+        g.stop();
+    }
+}
