@@ -1,5 +1,6 @@
 //! Exactly-once Kafka -> Kafka routes on the real broker: gate processes in one group, one of them
-//! killed with SIGKILL again and again mid-stream, and a third-party `read_committed` consumer
+//! killed with SIGKILL again and again mid-stream, another stopped with SIGTERM, the broker itself
+//! stopped and started, and a third-party `read_committed` consumer
 //! (Python confluent-kafka, tests/fixtures/fates.py) that must see every source record exactly once
 //! across the trusted and dead-letter topics.
 
@@ -9,7 +10,7 @@ use std::time::Duration;
 use rand::{RngExt as _, SeedableRng as _};
 
 use crate::kafka::{create_topics, kafka, topics, wait_group};
-use crate::kafka_failover::{GateProcess, assert_fates, fates, instance_config, stream};
+use crate::kafka_failover::{GateProcess, OwnKafka, assert_fates, fates, instance_config, stream};
 use crate::util::free_port;
 
 /// An instance of an `exactly_once` route (transactions of at most 100 ms by default).
@@ -28,7 +29,7 @@ async fn exactly_once_with_an_instance_killed_five_times_writes_every_record_exa
     let port = free_port();
     let a = GateProcess::spawn(&eos_config(&bs, &t, &group, "gate_a", Some(port)));
     let mut b = GateProcess::spawn(&eos_config(&bs, &t, &group, "gate_b", None));
-    let c = GateProcess::spawn(&eos_config(&bs, &t, &group, "gate_c", None));
+    let mut c = GateProcess::spawn(&eos_config(&bs, &t, &group, "gate_c", None));
     wait_group(&bs, &group, 3).await;
 
     const N: u64 = 20_000;
@@ -37,13 +38,18 @@ async fn exactly_once_with_an_instance_killed_five_times_writes_every_record_exa
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut kills = Vec::new();
     for _ in 0..5 {
-        let alive = Duration::from_millis(rng.random_range(2_000..8_000));
+        let alive = Duration::from_millis(rng.random_range(2_000..5_000));
         tokio::time::sleep(alive).await;
         b.kill9();
         kills.push(alive.as_millis());
-        tokio::time::sleep(Duration::from_millis(rng.random_range(200..3_000))).await;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(200..2_000))).await;
         b = GateProcess::spawn(&eos_config(&bs, &t, &group, "gate_b", None));
     }
+    // Still mid-stream (the stream takes 50 s, the kills at most 35 s): a SIGTERM commits what
+    // the instance wrote and leaves the group; its successor joins.
+    let log = regex::Regex::new("\x1b\\[[0-9;]*m").unwrap().replace_all(&c.stop(), "").into_owned();
+    assert!(log.contains("route stopped") && log.contains("committed=true"), "{log}");
+    c = GateProcess::spawn(&eos_config(&bs, &t, &group, "gate_c", None));
     let sent = producer.await.unwrap();
 
     let fates = fates(&bs, &t, N as usize, 240).await;
@@ -75,4 +81,44 @@ async fn exactly_once_with_an_instance_killed_five_times_writes_every_record_exa
     for g in [a, b, c] {
         g.stop();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_through_a_broker_stop_and_start_writes_every_record_exactly_once() {
+    let mut broker = tokio::task::spawn_blocking(OwnKafka::start).await.unwrap();
+    let bs = broker.bootstrap();
+    let t = topics("eos-restart");
+    create_topics(&bs, &[&t.untrusted, &t.trusted, &t.dead_letter], 3).await;
+    let group = format!("gate-{}", uuid::Uuid::new_v4().simple());
+    let gate = GateProcess::spawn(&eos_config(&bs, &t, &group, "orders", None));
+    wait_group(&bs, &group, 1).await;
+
+    const N: u64 = 3000;
+    let producer = tokio::spawn(stream(bs.clone(), t.untrusted.clone(), N, 150, 12));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    broker = tokio::task::spawn_blocking(move || {
+        broker.stop();
+        broker
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let broker = tokio::task::spawn_blocking(move || {
+        broker.start_again();
+        broker
+    })
+    .await
+    .unwrap();
+    let sent = producer.await.unwrap();
+    let fates = fates(&bs, &t, N as usize, 180).await;
+    assert_eq!(assert_fates(&sent, &fates), 0, "no trusted record twice");
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for f in &fates {
+        *seen.entry(f.payload.as_str()).or_default() += 1;
+    }
+    assert!(seen.values().all(|n| *n == 1), "a record written twice across trusted and dead-letter");
+    assert_eq!(seen.len(), N as usize);
+    let log = gate.stop();
+    eprintln!("aborted transactions logged: {}", log.matches("transaction failed").count());
+    drop(broker);
 }
