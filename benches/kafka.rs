@@ -1,10 +1,12 @@
 //! End-to-end throughput and added latency through the real Apache Kafka broker, with
 //! verification versus a pass-through run of the same pipeline, in the same run; and for
 //! every-token-new runs, CPU per message against pass-through plus the raw `jsonwebtoken`
-//! verification cost, measured in the same process.
+//! verification cost, measured in the same process; and an `exactly_once` route against the same
+//! route at least once.
 //!
 //! cargo bench --bench kafka      (needs a broker at TOKENGATE_TEST_KAFKA or 127.0.0.1:9092)
-//! Optional: TOKENGATE_BENCH_MESSAGES (default 100000), TOKENGATE_BENCH_ONLY (words of the runs;
+//! Optional: TOKENGATE_BENCH_MESSAGES (default 100000), TOKENGATE_BENCH_DELIVERY_MESSAGES (default
+//! 200000, the exactly-once comparison's backlog), TOKENGATE_BENCH_ONLY (words of the runs;
 //! "peer" for the hand-written peer's). The peer (`benches/peer.py`, Python confluent-kafka +
 //! PyJWT + redis-py) runs last on the same broker and Redis; scripts/setup installs its packages.
 
@@ -32,6 +34,10 @@ enum Mode {
     /// verified runs of that algorithm).
     PassThrough(Algorithm),
     Verify(Algorithm, Reuse),
+    /// Verification with 10 reused tokens on a larger backlog, at least once (`false`) or exactly
+    /// once (`true`, default transaction size): transactions commit in bursts of thousands, so
+    /// the middle 80% of arrivals must span many of them.
+    Delivery(Algorithm, bool),
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -48,6 +54,8 @@ impl Mode {
             Mode::PassThrough(a) => format!("pass-through, {a:?} tokens (no verification)"),
             Mode::Verify(a, Reuse::Pool) => format!("{a:?}, 10 reused tokens"),
             Mode::Verify(a, Reuse::EveryMessageNew) => format!("{a:?}, every token new"),
+            Mode::Delivery(a, false) => format!("{a:?}, 10 reused tokens, delivery at least once"),
+            Mode::Delivery(a, true) => format!("{a:?}, 10 reused tokens, delivery exactly once"),
         }
     }
 }
@@ -57,7 +65,7 @@ fn redis_url() -> String {
     std::env::var("TOKENGATE_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
-fn config(bootstrap: &str, topic_in: &str, topic_out: &str, topic_dlq: &str, group: &str) -> String {
+fn config(bootstrap: &str, topic_in: &str, topic_out: &str, topic_dlq: &str, group: &str, delivery: &str) -> String {
     format!(
         r#"
 shutdown_timeout = "10s"
@@ -74,6 +82,7 @@ require = [{{ claim = "scope", any_of = ["orders:write"] }}]
 source = {{ kafka = {{ cluster = "main", topics = ["{topic_in}"], group = "{group}", properties = {{ "fetch.wait.max.ms" = "10" }} }} }}
 trusted = {{ kafka = {{ cluster = "main", topic = "{topic_out}" }} }}
 dead_letter = {{ kafka = {{ cluster = "main", topic = "{topic_dlq}" }} }}
+delivery = "{delivery}"
 "#,
         issuers = common::issuer_toml(),
         redis = redis_url(),
@@ -210,7 +219,7 @@ async fn run(bootstrap: &str, mode: Mode, n: usize, latency_n: usize) -> Result 
     create(bootstrap, &[&tin, &tout, &tdlq]).await;
     let toks = match mode {
         Mode::PassThrough(a) => common::mint(a, 10),
-        Mode::Verify(a, Reuse::Pool) => common::mint(a, 10),
+        Mode::Verify(a, Reuse::Pool) | Mode::Delivery(a, _) => common::mint(a, 10),
         Mode::Verify(a, Reuse::EveryMessageNew) => common::mint(a, n + latency_n),
     };
     let p = producer(bootstrap);
@@ -231,16 +240,16 @@ async fn run(bootstrap: &str, mode: Mode, n: usize, latency_n: usize) -> Result 
     while counter.assignment().map_or(0, |a| a.count()) == 0 {
         let _ = tokio::time::timeout(Duration::from_millis(100), counter.recv()).await;
     }
-    let mut s =
-        tokengate::config::parse(&config(bootstrap, &tin, &tout, &tdlq, &format!("g-{id}")), &[], Path::new("."))
-            .unwrap_or_else(|e| panic!("{e:?}"));
+    let delivery = if matches!(mode, Mode::Delivery(_, true)) { "exactly_once" } else { "at_least_once" };
+    let text = config(bootstrap, &tin, &tout, &tdlq, &format!("g-{id}"), delivery);
+    let mut s = tokengate::config::parse(&text, &[], Path::new(".")).unwrap_or_else(|e| panic!("{e:?}"));
     let cancel = CancellationToken::new();
     let cpu_start = cpu_secs();
     let gate = match mode {
         Mode::PassThrough(_) => {
             Arc::new(Gate::pass_through(Arc::new(Verifier::new(std::mem::take(&mut s.issuers), &s.cache))))
         }
-        Mode::Verify(..) => tokengate::app::build_gate(&mut s, None, &cancel).await.unwrap(),
+        Mode::Verify(..) | Mode::Delivery(..) => tokengate::app::build_gate(&mut s, None, &cancel).await.unwrap(),
     };
     let task = tokio::spawn({
         let cancel = cancel.clone();
@@ -300,7 +309,7 @@ async fn run(bootstrap: &str, mode: Mode, n: usize, latency_n: usize) -> Result 
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let pct = |q: f64| lat[((lat.len() as f64 * q).ceil() as usize).clamp(1, lat.len()) - 1];
     let alg = match mode {
-        Mode::PassThrough(a) | Mode::Verify(a, _) => Some(a),
+        Mode::PassThrough(a) | Mode::Verify(a, _) | Mode::Delivery(a, _) => Some(a),
     };
     Result { label: mode.label(), alg, msgs_per_sec, cpu_us_per_msg, p50_ms: pct(0.5), p99_ms: pct(0.99) }
 }
@@ -323,6 +332,7 @@ async fn main() {
     let modes: Vec<Mode> = algs
         .iter()
         .flat_map(|&a| [Mode::PassThrough(a), Mode::Verify(a, Reuse::Pool), Mode::Verify(a, Reuse::EveryMessageNew)])
+        .chain([true, false, true, false, true, false].map(|eo| Mode::Delivery(Algorithm::RS256, eo)))
         .chain(algs.iter().map(|&a| Mode::PassThrough(a)))
         .collect();
     // TOKENGATE_BENCH_ONLY=RS256,new (say) runs only the runs whose label has every word given
@@ -331,8 +341,12 @@ async fn main() {
         .map(|v| v.split(',').map(|w| w.trim().to_owned()).filter(|w| !w.is_empty()).collect())
         .unwrap_or_default();
     let mut results = Vec::new();
+    // TOKENGATE_BENCH_DELIVERY_MESSAGES (default 200000): the backlog of the delivery runs.
+    let n_delivery: usize =
+        std::env::var("TOKENGATE_BENCH_DELIVERY_MESSAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
     for m in modes.into_iter().filter(|m| only.iter().all(|w| m.label().contains(w.as_str()))) {
-        let r = run(&bootstrap, m, n, 2000).await;
+        let backlog = if matches!(m, Mode::Delivery(..)) { n_delivery } else { n };
+        let r = run(&bootstrap, m, backlog, 2000).await;
         eprintln!("{}: {:.0} msg/s", r.label, r.msgs_per_sec);
         results.push(r);
     }
@@ -391,6 +405,36 @@ async fn main() {
             ms(r.p50_ms - base.p50_ms, true),
             ms(r.p99_ms - base.p99_ms, true)
         );
+    }
+    // Exactly once against at least once: the same algorithm, tokens and route, in alternation.
+    let pairs: Vec<(&Result, &Result)> = results
+        .iter()
+        .filter(|r| r.label.ends_with("exactly once"))
+        .zip(results.iter().filter(|r| r.label.ends_with("at least once")))
+        .collect();
+    if !pairs.is_empty() {
+        println!();
+        println!("Exactly once against at least once, {n_delivery} backlog messages per run, the default transaction");
+        println!("size (5000 records or 100 ms), each exactly-once run followed by its at-least-once run:");
+        println!(
+            "| pair | at least once msg/s | exactly once msg/s | ratio | CPU µs/msg (ALO / EO) | p50 ms (ALO / EO) | p99 ms (ALO / EO) |"
+        );
+        println!("|---:|---:|---:|---:|---:|---:|---:|");
+        for (i, (eo, alo)) in pairs.iter().enumerate() {
+            println!(
+                "| {} | {:.0} | {:.0} | {:.0}% | {:.1} / {:.1} | {} / {} | {} / {} |",
+                i + 1,
+                alo.msgs_per_sec,
+                eo.msgs_per_sec,
+                100.0 * eo.msgs_per_sec / alo.msgs_per_sec,
+                alo.cpu_us_per_msg,
+                eo.cpu_us_per_msg,
+                ms(alo.p50_ms, false),
+                ms(eo.p50_ms, false),
+                ms(alo.p99_ms, false),
+                ms(eo.p99_ms, false)
+            );
+        }
     }
     // New tokens against their signature's cost: pass-through CPU + 1.2 x raw verification + 2 µs.
     let new_runs: Vec<&Result> = results

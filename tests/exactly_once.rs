@@ -111,6 +111,8 @@ async fn exactly_once_through_a_broker_stop_and_start_writes_every_record_exactl
     .unwrap();
     let sent = producer.await.unwrap();
     let fates = fates(&bs, &t, N as usize, 180).await;
+    let distinct: std::collections::HashSet<&str> = fates.iter().map(|f| f.payload.as_str()).collect();
+    assert_eq!(distinct.len(), N as usize, "records written; the gate's log:\n{}", gate.logs());
     assert_eq!(assert_fates(&sent, &fates), 0, "no trusted record twice");
     let mut seen: HashMap<&str, usize> = HashMap::new();
     for f in &fates {

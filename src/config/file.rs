@@ -500,7 +500,7 @@ fn default_header_prefix() -> String {
     "x-tokengate-".to_owned()
 }
 fn default_transaction_messages() -> usize {
-    1000
+    5000
 }
 fn default_transaction_time() -> Dur {
     Dur(Duration::from_millis(100))

@@ -1,5 +1,8 @@
 //! A Kafka topic as a destination: an idempotent producer with `acks=all`.
 
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -13,7 +16,7 @@ const PINNED: &[(&str, &str)] = &[("acks", "all"), ("enable.idempotence", "true"
 
 /// A producer bound to one topic.
 pub struct KafkaSink {
-    producer: FutureProducer,
+    producer: Arc<Slot>,
     topic: String,
     /// The producer's `message.max.bytes`: a larger record is refused before it is sent.
     max_bytes: usize,
@@ -26,7 +29,8 @@ impl KafkaSink {
     /// A sink publishing to `topic` with the given client config (cluster and sink properties).
     pub fn new(config: ClientConfig, topic: &str) -> Result<KafkaSink, KafkaError> {
         let config = pinned(config);
-        Ok(KafkaSink { producer: config.create()?, topic: topic.to_owned(), max_bytes: max_bytes(&config) })
+        let max_bytes = max_bytes(&config);
+        Ok(KafkaSink { producer: Arc::new(Slot::new(config)?), topic: topic.to_owned(), max_bytes })
     }
 
     /// Two sinks, to `trusted` and to `dead_letter`, on one transactional producer (`config` with
@@ -45,15 +49,26 @@ impl KafkaSink {
         if config.get("transaction.timeout.ms").is_none() {
             config.set("transaction.timeout.ms", "10000");
         }
-        let producer: FutureProducer = config.create()?;
+        // Right after a commit the coordinator answers the next transaction's first request with
+        // CONCURRENT_TRANSACTIONS until its commit markers are written (a few ms here), and
+        // librdkafka retries after retry.backoff.ms: 100 ms by default, which then bounds every
+        // transaction. Retries back off exponentially from here up to retry.backoff.max.ms.
+        if config.get("retry.backoff.ms").is_none() {
+            config.set("retry.backoff.ms", "5");
+        }
         let max_bytes = max_bytes(&config);
-        let sink = |topic: &str| KafkaSink { producer: producer.clone(), topic: topic.to_owned(), max_bytes };
+        let slot = Arc::new(Slot::new(config)?);
+        let sink = |topic: &str| KafkaSink { producer: Arc::clone(&slot), topic: topic.to_owned(), max_bytes };
         Ok((sink(trusted), sink(dead_letter)))
     }
 
-    /// The producer (an `exactly_once` route's loop begins and commits its transactions).
-    pub fn producer(&self) -> &FutureProducer {
-        &self.producer
+    /// Replaces the producer (of both sinks of an `exactly_once` route) with a new one and returns
+    /// it: each run of the route's loop starts on a fresh producer, since one that met a fatal
+    /// error (fenced, say) can never write again. The new producer fences the old one.
+    pub fn renew_producer(&self) -> Result<FutureProducer, KafkaError> {
+        let fresh: FutureProducer = self.producer.config.create()?;
+        self.producer.current.store(Arc::new(fresh.clone()));
+        Ok(fresh)
     }
 
     /// Whether the topic can take `out` (librdkafka refuses records over `message.max.bytes`).
@@ -111,7 +126,7 @@ impl KafkaSink {
         if let Some(ts) = out.timestamp_ms {
             record = record.timestamp(ts);
         }
-        match self.producer.send_result(record) {
+        match self.producer.current.load().send_result(record) {
             Ok(delivery) => Ok(Box::pin(async move {
                 match delivery.await {
                     Ok(Ok(_)) => Ok(()),
@@ -122,6 +137,18 @@ impl KafkaSink {
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => Err(PublishError::Backpressure),
             Err((e, _)) => Err(PublishError::Failed(e.to_string())),
         }
+    }
+}
+
+/// A sink's producer, replaceable, with the config it is made from.
+struct Slot {
+    current: ArcSwap<FutureProducer>,
+    config: ClientConfig,
+}
+
+impl Slot {
+    fn new(config: ClientConfig) -> Result<Slot, KafkaError> {
+        Ok(Slot { current: ArcSwap::from_pointee(config.create()?), config })
     }
 }
 

@@ -94,17 +94,10 @@ impl Transactions {
         self.open.lock().expect("not poisoned")
     }
 
-    /// Makes the producer ready and opens the first transaction. A previous run of the route in
-    /// this process may have left a transaction open: it is aborted (its records are read again).
+    /// Makes the (fresh) producer ready, fencing any earlier one with the same `transactional.id`
+    /// and aborting what it left open, and opens the first transaction.
     fn start(&self) -> Result<(), KafkaError> {
-        match self.producer.init_transactions(TXN_TIMEOUT) {
-            Ok(()) => {}
-            Err(e) if fatal(&e) => return Err(e),
-            // Initialised by an earlier run: end whatever it left open.
-            Err(_) => {
-                let _ = self.producer.abort_transaction(TXN_TIMEOUT);
-            }
-        }
+        self.producer.init_transactions(TXN_TIMEOUT)?;
         self.producer.begin_transaction()
     }
 
@@ -137,6 +130,7 @@ impl Transactions {
         };
         let ended = match committed {
             Ok(()) => {
+                tracing::debug!(route = %self.route, records, commit_ms = began.elapsed().as_millis() as u64, "transaction committed");
                 self.metrics.committed(records, started.map_or(began.elapsed(), |s| s.elapsed()));
                 Ended::Committed
             }
@@ -252,7 +246,7 @@ impl Acks for TxnAcks {
 }
 
 /// Runs one `exactly_once` route until `cancel`, then commits what it wrote within `drain_timeout`.
-/// The route's trusted and dead-letter sinks share its transactional producer.
+/// The route's trusted and dead-letter sinks share its transactional producer, new for each run.
 pub async fn run(
     route: Arc<Route>,
     mut src: KafkaSourceSettings,
@@ -265,7 +259,7 @@ pub async fn run(
     };
     let txns = Arc::new(Transactions {
         route: route.rules.name.clone(),
-        producer: trusted.producer().clone(),
+        producer: trusted.renew_producer()?,
         open: Mutex::default(),
         metrics: TransactionMetrics::new(&route.rules.name),
         max_messages: eo.max_messages,
@@ -383,7 +377,22 @@ impl Loop {
     }
 
     /// Ends the open transaction off the async workers; rewinds what an abort gave back.
+    ///
+    /// Its writes are confirmed first: rdkafka's `commit_transaction` flushes by polling a queue
+    /// that the producer's own thread serves, so with writes outstanding it sleeps 100 ms.
     async fn end(&mut self) -> anyhow::Result<()> {
+        // Sends what lingers at once (librdkafka treats linger.ms as elapsed while flushing); the
+        // flush itself returns immediately, unfinished.
+        let _ = self.txns.producer.flush(Duration::ZERO);
+        let drained = tokio::time::timeout(TXN_TIMEOUT, async {
+            while let Some(done) = self.pipe.confirmations.next().await {
+                self.settle(done);
+            }
+        })
+        .await;
+        if drained.is_err() {
+            self.txns.lock().failed = true; // aborted below: the abort purges what is outstanding
+        }
         let (txns, consumer) = (Arc::clone(&self.txns), Arc::clone(&self.consumer));
         let ended = tokio::task::spawn_blocking(move || {
             let ended = txns.end(consumer.group_metadata());
