@@ -72,6 +72,46 @@ impl Origin {
     }
 }
 
+impl Envelope {
+    /// A stable id of the source message, the same on every delivery of it, for consumers that
+    /// deduplicate what at-least-once delivery may repeat: `{topic}/{partition}/{offset}` for a
+    /// Kafka record; for an AMQP message, `{queue}/id:{message_id}` when the producer set the
+    /// `message_id` property, else `{queue}/sha256:{hex}` over its exchange, routing key, headers
+    /// and body (two identical messages then share an id: producers that may send identical
+    /// messages should set `message_id`).
+    pub fn message_id(&self) -> String {
+        match &self.origin {
+            Origin::Kafka { topic, partition, offset } => format!("{topic}/{partition}/{offset}"),
+            Origin::Amqp { queue, exchange, routing_key, .. } => {
+                if let Some(id) = self.amqp.as_ref().and_then(|p| p.message_id().as_ref()) {
+                    return format!("{queue}/id:{id}");
+                }
+                let mut d = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+                // Each part length-prefixed, so that no two different messages hash the same bytes.
+                let mut part = |b: &[u8]| {
+                    d.update(&(b.len() as u64).to_be_bytes());
+                    d.update(b);
+                };
+                part(exchange.as_bytes());
+                part(routing_key.as_bytes());
+                for (name, value) in &self.headers {
+                    part(name.as_bytes());
+                    match value {
+                        HeaderData::Bytes(b) => part(b),
+                        HeaderData::Null => part(b"\0null"),
+                        HeaderData::Typed { kind, text } => {
+                            part(kind.as_bytes());
+                            part(text.as_bytes());
+                        }
+                    }
+                }
+                part(self.payload.as_deref().unwrap_or_default());
+                format!("{queue}/sha256:{}", hex::encode(d.finish().as_ref()))
+            }
+        }
+    }
+}
+
 /// AMQP basic properties carried through unchanged (headers are in [`Envelope::headers`]).
 pub type AmqpProperties = lapin::BasicProperties;
 
@@ -140,6 +180,8 @@ pub struct HeaderNames {
     pub dropped: String,
     /// The raw properties of an AMQP message the client could not decode.
     pub raw_properties: String,
+    /// The source message's stable id ([`Envelope::message_id`]).
+    pub message_id: String,
     /// Source coordinates: topic, partition, offset, queue, exchange, routing key.
     source: [String; 6],
 }
@@ -159,8 +201,48 @@ impl HeaderNames {
             rejected_at: n("rejected-at"),
             dropped: n("dropped"),
             raw_properties: n("raw-properties"),
+            message_id: n("message-id"),
             source: ["topic", "partition", "offset", "queue", "exchange", "routing-key"]
                 .map(|s| n(&format!("source-{s}"))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn amqp(payload: &[u8], message_id: Option<&str>) -> Envelope {
+        let props =
+            message_id.map_or_else(AmqpProperties::default, |id| AmqpProperties::default().with_message_id(id.into()));
+        Envelope {
+            key: None,
+            payload: Some(payload.to_vec()),
+            headers: vec![("authorization".into(), HeaderData::Bytes(b"Bearer t".to_vec()))],
+            timestamp_ms: None,
+            origin: Origin::Amqp { queue: "q".into(), exchange: "x".into(), routing_key: "r".into(), delivery_tag: 1 },
+            amqp: Some(props),
+            amqp_headers: None,
+            defect: None,
+        }
+    }
+
+    #[test]
+    fn message_ids_are_stable_per_source_message() {
+        let kafka = Envelope {
+            origin: Origin::Kafka { topic: "orders".into(), partition: 2, offset: 41 },
+            amqp: None,
+            ..amqp(b"p", None)
+        };
+        assert_eq!(kafka.message_id(), "orders/2/41");
+        assert_eq!(amqp(b"p", Some("m-1")).message_id(), "q/id:m-1");
+        let a = amqp(b"p", None);
+        let mut redelivered = a.clone();
+        if let Origin::Amqp { delivery_tag, .. } = &mut redelivered.origin {
+            *delivery_tag = 9;
+        }
+        assert_eq!(a.message_id(), redelivered.message_id(), "a redelivery keeps its id");
+        assert!(a.message_id().starts_with("q/sha256:"));
+        assert_ne!(a.message_id(), amqp(b"other", None).message_id());
     }
 }

@@ -205,6 +205,7 @@ pub fn forward(route: &RouteRules, env: &Envelope, v: Option<&Verified>) -> Outg
     for (k, val) in env.origin.describe(names) {
         headers.push((k.to_owned(), text(val)));
     }
+    headers.push((names.message_id.clone(), text(env.message_id())));
     base(env, headers)
 }
 
@@ -231,6 +232,7 @@ pub fn dead_letter(route: &RouteRules, env: &Envelope, r: &Rejection, fp: Option
     for (k, val) in env.origin.describe(names) {
         headers.push((k.to_owned(), text(val)));
     }
+    headers.push((names.message_id.clone(), text(env.message_id())));
     base(env, headers)
 }
 
@@ -319,7 +321,8 @@ mod tests {
                 "x-tokengate-route",
                 "x-tokengate-source-topic",
                 "x-tokengate-source-partition",
-                "x-tokengate-source-offset"
+                "x-tokengate-source-offset",
+                "x-tokengate-message-id"
             ]
         );
         assert_eq!(

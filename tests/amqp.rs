@@ -220,6 +220,7 @@ async fn amqp_outcomes_keep_properties_and_carry_reasons() {
     assert_eq!(hdr(d, "attempt").as_deref(), Some("LongInt(3)"), "typed headers kept as they were");
     assert_eq!(hdr(d, "x-tokengate-sub").as_deref(), Some("alice"), "forged identity replaced");
     assert_eq!(hdr(d, "x-tokengate-source-queue").as_deref(), Some(n.queue_in.as_str()));
+    assert_eq!(hdr(d, "x-tokengate-message-id"), Some(format!("{}/id:msg-1", n.queue_in)), "the producer's id");
     assert_eq!(d.routing_key.as_str(), n.queue_in, "the source routing key by default");
 
     let dead = drain(&ch, &n.q_dlq, cases.len(), 30).await;
@@ -229,6 +230,11 @@ async fn amqp_outcomes_keep_properties_and_carry_reasons() {
         .collect();
     let want: BTreeMap<String, String> = cases.iter().map(|(l, _, r)| (l.to_string(), r.to_string())).collect();
     assert_eq!(got, want);
+    // Without a message_id property, a digest of the message: distinct messages, distinct ids.
+    let ids: std::collections::BTreeSet<String> =
+        dead.iter().map(|d| hdr(d, "x-tokengate-message-id").expect("every dead letter has a message id")).collect();
+    assert_eq!(ids.len(), cases.len(), "{ids:?}");
+    assert!(ids.iter().all(|id| id.starts_with(&format!("{}/sha256:", n.queue_in))), "{ids:?}");
     gate.stop().await;
     assert_eq!(ready_count(&ch, &n.queue_in).await, 0, "every delivery acked");
 }

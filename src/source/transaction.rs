@@ -28,8 +28,15 @@ use crate::pipeline::{Acks, CHUNK, Pipeline, Route, Settled};
 use crate::sink::Sink;
 use crate::telemetry::TransactionMetrics;
 
-/// How long one transactional call (send offsets, commit, abort, init) may take.
-const TXN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one transactional call (send offsets, commit, abort, init) may take: the producer's
+/// default `transaction.timeout.ms`, after which the broker aborts the transaction anyway.
+const TXN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long ending a transaction may take in all (a commit, then an abort tried three times) before the
+/// route gives up on its producer. librdkafka can block in `send_offsets_to_transaction` past its
+/// timeout when the group coordinator does not come back (confluentinc/librdkafka#5456, #5511):
+/// the route then restarts on a new producer, which aborts the stuck transaction.
+const END_DEADLINE: Duration = Duration::from_secs(45);
 
 /// How a message is acknowledged here: its partition, offset and the epoch it was read in.
 type Ack = (TopicPartition, i64, u64);
@@ -84,6 +91,9 @@ struct Transactions {
     route: String,
     producer: FutureProducer,
     open: Mutex<Open>,
+    /// Set once the producer is given up (stuck) or the route stopped: nothing ends a
+    /// transaction any more (the consumer's last rebalance must not block on the producer).
+    closed: std::sync::atomic::AtomicBool,
     metrics: TransactionMetrics,
     max_messages: usize,
     max_time: Duration,
@@ -115,28 +125,33 @@ impl Transactions {
             return Ok(Ended::Empty);
         }
         let began = Instant::now();
-        let committed = match (failed, group) {
-            (true, _) => Err(KafkaError::Canceled),
-            (false, None) => Err(KafkaError::Canceled),
+        let failure = match (failed, group) {
+            (true, _) => Some("a write of the transaction failed".to_owned()),
+            (false, None) => Some("no consumer group metadata (not a group member now)".to_owned()),
             (false, Some(group)) => {
                 let mut tpl = TopicPartitionList::with_capacity(offsets.len());
                 for ((topic, partition), (_, last)) in &offsets {
                     tpl.add_partition_offset(topic, *partition, Offset::Offset(last + 1))?;
                 }
-                self.producer
+                match self
+                    .producer
                     .send_offsets_to_transaction(&tpl, &group, TXN_TIMEOUT)
                     .and_then(|()| self.producer.commit_transaction(TXN_TIMEOUT))
+                {
+                    Ok(()) => None,
+                    Err(e) if fatal(&e) => return Err(e),
+                    Err(e) => Some(e.to_string()),
+                }
             }
         };
-        let ended = match committed {
-            Ok(()) => {
+        let ended = match failure {
+            None => {
                 tracing::debug!(route = %self.route, records, commit_ms = began.elapsed().as_millis() as u64, "transaction committed");
                 self.metrics.committed(records, started.map_or(began.elapsed(), |s| s.elapsed()));
                 Ended::Committed
             }
-            Err(e) if fatal(&e) => return Err(e),
-            Err(e) => {
-                tracing::warn!(route = %self.route, records, error = %e, "transaction failed; aborting it and reading its records again");
+            Some(why) => {
+                tracing::warn!(route = %self.route, records, error = %why, "transaction failed; aborting it and reading its records again");
                 self.abort()?;
                 self.metrics.aborted();
                 let mut open = self.lock();
@@ -152,7 +167,7 @@ impl Transactions {
         Ok(ended)
     }
 
-    /// Aborts the open transaction, retrying while the broker does not answer (about a minute),
+    /// Aborts the open transaction, trying three times while the broker does not answer,
     /// since nothing can be written until it is aborted.
     fn abort(&self) -> Result<(), KafkaError> {
         let mut tries = 0;
@@ -165,6 +180,36 @@ impl Transactions {
                     tries += 1;
                     std::thread::sleep(Duration::from_secs(1));
                 }
+            }
+        }
+    }
+
+    /// [`Self::end`] on a thread of its own, waited for at most [`END_DEADLINE`]. `Err` means the
+    /// producer is unusable: failed fatally, or stuck (then it is closed).
+    fn end_bounded(self: &Arc<Self>, group: Option<ConsumerGroupMetadata>) -> Result<Ended, String> {
+        if self.closed.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err("the producer was given up".into());
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let txns = Arc::clone(self);
+        std::thread::Builder::new()
+            .name("tokengate-txn".into())
+            .spawn(move || {
+                let _ = tx.send(txns.end(group));
+            })
+            .map_err(|e| format!("cannot start a thread to end the transaction: {e}"))?;
+        match rx.recv_timeout(END_DEADLINE) {
+            Ok(Ok(ended)) => Ok(ended),
+            Ok(Err(e)) => Err(format!(
+                "the transactional producer failed fatally (another process with the same transactional.id fenced it?): {e}"
+            )),
+            Err(_) => {
+                self.closed.store(true, std::sync::atomic::Ordering::Relaxed);
+                Err(format!(
+                    "ending a transaction took over {}s (librdkafka waits for a group coordinator that does not answer); \
+                     restarting the route on a new producer, which aborts it",
+                    END_DEADLINE.as_secs()
+                ))
             }
         }
     }
@@ -196,11 +241,13 @@ impl ConsumerContext for Ctx {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let Rebalance::Revoke(tpl) = rebalance else { return };
         let txns = &self.0;
-        match txns.end(consumer.group_metadata()) {
-            Ok(Ended::Aborted(rewind)) => seek(consumer, &txns.route, rewind),
-            Ok(_) => {}
-            // The loop meets the same error at its next commit and ends the route.
-            Err(e) => tracing::error!(route = %txns.route, error = %e, "transaction failed fatally before a rebalance"),
+        if !txns.closed.load(std::sync::atomic::Ordering::Relaxed) {
+            match txns.end_bounded(consumer.group_metadata()) {
+                Ok(Ended::Aborted(rewind)) => seek(consumer, &txns.route, rewind),
+                Ok(_) => {}
+                // The loop meets the same error at its next commit and ends the route.
+                Err(e) => tracing::error!(route = %txns.route, error = %e, "transaction not ended before a rebalance"),
+            }
         }
         let mut open = txns.lock();
         for el in tpl.elements() {
@@ -261,6 +308,7 @@ pub async fn run(
         route: route.rules.name.clone(),
         producer: trusted.renew_producer()?,
         open: Mutex::default(),
+        closed: Default::default(),
         metrics: TransactionMetrics::new(&route.rules.name),
         max_messages: eo.max_messages,
         max_time: eo.max_time,
@@ -296,6 +344,8 @@ pub async fn run(
     if result.is_ok() {
         l.shutdown(drain_timeout).await;
     }
+    // The consumer closes (a last rebalance) without touching the producer again.
+    l.txns.closed.store(true, std::sync::atomic::Ordering::Relaxed);
     probe_stop.cancel();
     let _ = probe.await;
     l.route.status.running.store(false, std::sync::atomic::Ordering::Relaxed);
@@ -395,7 +445,7 @@ impl Loop {
         }
         let (txns, consumer) = (Arc::clone(&self.txns), Arc::clone(&self.consumer));
         let ended = tokio::task::spawn_blocking(move || {
-            let ended = txns.end(consumer.group_metadata());
+            let ended = txns.end_bounded(consumer.group_metadata());
             if let Ok(Ended::Aborted(rewind)) = &ended {
                 seek(&*consumer, &txns.route, rewind.clone());
             }
@@ -408,11 +458,7 @@ impl Loop {
                 Ok(())
             }
             Ok(_) => Ok(()),
-            Err(e) => {
-                anyhow::bail!(
-                    "the transactional producer failed fatally (another process with the same transactional.id fenced it?): {e}"
-                )
-            }
+            Err(e) => anyhow::bail!(e),
         }
     }
 
