@@ -17,7 +17,9 @@
 //!                                  -> Outcome::Forward | Outcome::DeadLetter | Hold (retry)
 //!   -> sink::kafka / sink::amqp    publish in read order, confirmed by the broker
 //!   -> source ack rule             Kafka: commit the contiguous confirmed offsets;
-//!                                  AMQP: ack the delivery tag (never before the confirm)
+//!                                  AMQP: ack the delivery tag (never before the confirm);
+//!                                  Kafka exactly once: commit the writes and the offsets
+//!                                  in one Kafka transaction
 //! ```
 //!
 //! # Layout
@@ -37,7 +39,8 @@
 //! - [`source`]: intake, envelope conversion and ack rule per broker: [`source::kafka`] (ordered
 //!   offset commits, rewinds, static membership, a broker probe) and [`source::amqp`] (manual
 //!   acks after confirm, bounded prefetch; [`source::poison`] takes off what the AMQP client cannot
-//!   decode); every route task is supervised ([`source::supervise`]).
+//!   decode), and [`source::transaction`] for `exactly_once` Kafka -> Kafka routes (writes and
+//!   offsets in one Kafka transaction); every route task is supervised ([`source::supervise`]).
 //! - [`sink`]: publishing with broker confirmation: [`sink::kafka`] (idempotent, `acks=all`) and
 //!   [`sink::amqp`] (publisher confirms, `mandatory`).
 //! - [`amqp`]: what the AMQP source and destination share (bounded connect, limits).

@@ -1,5 +1,5 @@
 //! Sources: each owns its intake, the conversion of its messages to envelopes and its
-//! acknowledgement rule (Kafka offsets, AMQP delivery tags); the per-message steps are
+//! acknowledgement rule (Kafka offsets, AMQP delivery tags, Kafka transactions); the per-message steps are
 //! [`crate::pipeline`]'s. [`supervise`] restarts a route task that ends unexpectedly.
 
 pub mod amqp;
