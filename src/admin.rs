@@ -1,5 +1,6 @@
 //! The admin endpoint: `/health` (the process is alive), `/ready` (every route is making
-//! progress, the revocation list answers, every key set was loaded), `/metrics` (Prometheus).
+//! progress, the revocation list answers, every key set was loaded), `/metrics` (Prometheus),
+//! `/.well-known/jwks.json` (the public keys of the gate's attestations, when it signs any).
 
 use std::sync::Arc;
 
@@ -24,6 +25,8 @@ pub struct AdminState {
     pub gate: Arc<Gate>,
     /// Renders metrics.
     pub metrics: Option<PrometheusHandle>,
+    /// The public keys of the gate's attestation signer, as a JWKS.
+    pub jwks: Option<Arc<serde_json::Value>>,
 }
 
 /// Installs the Prometheus recorder once per process; later calls get `None`.
@@ -49,6 +52,7 @@ pub async fn serve(
         .route("/health", get(|| async { "ok\n" }))
         .route("/ready", get(ready))
         .route("/metrics", get(render_metrics))
+        .route("/.well-known/jwks.json", get(jwks))
         .with_state(state);
     axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await
 }
@@ -94,5 +98,17 @@ async fn render_metrics(State(s): State<AdminState>) -> impl IntoResponse {
     match &s.metrics {
         Some(h) => (StatusCode::OK, h.render()),
         None => (StatusCode::NOT_FOUND, "metrics recorder not installed in this process\n".to_owned()),
+    }
+}
+
+/// The gate's attestation keys (404 when it signs none). Cacheable for a minute: a new key is
+/// published before it becomes active, so consumers see it in time.
+async fn jwks(State(s): State<AdminState>) -> axum::response::Response {
+    match &s.jwks {
+        Some(keys) => {
+            ([(axum::http::header::CACHE_CONTROL, "max-age=60")], axum::Json((**keys).clone())).into_response()
+        }
+        None => (StatusCode::NOT_FOUND, "this gate signs no attestations ([attestation] is not configured)\n")
+            .into_response(),
     }
 }

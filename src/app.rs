@@ -125,7 +125,8 @@ pub async fn run_routes(settings: &Settings, gate: Arc<Gate>, cancel: Cancellati
     if let Some(listen) = settings.admin_listen {
         let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("admin.listen {listen}"))?;
         tracing::info!(%listen, "admin endpoint: /health /ready /metrics");
-        let state = crate::admin::AdminState { routes: statuses, gate, metrics: recorder };
+        let jwks = settings.attester.as_ref().map(|a| Arc::new(a.jwks()));
+        let state = crate::admin::AdminState { routes: statuses, gate, metrics: recorder, jwks };
         let cancel = cancel.clone();
         tasks.spawn(async move {
             if let Err(e) = crate::admin::serve(listener, state, cancel).await {

@@ -187,6 +187,22 @@ pub enum TokenCommand {
         /// The token, or `-` to read it from stdin.
         token: String,
     },
+    /// Check a gate's attestation together with its message, as a downstream consumer would:
+    /// signature by the JWKS, expiry, and the message key and payload digests. Prints its claims
+    /// as JSON; exit 0 valid, 1 invalid, 2 tool error.
+    VerifyAttestation {
+        /// The gate's JWKS: an `http(s)://` URL (its `/.well-known/jwks.json`) or a file.
+        #[arg(long)]
+        jwks: String,
+        /// The message payload, from this file (`-` for stdin).
+        #[arg(long, value_name = "FILE")]
+        payload_file: PathBuf,
+        /// The message key (Kafka), as text; none if absent.
+        #[arg(long)]
+        key: Option<String>,
+        /// The attestation header's value.
+        attestation: String,
+    },
 }
 
 /// Arguments of `token mint`.
@@ -370,6 +386,39 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let token = read_token(&token)?;
             println!("{}", serde_json::to_string_pretty(&ops::inspect(&token, verify::unix_now())?)?);
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Token(TokenCommand::VerifyAttestation { jwks, payload_file, key, attestation }) => {
+            let jwks: serde_json::Value = if jwks.starts_with("http://") || jwks.starts_with("https://") {
+                reqwest::get(&jwks)
+                    .await?
+                    .error_for_status()?
+                    .json()
+                    .await
+                    .with_context(|| format!("fetching {jwks}"))?
+            } else {
+                serde_json::from_slice(&std::fs::read(&jwks).with_context(|| format!("reading {jwks}"))?)?
+            };
+            let payload = if payload_file.as_os_str() == "-" {
+                let mut b = Vec::new();
+                std::io::stdin().read_to_end(&mut b).context("reading the payload from stdin")?;
+                b
+            } else {
+                std::fs::read(&payload_file).with_context(|| format!("reading {}", payload_file.display()))?
+            };
+            let now = verify::unix_now();
+            match crate::attest::check(attestation.trim(), &jwks, key.as_deref().map(str::as_bytes), &payload, now) {
+                Ok(claims) => {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&serde_json::json!({"valid": true, "claims": claims}))?
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(why) => {
+                    println!("{}", serde_json::json!({"valid": false, "reason": why}));
+                    Ok(ExitCode::FAILURE)
+                }
+            }
         }
         Command::Token(TokenCommand::Verify { config, route, token }) => {
             let token = read_token(&token)?;

@@ -55,6 +55,7 @@
 pub mod admin;
 pub mod amqp;
 pub mod app;
+pub mod attest;
 pub mod cli;
 pub mod config;
 pub mod demo;

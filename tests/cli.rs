@@ -312,6 +312,14 @@ fn check_config_and_run_agree_on_every_shipped_and_broken_file() {
             "exactly-once-two-clusters",
             "[kafka.k]\nbootstrap_servers = \"127.0.0.1:1\"\n[kafka.l]\nbootstrap_servers = \"127.0.0.1:2\"\n[routes.x]\ndelivery = \"exactly_once\"\nsource = { kafka = { cluster = \"k\", topics = [\"a\"], group = \"g\" } }\ntrusted = { kafka = { cluster = \"l\", topic = \"t\" } }\ndead_letter = { kafka = { cluster = \"k\", topic = \"d\" } }\n",
         ),
+        (
+            "attest-without-keys",
+            "[kafka.k]\nbootstrap_servers = \"127.0.0.1:1\"\n[routes.x]\nattest = { keep = [\"sub\"], rename = { scope = \"s\" } }\n",
+        ),
+        (
+            "attestation-key",
+            "[attestation]\nissuer = \"gate\"\nactive = \"a\"\nkeys = [{ kid = \"a\", algorithm = \"RS256\", pem_file = \"/nonexistent.pem\" }]\n",
+        ),
         ("unknown-field", "colour = \"blue\"\n"),
         ("syntax", "[issuers.a\n"),
         ("alg-none", "[issuers.a]\niss = \"x\"\nalgorithms = [\"none\"]\njwks_url = \"https://idp.test/jwks\"\n"),

@@ -3,6 +3,7 @@
 mod util;
 
 mod amqp;
+mod attest;
 mod cli;
 mod exactly_once;
 mod hostile;

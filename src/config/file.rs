@@ -70,6 +70,8 @@ pub struct Config {
     /// joins its group as a static member (`group.instance.id = "{instance_id}.{route}"`), so a
     /// restart within `session.timeout.ms` gets its partitions back without a rebalance.
     pub instance_id: Option<String>,
+    /// The gate's own signing keys, for routes that attest what they verified.
+    pub attestation: Option<AttestationConfig>,
     /// Unexpected ends of a route task in a row (each restarted with backoff) before the process
     /// exits non-zero so that its supervisor (systemd, Kubernetes) restarts it.
     #[serde(default = "default_max_route_failures")]
@@ -347,6 +349,49 @@ pub struct RouteConfig {
     /// How large an `exactly_once` route's transactions grow.
     #[serde(default)]
     pub transaction: TransactionConfig,
+    /// Sign each accepted message with the gate's key (needs `[attestation]`).
+    pub attest: Option<RouteAttestConfig>,
+}
+
+/// The gate's attestation signer (`[attestation]`): see the README's Attestations section.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AttestationConfig {
+    /// The `iss` of the gate's attestations (e.g. `tokengate.prod-eu`).
+    pub issuer: String,
+    /// How long an attestation is valid.
+    #[serde(default = "default_attestation_ttl")]
+    pub ttl: Dur,
+    /// The `kid` of the key that signs; the others are still published (rotation).
+    pub active: String,
+    /// Signing keys: `[[attestation.keys]]`.
+    pub keys: Vec<AttestationKeyConfig>,
+}
+
+/// One of the gate's signing keys.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AttestationKeyConfig {
+    /// Its `kid`, unique.
+    pub kid: String,
+    /// `EdDSA` (Ed25519) or `ES256` (P-256).
+    pub algorithm: String,
+    /// A PKCS#8 PEM private key, readable by the gate only.
+    pub pem_file: PathBuf,
+}
+
+/// A route's attestation (`[routes.NAME.attest]`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct RouteAttestConfig {
+    /// The header it goes in; default `{header_prefix}attestation`.
+    pub header: Option<String>,
+    /// Verified claims carried in `identity` (paths such as `realm_access.roles`); others dropped.
+    #[serde(default)]
+    pub keep: Vec<String>,
+    /// Claim path -> its name in `identity` (`sub = "user"`); the path must be kept.
+    #[serde(default)]
+    pub rename: BTreeMap<String, String>,
+    /// Fixed claims added to `identity` (`env = "prod"`).
+    #[serde(default)]
+    pub add: BTreeMap<String, toml::Value>,
 }
 
 /// A route's delivery guarantee.
@@ -498,6 +543,9 @@ fn default_identity_headers() -> BTreeMap<String, String> {
 }
 fn default_header_prefix() -> String {
     "x-tokengate-".to_owned()
+}
+fn default_attestation_ttl() -> Dur {
+    Dur(Duration::from_secs(300))
 }
 fn default_transaction_messages() -> usize {
     5000

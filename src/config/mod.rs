@@ -100,6 +100,8 @@ pub struct RouteRules {
     pub identity_headers: Vec<(ClaimPath, String)>,
     /// The gate's own header names (under the route's prefix).
     pub headers: crate::envelope::HeaderNames,
+    /// The attestation added to accepted messages, if the route attests.
+    pub attest: Option<Arc<crate::attest::RouteAttestation>>,
 }
 
 /// A route: its rules and, if it consumes, its brokers.
@@ -220,6 +222,8 @@ pub struct Settings {
     pub shutdown_timeout: Duration,
     /// Failures in a row of a route task before the process exits.
     pub max_route_failures: u32,
+    /// The gate's attestation signer (its public keys are served at `/.well-known/jwks.json`).
+    pub attester: Option<Arc<crate::attest::Attester>>,
     /// What a valid config does that an operator should know about (`check-config` prints these;
     /// `--strict` fails on them): passwords in URLs, secret files others can read, a public
     /// admin endpoint.
@@ -626,6 +630,7 @@ fn validate(raw: &Config, c: &mut Check) -> Settings {
         });
     }
     let brokers = Brokers::of(raw, c);
+    let attester = raw.attestation.as_ref().and_then(|a| attester(c, a));
     let mut routes = Vec::new();
     for (name, rc) in &raw.routes {
         let p = format!("routes.{name}");
@@ -681,6 +686,7 @@ fn validate(raw: &Config, c: &mut Check) -> Settings {
                 .map(|(k, v)| (ClaimPath(k.clone()), v.to_ascii_lowercase()))
                 .collect(),
             headers: crate::envelope::HeaderNames::new(&rc.header_prefix.to_ascii_lowercase()),
+            attest: rc.attest.as_ref().and_then(|a| route_attestation(c, &p, rc, a, raw, attester.as_ref())),
         };
         let io = route_io(c, &p, name, rc, raw, &brokers);
         routes.push(RouteSettings { rules, io });
@@ -718,7 +724,8 @@ fn validate(raw: &Config, c: &mut Check) -> Settings {
     // A verified token keeps the claims some route reads, each path once.
     let mut claims: Vec<ClaimPath> = Vec::new();
     for r in &routes {
-        let reads = r.rules.policy.claim_paths().chain(r.rules.identity_headers.iter().map(|(p, _)| p));
+        let attested = r.rules.attest.iter().flat_map(|a| a.keep.iter().map(|(p, _)| p));
+        let reads = r.rules.policy.claim_paths().chain(r.rules.identity_headers.iter().map(|(p, _)| p)).chain(attested);
         for p in reads {
             if !claims.contains(p) {
                 claims.push(p.clone());
@@ -738,6 +745,7 @@ fn validate(raw: &Config, c: &mut Check) -> Settings {
         admin_listen,
         shutdown_timeout: raw.shutdown_timeout.0,
         max_route_failures: raw.max_route_failures,
+        attester,
         warnings: warnings(raw, c.base, admin_listen),
         skipped_secrets: Vec::new(),
     }
@@ -855,6 +863,82 @@ fn route_io(c: &mut Check, p: &str, name: &str, rc: &RouteConfig, raw: &Config, 
         guard: rc.dead_letter_guard.clone(),
         exactly_once,
     })
+}
+
+/// The gate's attestation signer: its keys read and checked.
+fn attester(c: &mut Check, a: &file::AttestationConfig) -> Option<Arc<crate::attest::Attester>> {
+    if a.issuer.is_empty() {
+        c.add("attestation.issuer", "must not be empty (it is the iss of every attestation)");
+    }
+    let mut keys = Vec::new();
+    for (i, k) in a.keys.iter().enumerate() {
+        let p = format!("attestation.keys.{i}");
+        if a.keys[..i].iter().any(|o| o.kid == k.kid) || k.kid.is_empty() {
+            c.add(format!("{p}.kid"), "kids must be non-empty and unique");
+        }
+        let alg = match k.algorithm.as_str() {
+            "EdDSA" => Algorithm::EdDSA,
+            "ES256" => Algorithm::ES256,
+            _ => {
+                c.add(format!("{p}.algorithm"), "EdDSA or ES256");
+                continue;
+            }
+        };
+        // A private key is a secret: `--without-secrets` skips a missing one.
+        if let Some(pem) = c.secret(&format!("{p}.pem_file"), &Secret::File(k.pem_file.clone())) {
+            match crate::attest::SigningKey::from_pem(&k.kid, alg, &pem) {
+                Ok(key) => keys.push(key),
+                Err(e) => c.add(format!("{p}.pem_file"), e),
+            }
+        }
+    }
+    if !a.keys.iter().any(|k| k.kid == a.active) {
+        c.add("attestation.active", "must be the kid of one of attestation.keys");
+        return None;
+    }
+    if keys.len() != a.keys.len() {
+        return None;
+    }
+    let ttl = a.ttl.0.as_secs() as i64;
+    if ttl == 0 {
+        c.add("attestation.ttl", "must be at least 1s");
+    }
+    crate::attest::Attester::new(a.issuer.clone(), ttl, keys, &a.active).map(Arc::new).ok()
+}
+
+/// A route's attestation: the signer, the header and the identity mapping.
+fn route_attestation(
+    c: &mut Check,
+    p: &str,
+    rc: &RouteConfig,
+    a: &file::RouteAttestConfig,
+    raw: &Config,
+    attester: Option<&Arc<crate::attest::Attester>>,
+) -> Option<Arc<crate::attest::RouteAttestation>> {
+    let p = format!("{p}.attest");
+    if raw.attestation.is_none() {
+        c.add(p.clone(), "needs an [attestation] section with the gate's signing keys");
+        return None;
+    }
+    for path in a.rename.keys() {
+        if !a.keep.contains(path) {
+            c.add(format!("{p}.rename.{path}"), "renames a claim that is not kept");
+        }
+    }
+    let mut add = Vec::new();
+    for (k, v) in &a.add {
+        match serde_json::to_value(v) {
+            Ok(j) => add.push((k.clone(), j)),
+            Err(e) => c.add(format!("{p}.add.{k}"), e.to_string()),
+        }
+    }
+    let header = a.header.clone().unwrap_or_else(|| format!("{}attestation", rc.header_prefix)).to_ascii_lowercase();
+    if header.is_empty() || !header.starts_with(&rc.header_prefix.to_ascii_lowercase()) {
+        c.add(format!("{p}.header"), "must start with the route's header_prefix (so a producer cannot forge it)");
+    }
+    let keep =
+        a.keep.iter().map(|k| (ClaimPath(k.clone()), a.rename.get(k).cloned().unwrap_or_else(|| k.clone()))).collect();
+    Some(Arc::new(crate::attest::RouteAttestation { attester: Arc::clone(attester?), header, keep, add }))
 }
 
 /// An `exactly_once` route's transactions, if it asks for them and can have them: a Kafka source
@@ -1067,6 +1151,9 @@ fn warnings(raw: &Config, base: &Path, admin: Option<SocketAddr>) -> Vec<Problem
                 secret_files.push((format!("kafka.{name}.secret_properties.{prop}"), f));
             }
         }
+    }
+    for (i, k) in raw.attestation.iter().flat_map(|a| a.keys.iter()).enumerate() {
+        secret_files.push((format!("attestation.keys.{i}.pem_file"), &k.pem_file));
     }
     #[cfg(unix)]
     for (path, f) in secret_files {
