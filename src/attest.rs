@@ -19,56 +19,84 @@
 
 use std::sync::Arc;
 
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use jsonwebtoken::Algorithm;
 use serde_json::{Map, Value, json};
 
 use crate::envelope::Envelope;
 use crate::verify::{ClaimPath, Verified};
 
-/// One of the gate's signing keys.
+/// One of the gate's signing keys, parsed once.
 pub struct SigningKey {
     /// Its `kid`.
     pub kid: String,
     /// EdDSA (Ed25519) or ES256.
     pub alg: Algorithm,
-    encoding: EncodingKey,
+    pair: Pair,
+    /// The base64url JWS header (`alg`, `kid`, `typ`), the same for every attestation.
+    header_b64: String,
     /// Its public half as a JWK (with `kid`, `alg`, `use: sig`).
     pub jwk: Value,
+}
+
+/// A parsed private key: jsonwebtoken would parse the PEM again for every signature.
+enum Pair {
+    Ed25519(aws_lc_rs::signature::Ed25519KeyPair),
+    P256(aws_lc_rs::signature::EcdsaKeyPair),
+}
+
+fn b64(b: &[u8]) -> String {
+    base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, b)
 }
 
 impl SigningKey {
     /// A key from a PKCS#8 PEM private key of `alg` (EdDSA or ES256).
     pub fn from_pem(kid: &str, alg: Algorithm, pem_text: &[u8]) -> Result<SigningKey, String> {
+        use aws_lc_rs::signature::KeyPair as _;
         let der = pem::parse(pem_text).map_err(|e| format!("not a PEM file: {e}"))?;
         if der.tag() != "PRIVATE KEY" {
             return Err(format!("a PKCS#8 private key (-----BEGIN PRIVATE KEY-----) is needed, not {:?}", der.tag()));
         }
-        let b64 = |b: &[u8]| base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, b);
-        let (encoding, mut jwk) = match alg {
+        let (pair, mut jwk, name) = match alg {
             Algorithm::EdDSA => {
-                use aws_lc_rs::signature::KeyPair as _;
                 let pair = aws_lc_rs::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(der.contents())
                     .map_err(|_| "not an Ed25519 private key".to_owned())?;
-                let encoding = EncodingKey::from_ed_pem(pem_text).map_err(|e| e.to_string())?;
-                (encoding, json!({"kty": "OKP", "crv": "Ed25519", "x": b64(pair.public_key().as_ref())}))
+                let jwk = json!({"kty": "OKP", "crv": "Ed25519", "x": b64(pair.public_key().as_ref())});
+                (Pair::Ed25519(pair), jwk, "EdDSA")
             }
             Algorithm::ES256 => {
-                use aws_lc_rs::signature::KeyPair as _;
                 let pair = aws_lc_rs::signature::EcdsaKeyPair::from_pkcs8(
                     &aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
                     der.contents(),
                 )
                 .map_err(|_| "not a P-256 private key".to_owned())?;
                 let point = pair.public_key().as_ref(); // 0x04 || x || y
-                let encoding = EncodingKey::from_ec_pem(pem_text).map_err(|e| e.to_string())?;
-                (encoding, json!({"kty": "EC", "crv": "P-256", "x": b64(&point[1..33]), "y": b64(&point[33..65])}))
+                let jwk = json!({"kty": "EC", "crv": "P-256", "x": b64(&point[1..33]), "y": b64(&point[33..65])});
+                (Pair::P256(pair), jwk, "ES256")
             }
             other => return Err(format!("attestations are signed with EdDSA or ES256, not {other:?}")),
         };
         jwk["kid"] = json!(kid);
-        jwk["alg"] = json!(if alg == Algorithm::EdDSA { "EdDSA" } else { "ES256" });
+        jwk["alg"] = json!(name);
         jwk["use"] = json!("sig");
-        Ok(SigningKey { kid: kid.to_owned(), alg, encoding, jwk })
+        let header = json!({"alg": name, "kid": kid, "typ": "tokengate-attestation+jwt"});
+        Ok(SigningKey { kid: kid.to_owned(), alg, pair, header_b64: b64(header.to_string().as_bytes()), jwk })
+    }
+
+    /// The compact JWS of `claims`.
+    fn sign(&self, claims: &Map<String, Value>) -> Result<String, String> {
+        let claims = serde_json::to_vec(claims).map_err(|e| e.to_string())?;
+        let mut jws = format!("{}.{}", self.header_b64, b64(&claims));
+        let signature = match &self.pair {
+            Pair::Ed25519(k) => k.sign(jws.as_bytes()).as_ref().to_vec(),
+            Pair::P256(k) => k
+                .sign(&aws_lc_rs::rand::SystemRandom::new(), jws.as_bytes())
+                .map_err(|_| "P-256 signing failed".to_owned())?
+                .as_ref()
+                .to_vec(),
+        };
+        jws.push('.');
+        jws.push_str(&b64(&signature));
+        Ok(jws)
     }
 }
 
@@ -99,11 +127,7 @@ impl Attester {
         claims.insert("iss".into(), json!(self.issuer));
         claims.insert("iat".into(), json!(now));
         claims.insert("exp".into(), json!(now + self.ttl_secs));
-        let key = &self.keys[self.active];
-        let mut header = Header::new(key.alg);
-        header.kid = Some(key.kid.clone());
-        header.typ = Some("tokengate-attestation+jwt".into());
-        jsonwebtoken::encode(&header, &claims, &key.encoding).map_err(|e| e.to_string())
+        self.keys[self.active].sign(&claims)
     }
 }
 
