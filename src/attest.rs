@@ -82,10 +82,32 @@ impl SigningKey {
         Ok(SigningKey { kid: kid.to_owned(), alg, pair, header_b64: b64(header.to_string().as_bytes()), jwk })
     }
 
-    /// The compact JWS of `claims`.
+    /// The compact JWS of `claims` with this key's attestation header.
     fn sign(&self, claims: &Map<String, Value>) -> Result<String, String> {
+        self.sign_with(&self.header_b64, claims)
+    }
+
+    /// A producer's proof of possession of this key for a message (`iat`, `jti`, and the key and
+    /// payload digests), its public JWK in the header: see [`crate::verify::proof`].
+    pub fn proof(&self, key: Option<&[u8]>, payload: &[u8], jti: &str, now: i64) -> Result<String, String> {
+        let mut jwk = self.jwk.clone();
+        if let Some(o) = jwk.as_object_mut() {
+            o.remove("kid");
+            o.remove("use");
+        }
+        let header = json!({"alg": jwk["alg"], "typ": "tokengate-proof+jwt", "jwk": jwk});
+        let claims = json!({
+            "iat": now,
+            "jti": jti,
+            "msg": {"key_sha256": key.map(sha256_hex), "payload_sha256": sha256_hex(payload)},
+        });
+        let Value::Object(claims) = claims else { unreachable!("a JSON object literal") };
+        self.sign_with(&b64(header.to_string().as_bytes()), &claims)
+    }
+
+    fn sign_with(&self, header_b64: &str, claims: &Map<String, Value>) -> Result<String, String> {
         let claims = serde_json::to_vec(claims).map_err(|e| e.to_string())?;
-        let mut jws = format!("{}.{}", self.header_b64, b64(&claims));
+        let mut jws = format!("{header_b64}.{}", b64(&claims));
         let signature = match &self.pair {
             Pair::Ed25519(k) => k.sign(jws.as_bytes()).as_ref().to_vec(),
             Pair::P256(k) => k

@@ -98,6 +98,23 @@ impl Gate {
             Ok(t) => (Some(t), self.verifier.verify(&route.policy, t, now).await?),
             Err(r) => (None, Err(r)),
         };
+        // A token bound to its message: the proof travels with the message, so it is checked
+        // for every message, cached token or not.
+        let verdict = match (verdict, &route.proof) {
+            (Ok(v), Some(spec)) => {
+                let name = match &**spec {
+                    verify::proof::ProofSpec::Jkt { header, .. } => Some(header.as_str()),
+                    verify::proof::ProofSpec::DigestClaim(_) => None,
+                };
+                let proofs = env.headers.iter().filter_map(|(n, d)| match d {
+                    HeaderData::Bytes(b) if name.is_some_and(|h| n.eq_ignore_ascii_case(h)) => Some(b.as_slice()),
+                    _ => None,
+                });
+                let payload = env.payload.as_deref().unwrap_or_default();
+                spec.check(proofs, env.key.as_deref(), payload, &v, now).map(|()| v)
+            }
+            (verdict, _) => verdict,
+        };
         let verdict = match (verdict, &self.revocations) {
             (Ok(v), Some(list)) => match list.check(&v).await {
                 Ok(None) => Ok(v),
@@ -299,6 +316,7 @@ mod tests {
             identity_headers: vec![(ClaimPath("sub".into()), "x-user".into())],
             headers: crate::envelope::HeaderNames::new("x-tokengate-"),
             attest: None,
+            proof: None,
         }
     }
 

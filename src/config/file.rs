@@ -351,6 +351,36 @@ pub struct RouteConfig {
     pub transaction: TransactionConfig,
     /// Sign each accepted message with the gate's key (needs `[attestation]`).
     pub attest: Option<RouteAttestConfig>,
+    /// Require each message to prove it belongs with its token (proof of possession).
+    pub proof: Option<ProofConfig>,
+}
+
+/// How a route binds tokens to messages (`[routes.NAME.proof]`): see the README's Proof of
+/// possession section.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ProofConfig {
+    /// `jkt`: a proof header signed by the key of the token's `cnf.jkt`; `digest_claim`: the
+    /// token carries the payload's SHA-256 in `claim`.
+    pub mode: ProofMode,
+    /// The proof header (`jkt` mode).
+    #[serde(default = "default_proof_header")]
+    pub header: String,
+    /// How old a proof may be (`jkt` mode).
+    #[serde(default = "default_proof_max_age")]
+    pub max_age: Dur,
+    /// The token claim holding the payload's hex SHA-256 (`digest_claim` mode).
+    #[serde(default = "default_proof_claim")]
+    pub claim: String,
+}
+
+/// A proof mode.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum ProofMode {
+    /// DPoP-style: a proof JWS per message, by the key the token is bound to.
+    Jkt,
+    /// The token names the payload's digest.
+    DigestClaim,
 }
 
 /// The gate's attestation signer (`[attestation]`): see the README's Attestations section.
@@ -543,6 +573,15 @@ fn default_identity_headers() -> BTreeMap<String, String> {
 }
 fn default_header_prefix() -> String {
     "x-tokengate-".to_owned()
+}
+fn default_proof_header() -> String {
+    "x-token-proof".into()
+}
+fn default_proof_max_age() -> Dur {
+    Dur(Duration::from_secs(300))
+}
+fn default_proof_claim() -> String {
+    "msg_sha256".into()
 }
 fn default_attestation_ttl() -> Dur {
     Dur(Duration::from_secs(300))

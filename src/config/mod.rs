@@ -102,6 +102,8 @@ pub struct RouteRules {
     pub headers: crate::envelope::HeaderNames,
     /// The attestation added to accepted messages, if the route attests.
     pub attest: Option<Arc<crate::attest::RouteAttestation>>,
+    /// How messages prove they belong with their token, if the route requires it.
+    pub proof: Option<Arc<verify::proof::ProofSpec>>,
 }
 
 /// A route: its rules and, if it consumes, its brokers.
@@ -687,6 +689,7 @@ fn validate(raw: &Config, c: &mut Check) -> Settings {
                 .collect(),
             headers: crate::envelope::HeaderNames::new(&rc.header_prefix.to_ascii_lowercase()),
             attest: rc.attest.as_ref().and_then(|a| route_attestation(c, &p, rc, a, raw, attester.as_ref())),
+            proof: rc.proof.as_ref().map(|pc| Arc::new(proof_spec(c, &p, rc, pc))),
         };
         let io = route_io(c, &p, name, rc, raw, &brokers);
         routes.push(RouteSettings { rules, io });
@@ -724,9 +727,21 @@ fn validate(raw: &Config, c: &mut Check) -> Settings {
     // A verified token keeps the claims some route reads, each path once.
     let mut claims: Vec<ClaimPath> = Vec::new();
     for r in &routes {
-        let attested = r.rules.attest.iter().flat_map(|a| a.keep.iter().map(|(p, _)| p));
-        let reads = r.rules.policy.claim_paths().chain(r.rules.identity_headers.iter().map(|(p, _)| p)).chain(attested);
-        for p in reads {
+        let attested = r.rules.attest.iter().flat_map(|a| a.keep.iter().map(|(p, _)| p.clone()));
+        let proof = r.rules.proof.iter().map(|p| match &**p {
+            verify::proof::ProofSpec::Jkt { .. } => verify::proof::cnf_jkt(),
+            verify::proof::ProofSpec::DigestClaim(path) => path.clone(),
+        });
+        let reads: Vec<ClaimPath> = r
+            .rules
+            .policy
+            .claim_paths()
+            .chain(r.rules.identity_headers.iter().map(|(p, _)| p))
+            .cloned()
+            .chain(attested)
+            .chain(proof)
+            .collect();
+        for p in &reads {
             if !claims.contains(p) {
                 claims.push(p.clone());
             }
@@ -863,6 +878,32 @@ fn route_io(c: &mut Check, p: &str, name: &str, rc: &RouteConfig, raw: &Config, 
         guard: rc.dead_letter_guard.clone(),
         exactly_once,
     })
+}
+
+/// A route's proof-of-possession rule.
+fn proof_spec(c: &mut Check, p: &str, rc: &RouteConfig, pc: &file::ProofConfig) -> verify::proof::ProofSpec {
+    match pc.mode {
+        file::ProofMode::Jkt => {
+            let header = pc.header.to_ascii_lowercase();
+            let prefix = rc.header_prefix.to_ascii_lowercase();
+            if header.is_empty() || header.starts_with(&prefix) || header == rc.token.header.to_ascii_lowercase() {
+                c.add(
+                    format!("{p}.proof.header"),
+                    "must be set, not the token header, and not start with header_prefix (those are removed)",
+                );
+            }
+            if pc.max_age.0.is_zero() {
+                c.add(format!("{p}.proof.max_age"), "must be at least 1s");
+            }
+            verify::proof::ProofSpec::Jkt { header, max_age: pc.max_age.0, max_bytes: rc.token.max_bytes }
+        }
+        file::ProofMode::DigestClaim => {
+            if pc.claim.is_empty() {
+                c.add(format!("{p}.proof.claim"), "must not be empty");
+            }
+            verify::proof::ProofSpec::DigestClaim(ClaimPath(pc.claim.clone()))
+        }
+    }
 }
 
 /// The gate's attestation signer: its keys read and checked.

@@ -10,6 +10,7 @@ pub mod jwks;
 pub mod jwt;
 pub mod keys;
 pub mod policy;
+pub mod proof;
 pub mod reason;
 
 use std::collections::HashMap;

@@ -54,11 +54,17 @@ pub enum Reason {
     /// No key has the token's `kid` and the identity provider has been unreachable for longer
     /// than the issuer's `unknown_kid_max_wait`: the token may be fine; replay it later.
     KeyUnavailable,
+    /// The route binds tokens to messages and the message has no proof (or the token no digest claim).
+    ProofMissing,
+    /// The proof is not a valid proof for this token (signature, key, age, form).
+    ProofInvalid,
+    /// The proof (or the token's digest claim) signs another message key or payload.
+    PayloadMismatch,
 }
 
 impl Reason {
     /// Every reason, for documentation and metric pre-registration.
-    pub const ALL: [Reason; 23] = [
+    pub const ALL: [Reason; 26] = [
         Reason::MissingToken,
         Reason::EmptyToken,
         Reason::DuplicateToken,
@@ -82,6 +88,9 @@ impl Reason {
         Reason::Revoked,
         Reason::RevocationUnavailable,
         Reason::KeyUnavailable,
+        Reason::ProofMissing,
+        Reason::ProofInvalid,
+        Reason::PayloadMismatch,
     ];
 
     /// The stable snake_case code.
@@ -110,6 +119,9 @@ impl Reason {
             Reason::Revoked => "revoked",
             Reason::RevocationUnavailable => "revocation_unavailable",
             Reason::KeyUnavailable => "key_unavailable",
+            Reason::ProofMissing => "proof_missing",
+            Reason::ProofInvalid => "proof_invalid",
+            Reason::PayloadMismatch => "payload_mismatch",
         }
     }
 
@@ -147,6 +159,13 @@ impl Reason {
             Reason::KeyUnavailable => {
                 "no key has the token's `kid` and the issuer's JWKS has been unreachable for longer than `unknown_kid_max_wait` (default 60s); the token may be fine: replay it once the identity provider is back"
             }
+            Reason::ProofMissing => {
+                "the route binds tokens to messages and the message has no proof header (or the token no digest claim)"
+            }
+            Reason::ProofInvalid => {
+                "the proof is not this token's: not signed by the key of its `cnf.jkt`, bad signature, `iat` outside `max_age`, no `jti`, or malformed"
+            }
+            Reason::PayloadMismatch => "the proof (or the token's digest claim) was made for another message key or payload",
         }
     }
 
