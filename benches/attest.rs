@@ -1,6 +1,8 @@
 //! The added cost per message of signing an attestation: building the trusted copy of an accepted
 //! message (`gate::forward`) on a route without attestation and on the same route attesting with
-//! an Ed25519 or a P-256 key, in the same run.
+//! an Ed25519 or a P-256 key, in the same run. And the added cost of checking a proof of
+//! possession: the whole decision of a message with a cached token on a route without proofs and
+//! on routes requiring a proof (P-256 or Ed25519 producer keys) or a payload digest claim.
 //!
 //! cargo bench --bench attest
 
@@ -76,5 +78,69 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+fn proof_bench(c: &mut Criterion) {
+    use tokengate::gate::{Gate, Outcome};
+    common::set_secret_env();
+    let route = |name: &str, proof: &str| {
+        format!("[routes.{name}]\nrequire = [{{ claim = \"scope\", any_of = [\"orders:write\"] }}]\n{proof}")
+    };
+    let text = format!(
+        "{}\n{}{}{}",
+        common::issuer_toml(),
+        route("plain", ""),
+        route("jkt", "[routes.jkt.proof]\nmode = \"jkt\"\n"),
+        route("digest", "[routes.digest.proof]\nmode = \"digest_claim\"\n"),
+    );
+    let mut s = config::parse(&text, &[], Path::new(".")).unwrap_or_else(|p| panic!("{p:?}"));
+    let verifier = Arc::new(Verifier::new(std::mem::take(&mut s.issuers), &s.cache));
+    let gate = Gate::new(verifier, None, config::OnUnavailable::Hold);
+    let payload = vec![b'x'; 256];
+    let mut g = c.benchmark_group("decide");
+    for (label, route, alg, key) in [
+        ("no proof", "plain", None, None),
+        ("proof ES256", "jkt", Some(Algorithm::ES256), Some("p256.key.pem")),
+        ("proof EdDSA", "jkt", Some(Algorithm::EdDSA), Some("ed25519.key.pem")),
+        ("digest claim", "digest", None, None),
+    ] {
+        // Read per case: a clock read once would put later cases' tokens in the future.
+        let now = verify::unix_now();
+        let mut headers = Vec::new();
+        let mut extra = serde_json::Map::new();
+        if let (Some(alg), Some(key)) = (alg, key) {
+            let k = tokengate::attest::SigningKey::from_pem("p", alg, &common::key_file(key)).unwrap();
+            extra.insert("cnf".into(), serde_json::json!({"jkt": verify::proof::thumbprint(&k.jwk).unwrap()}));
+            let proof = k.proof(Some(b"order-42"), &payload, "j", now).unwrap();
+            headers.push(("x-token-proof".to_owned(), HeaderData::Bytes(proof.into_bytes())));
+        }
+        if route == "digest" {
+            extra.insert("msg_sha256".into(), serde_json::json!(tokengate::attest::sha256_hex(&payload)));
+        }
+        let token = common::mint_with(Algorithm::RS256, extra);
+        headers.push(("authorization".into(), HeaderData::Bytes(format!("Bearer {token}").into_bytes())));
+        let env = Envelope {
+            key: Some(b"order-42".to_vec()),
+            payload: Some(payload.clone()),
+            headers,
+            timestamp_ms: Some(1),
+            origin: Origin::Kafka { topic: Arc::from("orders"), partition: 3, offset: 12345 },
+            amqp: None,
+            amqp_headers: None,
+            defect: None,
+        };
+        let rules = &s.routes.iter().find(|r| r.rules.name == route).expect("the route").rules;
+        // Seen twice first: the token is cached, as a reused token is.
+        for _ in 0..2 {
+            let out = gate.handle(rules, &env, now).now_or_never().unwrap().unwrap();
+            if let Outcome::DeadLetter(_, r) = out {
+                panic!("{label}: the bench message must pass: {r:?}");
+            }
+        }
+        g.bench_function(label, |b| {
+            b.iter(|| gate.handle(rules, black_box(&env), now).now_or_never().unwrap().unwrap())
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench, proof_bench);
 criterion_main!(benches);

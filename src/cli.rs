@@ -432,7 +432,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 std::fs::read(&a.payload_file).with_context(|| format!("reading {}", a.payload_file.display()))?;
             let jti = a.jti.unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
             let now = a.now.unwrap_or_else(verify::unix_now);
-            let proof = key.proof(a.key.as_deref().map(str::as_bytes), &payload, &jti, now).map_err(anyhow::Error::msg)?;
+            let proof =
+                key.proof(a.key.as_deref().map(str::as_bytes), &payload, &jti, now).map_err(anyhow::Error::msg)?;
             println!("{proof}");
             Ok(ExitCode::SUCCESS)
         }

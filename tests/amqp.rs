@@ -79,7 +79,7 @@ pub async fn topology(ch: &Channel, test: &str) -> Names {
     n
 }
 
-fn config(n: &Names, prefetch: u16, redis: Option<(String, String)>) -> String {
+pub fn config(n: &Names, prefetch: u16, redis: Option<(String, String)>) -> String {
     format!(
         r#"{preamble}
 [amqp.rabbit]

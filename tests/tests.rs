@@ -10,6 +10,7 @@ mod hostile;
 mod jwks;
 mod kafka;
 mod kafka_failover;
+mod proof;
 mod properties;
 mod revocation;
 mod verify;

@@ -88,3 +88,17 @@ pub fn mint(alg: Algorithm, n: usize) -> Vec<String> {
         parts.into_iter().flat_map(|p| p.join().unwrap()).collect()
     })
 }
+
+/// One token of `alg` with the usual claims plus `extra`.
+pub fn mint_with(alg: Algorithm, extra: serde_json::Map<String, serde_json::Value>) -> String {
+    let (key, kid) = signing_key(alg);
+    let now = tokengate::verify::unix_now();
+    let mut h = Header::new(alg);
+    h.kid = Some(kid.into());
+    let mut c = json!({"iss": "https://idp.bench", "aud": "tokengate", "sub": "svc", "iat": now,
+                       "exp": now + 3600, "jti": "j", "scope": "orders:write"});
+    for (k, v) in extra {
+        c[k] = v;
+    }
+    jsonwebtoken::encode(&h, &c, &key).unwrap()
+}

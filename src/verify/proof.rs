@@ -39,9 +39,6 @@ pub fn cnf_jkt() -> ClaimPath {
     ClaimPath("cnf.jkt".into())
 }
 
-/// Algorithms a producer's proof key may use: asymmetric only.
-const PROOF_ALGS: [Algorithm; 4] = [Algorithm::ES256, Algorithm::EdDSA, Algorithm::RS256, Algorithm::PS256];
-
 /// Hex SHA-256.
 fn sha256_hex(b: &[u8]) -> String {
     hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, b).as_ref())
@@ -104,7 +101,11 @@ impl ProofSpec {
                 let claims = verify_proof(proof, jkt)?;
                 let iat = claims.get("iat").and_then(Value::as_i64).ok_or_else(|| invalid("the proof has no iat"))?;
                 if iat < now - max_age.as_secs() as i64 || iat > now + 60 {
-                    return Err(invalid(format!("the proof's iat is {}s from now (allowed: {}s)", iat - now, max_age.as_secs())));
+                    return Err(invalid(format!(
+                        "the proof's iat is {}s from now (allowed: {}s)",
+                        iat - now,
+                        max_age.as_secs()
+                    )));
                 }
                 if !claims.get("jti").is_some_and(|j| j.as_str().is_some_and(|s| !s.is_empty())) {
                     return Err(invalid("the proof has no jti"));
@@ -114,7 +115,10 @@ impl ProofSpec {
                     return Err(Rejection::new(Reason::PayloadMismatch, "the payload is not the one the proof signs"));
                 }
                 if msg["key_sha256"].as_str() != key.map(sha256_hex).as_deref() {
-                    return Err(Rejection::new(Reason::PayloadMismatch, "the message key is not the one the proof signs"));
+                    return Err(Rejection::new(
+                        Reason::PayloadMismatch,
+                        "the message key is not the one the proof signs",
+                    ));
                 }
                 Ok(())
             }
@@ -123,21 +127,72 @@ impl ProofSpec {
 }
 
 /// Verifies a proof JWS with the public JWK in its header, which must have thumbprint `jkt`.
+/// Parsed and verified here with aws-lc-rs (ES256, EdDSA; RSA through jsonwebtoken): the proof's
+/// key changes with every producer, so there is nothing to keep parsed.
 fn verify_proof(proof: &str, jkt: &str) -> Result<serde_json::Map<String, Value>, Rejection> {
-    let header = jsonwebtoken::decode_header(proof).map_err(|e| invalid(format!("not a JWS: {e}")))?;
-    if !PROOF_ALGS.contains(&header.alg) {
-        return Err(invalid(format!("proof alg {:?} (ES256, EdDSA, RS256 or PS256)", header.alg)));
-    }
-    let jwk = header.jwk.ok_or_else(|| invalid("the proof's header has no jwk"))?;
-    let jwk_value = serde_json::to_value(&jwk).map_err(|e| invalid(e.to_string()))?;
-    if jwk_value.get("d").is_some() {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut parts = proof.split('.');
+    let (Some(h), Some(c), Some(sig), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        return Err(invalid("not a compact JWS"));
+    };
+    let json = |part: &str, what: &str| -> Result<serde_json::Map<String, Value>, Rejection> {
+        let bytes = b64.decode(part).map_err(|_| invalid(format!("the proof's {what} is not base64url")))?;
+        serde_json::from_slice(&bytes).map_err(|_| invalid(format!("the proof's {what} is not a JSON object")))
+    };
+    let header = json(h, "header")?;
+    let jwk = header.get("jwk").ok_or_else(|| invalid("the proof's header has no jwk"))?;
+    if jwk.get("d").is_some() {
         return Err(invalid("the proof's jwk holds a private key"));
     }
-    if thumbprint(&jwk_value).as_deref() != Some(jkt) {
+    if thumbprint(jwk).as_deref() != Some(jkt) {
         return Err(invalid("the proof's key is not the one the token is bound to (cnf.jkt)"));
     }
+    let coord = |k: &str| jwk.get(k).and_then(Value::as_str).and_then(|v| b64.decode(v).ok());
+    let signature = b64.decode(sig).map_err(|_| invalid("the proof's signature is not base64url"))?;
+    let signing_input = &proof.as_bytes()[..h.len() + 1 + c.len()];
+    let (alg, key) = match (header.get("alg").and_then(Value::as_str), jwk.get("kty").and_then(Value::as_str)) {
+        (Some("ES256"), Some("EC")) if jwk.get("crv").and_then(Value::as_str) == Some("P-256") => {
+            let (Some(x), Some(y)) = (coord("x"), coord("y")) else { return Err(invalid("bad P-256 jwk")) };
+            let mut point = vec![4u8];
+            point.extend(x);
+            point.extend(y);
+            (&aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED as &dyn aws_lc_rs::signature::VerificationAlgorithm, point)
+        }
+        (Some("EdDSA"), Some("OKP")) if jwk.get("crv").and_then(Value::as_str) == Some("Ed25519") => {
+            let Some(x) = coord("x") else { return Err(invalid("bad Ed25519 jwk")) };
+            (&aws_lc_rs::signature::ED25519 as &dyn aws_lc_rs::signature::VerificationAlgorithm, x)
+        }
+        (Some(alg @ ("RS256" | "PS256")), Some("RSA")) => return verify_rsa(proof, alg, jwk),
+        (alg, kty) => {
+            return Err(invalid(format!(
+                "proof alg {alg:?} with key type {kty:?} (ES256/P-256, EdDSA/Ed25519, RS256 or PS256/RSA)"
+            )));
+        }
+    };
+    aws_lc_rs::signature::UnparsedPublicKey::new(alg, key)
+        .verify(signing_input, &signature)
+        .map_err(|_| invalid("the proof's signature does not verify"))?;
+    json(c, "claims")
+}
+
+/// An RSA proof, through jsonwebtoken (2048-bit keys at least, as for tokens).
+fn verify_rsa(proof: &str, alg: &str, jwk: &Value) -> Result<serde_json::Map<String, Value>, Rejection> {
+    let jwk: jsonwebtoken::jwk::Jwk =
+        serde_json::from_value(jwk.clone()).map_err(|e| invalid(format!("bad jwk: {e}")))?;
+    let n_bits = match &jwk.algorithm {
+        jsonwebtoken::jwk::AlgorithmParameters::RSA(r) => {
+            use base64::Engine as _;
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(&r.n).map_or(0, |n| n.len() * 8)
+        }
+        _ => 0,
+    };
+    if n_bits < 2048 {
+        return Err(invalid("RSA proof keys must be at least 2048 bits"));
+    }
     let key = jsonwebtoken::DecodingKey::from_jwk(&jwk).map_err(|e| invalid(format!("bad jwk: {e}")))?;
-    let mut validation = jsonwebtoken::Validation::new(header.alg);
+    let alg = if alg == "RS256" { Algorithm::RS256 } else { Algorithm::PS256 };
+    let mut validation = jsonwebtoken::Validation::new(alg);
     validation.required_spec_claims.clear();
     validation.validate_exp = false;
     validation.validate_aud = false;

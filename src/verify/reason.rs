@@ -165,7 +165,9 @@ impl Reason {
             Reason::ProofInvalid => {
                 "the proof is not this token's: not signed by the key of its `cnf.jkt`, bad signature, `iat` outside `max_age`, no `jti`, or malformed"
             }
-            Reason::PayloadMismatch => "the proof (or the token's digest claim) was made for another message key or payload",
+            Reason::PayloadMismatch => {
+                "the proof (or the token's digest claim) was made for another message key or payload"
+            }
         }
     }
 
