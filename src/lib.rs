@@ -12,7 +12,8 @@
 //! ```text
 //! source::kafka / source::amqp     read a record or delivery -> envelope::Envelope
 //!   -> pipeline::Pipeline          decide up to 64 at once, in order of reading:
-//!        gate::Gate::handle        verify::Verifier (token, signature, claims, policy)
+//!        gate::Gate::handle        verify::Verifier (token, signature, claims, policy,
+//!                                  a bound token's proof), attest (the gate's signature)
 //!                                  + revocation::Revocations (local mirror of Redis)
 //!                                  -> Outcome::Forward | Outcome::DeadLetter | Hold (retry)
 //!   -> sink::kafka / sink::amqp    publish in read order, confirmed by the broker
@@ -27,7 +28,8 @@
 //!   (brokers, secrets, keys, routes), shared by `run` and `check-config`.
 //! - [`verify`]: the decision; [`verify::jwt`] token parsing, [`verify::reason`] rejection
 //!   codes, [`verify::keys`] pinned keys, [`verify::jwks`] rotating key sets, [`verify::policy`]
-//!   route rules.
+//!   route rules, [`verify::proof`] tokens bound to their message (proof of possession).
+//! - [`attest`]: the gate's own signature on what it accepted (attestations) and its JWKS.
 //! - [`revocation`]: the Redis revocation list as the gate reads it: a complete local
 //!   [`revocation::mirror`] kept in step by Redis (or per-key lookups, cached); its key schema
 //!   in [`revocation::schema`], operators' writes in [`revocation::edit`].
@@ -46,7 +48,7 @@
 //! - [`amqp`]: what the AMQP source and destination share (bounded connect, limits).
 //! - [`app`]: `tokengate run` wiring (routes, admin endpoint, shutdown).
 //! - [`demo`]: `tokengate demo`, the whole pipeline on an embedded Kafka.
-//! - [`admin`]: `/health`, `/ready`, `/metrics`.
+//! - [`admin`]: `/health`, `/ready`, `/metrics`, `/.well-known/jwks.json`.
 //! - [`ops`]: the token tools (mint, inspect, verify).
 //! - [`telemetry`]: log setup (wire-level client logs capped) and every metric, declared once,
 //!   with typed handles.
