@@ -67,7 +67,7 @@ async fn attestations_verify_downstream_across_a_key_rotation_and_catch_a_change
         instance_config(&bs, &t, &group, "orders", "", None, Some(port)) + &attest_toml("orders", active)
     };
     let good = auth(Algorithm::RS256, json!({}));
-    let batch = |tag: &str| -> Vec<(String, String, Vec<(String, String)>)> {
+    let batch = |tag: &str| -> Vec<crate::kafka::Msg> {
         (0..3).map(|i| (format!("k{i}"), format!("{tag}-{i}"), good.clone())).collect()
     };
 
@@ -140,4 +140,31 @@ async fn attestations_verify_downstream_across_a_key_rotation_and_catch_a_change
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stdout).contains("the payload is not the attested one"));
     gate.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attestations_on_amqp_verify_downstream_and_catch_a_changed_body() {
+    use crate::amqp::{RABBIT, bearer, channel, drain, hdr, props_with, publish, topology};
+    let _shared = RABBIT.read().await;
+    let (_c, ch) = channel().await;
+    let n = topology(&ch, "attest").await;
+    let config = crate::amqp::config(&n, 50, None) + &attest_toml("orders", "gate-p256");
+    let jwks = crate::util::settings(&config).attester.expect("the config has [attestation]").jwks();
+    let gate = crate::kafka::Running::start(&config).await;
+    publish(
+        &ch,
+        &n.queue_in,
+        b"{\"order\":1}",
+        props_with(vec![("authorization", bearer(Algorithm::ES256, json!({})))]),
+    )
+    .await;
+    let ok = drain(&ch, &n.q_ok, 1, 30).await;
+    let att = hdr(&ok[0], "x-tokengate-attestation").expect("attested");
+    let body = String::from_utf8(ok[0].data.clone()).unwrap();
+    let checks = python_checks(&jwks, &[(att.clone(), None, body), (att, None, "{\"order\":2}".into())]);
+    assert_eq!(checks[0]["valid"], true, "{}", checks[0]);
+    assert_eq!(checks[0]["kid"], "gate-p256");
+    assert_eq!(checks[0]["claims"]["msg"]["key_sha256"], Value::Null, "AMQP messages have no key");
+    assert_eq!((checks[1]["valid"].clone(), checks[1]["reason"].clone()), (json!(false), json!("payload_mismatch")));
+    gate.stop().await;
 }

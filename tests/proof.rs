@@ -79,7 +79,7 @@ async fn bound_tokens_pass_only_with_their_own_message_on_kafka() {
         ("m6", "pay-6", h(&unbound, Some(proof("m6", "pay-6", now))), "proof_invalid"),
         ("m7", "pay-7", h(&bound, Some(proof("m7", "pay-7", now))), "trusted"),
     ];
-    let msgs: Vec<(String, String, Vec<(String, String)>)> =
+    let msgs: Vec<crate::kafka::Msg> =
         cases.iter().map(|(k, p, h, _)| (k.to_string(), p.to_string(), h.clone())).collect();
     produce(&bs, &t.untrusted, &msgs).await;
     let ok = consume(&bs, &t.trusted, 2, 30).await;

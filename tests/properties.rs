@@ -95,3 +95,48 @@ fn identity_claims_with_control_characters_are_written_json_encoded() {
         assert_eq!(got, Some(HeaderData::Bytes(want.as_bytes().to_vec())));
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    /// A bound-token route decides every proof header a producer can send (any bytes, or a valid
+    /// proof with one byte changed, or several proof headers): never a panic, never a hold, and
+    /// only the proof made for this very message passes.
+    #[test]
+    fn every_proof_header_is_decided_and_only_the_right_one_passes(
+        junk in vec(any::<u8>(), 0..300),
+        flip_at in any::<usize>(),
+        flip_to in any::<u8>(),
+        kind in 0..4u8,
+    ) {
+        let config = format!("{}\n[routes.r]\nissuers = [\"idp\"]\n[routes.r.proof]\nmode = \"jkt\"\n", issuers_toml());
+        let (verifier, routes) = engine(&config);
+        let gate = Gate::new(Arc::clone(&verifier), None, OnUnavailable::Hold);
+        let producer = tokengate::attest::SigningKey::from_pem(
+            "p", Algorithm::ES256, &std::fs::read(fixture("keys/p256.key.pem")).unwrap()).unwrap();
+        let jkt = tokengate::verify::proof::thumbprint(&producer.jwk).unwrap();
+        let tok = token(Algorithm::HS256, json!({"cnf": {"jkt": jkt}, "iat": NOW - 5, "exp": NOW + 600}));
+        let good = producer.proof(Some(b"k"), b"payload", "j1", NOW).unwrap().into_bytes();
+        let proofs: Vec<Vec<u8>> = match kind {
+            0 => vec![junk],
+            1 => {
+                let mut p = good.clone();
+                let i = flip_at % p.len();
+                p[i] = flip_to;
+                vec![p]
+            }
+            2 => vec![good.clone(), good.clone()],
+            _ => vec![good.clone()],
+        };
+        let mut headers = vec![("authorization".to_owned(), HeaderData::Bytes(format!("Bearer {tok}").into_bytes()))];
+        headers.extend(proofs.iter().map(|p| ("x-token-proof".to_owned(), HeaderData::Bytes(p.clone()))));
+        let env = Envelope {
+            key: Some(b"k".to_vec()), payload: Some(b"payload".to_vec()), headers, timestamp_ms: None,
+            origin: Origin::Kafka { topic: "t".into(), partition: 0, offset: 0 },
+            amqp: None, amqp_headers: None, defect: None,
+        };
+        let outcome = now_or_never(gate.handle(&routes[0], &env, NOW)).expect("decided, never held");
+        let passed = matches!(outcome, Outcome::Forward(_));
+        prop_assert_eq!(passed, proofs.len() == 1 && proofs[0] == good, "kind {}", kind);
+    }
+}

@@ -107,7 +107,7 @@ impl ProofSpec {
                         max_age.as_secs()
                     )));
                 }
-                if !claims.get("jti").is_some_and(|j| j.as_str().is_some_and(|s| !s.is_empty())) {
+                if claims.get("jti").and_then(Value::as_str).is_none_or(str::is_empty) {
                     return Err(invalid("the proof has no jti"));
                 }
                 let msg = &claims["msg"];
