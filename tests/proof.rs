@@ -1,5 +1,5 @@
 //! Tokens bound to their messages, end to end: on Kafka a DPoP-style proof per message (made by
-//! `tokengate token proof` and by the library), on RabbitMQ a token naming its payload's digest.
+//! `tokengate token proof`, by the library and by the README's Python producer), on RabbitMQ a token naming its payload's digest.
 //! A token copied onto another message, a stale proof, a proof by another key and a missing proof
 //! each meet their own reason.
 
@@ -18,6 +18,19 @@ use tokengate::verify::proof::thumbprint;
 
 fn producer_key(name: &str, alg: Algorithm) -> SigningKey {
     SigningKey::from_pem("producer", alg, &std::fs::read(fixture(&format!("keys/{name}"))).unwrap()).unwrap()
+}
+
+/// A proof made by the README's Python producer code (PyJWT), with the same producer key.
+fn python_proof(key: &str, payload: &str) -> String {
+    let python = std::env::var("TOKENGATE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = Command::new(&python)
+        .arg(fixture("proof.py"))
+        .arg(fixture("keys/p256.key.pem"))
+        .args([key, payload])
+        .output()
+        .unwrap_or_else(|e| panic!("{python} with PyJWT is required ({e}); scripts/test installs it"));
+    assert!(out.status.success(), "proof.py: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -78,11 +91,12 @@ async fn bound_tokens_pass_only_with_their_own_message_on_kafka() {
         ("m5", "pay-5", h(&bound, Some(other.proof(Some(b"m5"), b"pay-5", "j", now).unwrap())), "proof_invalid"),
         ("m6", "pay-6", h(&unbound, Some(proof("m6", "pay-6", now))), "proof_invalid"),
         ("m7", "pay-7", h(&bound, Some(proof("m7", "pay-7", now))), "trusted"),
+        ("m8", "pay-8", h(&bound, Some(python_proof("m8", "pay-8"))), "trusted"), // the README's producer
     ];
     let msgs: Vec<crate::kafka::Msg> =
         cases.iter().map(|(k, p, h, _)| (k.to_string(), p.to_string(), h.clone())).collect();
     produce(&bs, &t.untrusted, &msgs).await;
-    let ok = consume(&bs, &t.trusted, 2, 30).await;
+    let ok = consume(&bs, &t.trusted, 3, 30).await;
     let dead = consume(&bs, &t.dead_letter, 6, 30).await;
     let mut got = BTreeMap::new();
     for m in &ok {
