@@ -12,6 +12,8 @@ pub struct Engine {
     pub gate: Gate,
     pub verifier: Arc<Verifier>,
     pub route: RouteRules,
+    /// A route that binds tokens to messages (`proof.mode = "jkt"`).
+    pub bound: RouteRules,
 }
 
 const CONFIG: &str = r#"
@@ -27,6 +29,9 @@ secret = { env = "TOKENGATE_FUZZ_SECRET" }
 issuers = ["idp"]
 require = [{ claim = "scope", any_of = ["orders:write"] }]
 identity_headers = { sub = "x-tokengate-sub", "realm_access.roles" = "x-tokengate-roles" }
+[routes.bound]
+issuers = ["idp"]
+proof = { mode = "jkt" }
 "#;
 
 pub fn engine() -> &'static Engine {
@@ -34,10 +39,11 @@ pub fn engine() -> &'static Engine {
     E.get_or_init(|| {
         // SAFETY: set once, before any thread reads the environment.
         unsafe { std::env::set_var("TOKENGATE_FUZZ_SECRET", "fuzz-secret-0123456789abcdef-0123456789") };
-        let s = tokengate::config::parse(CONFIG, &[], Path::new(".")).expect("the fuzz config is valid");
-        let verifier = Arc::new(Verifier::new(s.issuers, &s.cache));
+        let mut s = tokengate::config::parse(CONFIG, &[], Path::new(".")).expect("the fuzz config is valid");
+        let verifier = Arc::new(Verifier::new(std::mem::take(&mut s.issuers), &s.cache));
         let gate = Gate::new(Arc::clone(&verifier), None, OnUnavailable::Hold);
-        Engine { gate, verifier, route: s.routes.into_iter().next().expect("one route").rules }
+        let route = |name: &str| s.routes.iter().find(|r| r.rules.name == name).expect("the route").rules.clone();
+        Engine { gate, verifier, route: route("r"), bound: route("bound") }
     })
 }
 
