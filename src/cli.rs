@@ -187,6 +187,10 @@ pub enum TokenCommand {
         /// The token, or `-` to read it from stdin.
         token: String,
     },
+    /// Get an access token from an OAuth 2.0 token endpoint (client credentials) for a producer;
+    /// prints it, or writes it to `--out`. With `--cache`, a token is reused until shortly
+    /// before it expires.
+    Fetch(FetchArgs),
     /// Make a proof of possession for one message: a JWS by the producer's key over the message
     /// key and payload digests, for the route's `proof.header`.
     Proof(ProofArgs),
@@ -273,6 +277,51 @@ pub struct MintArgs {
     /// The claim that carries the payload digest.
     #[arg(long, default_value = "msg_sha256")]
     pub digest_claim: String,
+}
+
+/// Arguments of `token fetch`.
+#[derive(Debug, Args)]
+pub struct FetchArgs {
+    /// The token endpoint, e.g. https://idp.example/realms/x/protocol/openid-connect/token.
+    #[arg(long)]
+    pub token_url: String,
+    /// The client id.
+    #[arg(long)]
+    pub client_id: String,
+    /// The client secret from this environment variable.
+    #[arg(long, value_name = "VAR")]
+    pub client_secret_env: Option<String>,
+    /// The client secret from this file.
+    #[arg(long, value_name = "FILE")]
+    pub client_secret_file: Option<PathBuf>,
+    /// How a secret is sent: `basic` (client_secret_basic, default) or `post` (client_secret_post).
+    #[arg(long, default_value = "basic")]
+    pub auth: String,
+    /// private_key_jwt (RFC 7523) instead of a secret: the client's PEM private key.
+    #[arg(long, value_name = "FILE")]
+    pub private_key_file: Option<PathBuf>,
+    /// The private key's algorithm.
+    #[arg(long, default_value = "RS256")]
+    pub alg: String,
+    /// The private key's kid, if the server needs one.
+    #[arg(long)]
+    pub kid: Option<String>,
+    /// A scope to ask for (repeat or comma-separate).
+    #[arg(long, value_delimiter = ',')]
+    pub scope: Vec<String>,
+    /// The `audience` parameter (Auth0 and others).
+    #[arg(long)]
+    pub audience: Option<String>,
+    /// Write the token to this file (mode 0600) instead of printing it.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// Cache the token in this file (mode 0600) and reuse it while it has more than
+    /// `--min-remaining` left.
+    #[arg(long, value_name = "FILE")]
+    pub cache: Option<PathBuf>,
+    /// Fetch a new token when the cached one has less than this left.
+    #[arg(long, default_value = "60s")]
+    pub min_remaining: humantime::Duration,
 }
 
 /// Arguments of `token proof`.
@@ -422,6 +471,59 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Token(TokenCommand::Inspect { token }) => {
             let token = read_token(&token)?;
             println!("{}", serde_json::to_string_pretty(&ops::inspect(&token, verify::unix_now())?)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token(TokenCommand::Fetch(a)) => {
+            let secret = match (&a.client_secret_env, &a.client_secret_file) {
+                (Some(v), None) => Some(config::Secret::Env(v.clone())),
+                (None, Some(f)) => Some(config::Secret::File(f.clone())),
+                (None, None) => None,
+                _ => anyhow::bail!("give --client-secret-env or --client-secret-file, not both"),
+            };
+            let secret = secret
+                .map(|s| s.resolve(std::path::Path::new(".")).map(|b| String::from_utf8_lossy(&b).trim().to_owned()))
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
+            let auth = match (secret, &a.private_key_file, a.auth.as_str()) {
+                (Some(s), None, "basic") => ops::ClientAuth::SecretBasic(s),
+                (Some(s), None, "post") => ops::ClientAuth::SecretPost(s),
+                (None, Some(f), _) => {
+                    let alg: Algorithm = a.alg.parse().map_err(|_| anyhow::anyhow!("unknown algorithm {:?}", a.alg))?;
+                    let pem = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
+                    ops::ClientAuth::PrivateKeyJwt {
+                        key: ops::signing_key(alg, None, Some(&pem))?,
+                        alg,
+                        kid: a.kid.clone(),
+                    }
+                }
+                (Some(_), None, other) => anyhow::bail!("--auth is basic or post, not {other:?}"),
+                (Some(_), Some(_), _) => anyhow::bail!("give a client secret or --private-key-file, not both"),
+                (None, None, _) => {
+                    anyhow::bail!("give --client-secret-env, --client-secret-file or --private-key-file")
+                }
+            };
+            let fetch = ops::Fetch {
+                token_url: a.token_url,
+                client_id: a.client_id,
+                auth,
+                scopes: a.scope,
+                audience: a.audience,
+            };
+            let min = std::time::Duration::from(a.min_remaining).as_secs() as i64;
+            let (token, cached) = ops::fetch_cached(&fetch, a.cache.as_deref(), min, verify::unix_now()).await?;
+            match &a.out {
+                Some(path) => {
+                    ops::write_private(path, token.as_bytes())
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    let fp = verify::fingerprint(&token);
+                    eprintln!(
+                        "token {} ({}; fingerprint {fp})",
+                        if cached { "reused from the cache" } else { "fetched" },
+                        path.display()
+                    );
+                }
+                None => println!("{token}"),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Token(TokenCommand::Proof(a)) => {

@@ -49,7 +49,7 @@
 //! - [`app`]: `tokengate run` wiring (routes, admin endpoint, shutdown).
 //! - [`demo`]: `tokengate demo`, the whole pipeline on an embedded Kafka.
 //! - [`admin`]: `/health`, `/ready`, `/metrics`, `/.well-known/jwks.json`.
-//! - [`ops`]: the token tools (mint, inspect, verify).
+//! - [`ops`]: the token tools (mint, inspect, verify, fetch from an OAuth token endpoint).
 //! - [`telemetry`]: log setup (wire-level client logs capped) and every metric, declared once,
 //!   with typed handles.
 //! - [`cli`]: the command line.

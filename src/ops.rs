@@ -195,3 +195,137 @@ pub fn parse_time(s: &str, now: i64) -> anyhow::Result<i64> {
     })?;
     Ok(t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64))
 }
+
+/// How `token fetch` authenticates the client at the token endpoint.
+pub enum ClientAuth {
+    /// `client_secret_basic`: HTTP Basic with the client id and secret.
+    SecretBasic(String),
+    /// `client_secret_post`: the id and secret in the form body.
+    SecretPost(String),
+    /// `private_key_jwt` (RFC 7523): a short JWT signed with the client's private key.
+    PrivateKeyJwt {
+        /// The signing key.
+        key: EncodingKey,
+        /// Its algorithm (RS*, PS*, ES*, EdDSA).
+        alg: Algorithm,
+        /// Its `kid`, if the server needs one.
+        kid: Option<String>,
+    },
+}
+
+/// An OAuth 2.0 client-credentials request (`tokengate token fetch`).
+pub struct Fetch {
+    /// The token endpoint.
+    pub token_url: String,
+    /// The client id.
+    pub client_id: String,
+    /// How the client authenticates.
+    pub auth: ClientAuth,
+    /// Scopes asked for (space-joined).
+    pub scopes: Vec<String>,
+    /// `audience` parameter (Auth0 and others), if any.
+    pub audience: Option<String>,
+}
+
+impl Fetch {
+    /// A key for the cache: the same request, the same cached token.
+    pub fn cache_key(&self) -> String {
+        let id = format!("{}\n{}\n{}\n{:?}", self.token_url, self.client_id, self.scopes.join(" "), self.audience);
+        crate::attest::sha256_hex(id.as_bytes())
+    }
+
+    /// Asks the token endpoint for a token: returns it and its lifetime in seconds (`expires_in`).
+    pub async fn request(&self, now: i64) -> anyhow::Result<(String, Option<i64>)> {
+        let mut form: Vec<(&str, String)> = vec![("grant_type", "client_credentials".into())];
+        if !self.scopes.is_empty() {
+            form.push(("scope", self.scopes.join(" ")));
+        }
+        if let Some(a) = &self.audience {
+            form.push(("audience", a.clone()));
+        }
+        let mut req = reqwest::Client::new().post(&self.token_url).timeout(std::time::Duration::from_secs(30));
+        match &self.auth {
+            ClientAuth::SecretBasic(secret) => {
+                // RFC 6749 2.3.1: id and secret are form-urlencoded before Basic encoding.
+                let enc = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+                req = req.basic_auth(enc(&self.client_id), Some(enc(secret)));
+            }
+            ClientAuth::SecretPost(secret) => {
+                form.push(("client_id", self.client_id.clone()));
+                form.push(("client_secret", secret.clone()));
+            }
+            ClientAuth::PrivateKeyJwt { key, alg, kid } => {
+                let mut header = jsonwebtoken::Header::new(*alg);
+                header.kid = kid.clone();
+                let claims = json!({
+                    "iss": self.client_id, "sub": self.client_id, "aud": self.token_url,
+                    "iat": now, "exp": now + 60, "jti": format!("{:032x}", rand::random::<u128>()),
+                });
+                form.push(("client_id", self.client_id.clone()));
+                form.push(("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".into()));
+                form.push(("client_assertion", jsonwebtoken::encode(&header, &claims, key)?));
+            }
+        }
+        let body = url::form_urlencoded::Serializer::new(String::new()).extend_pairs(&form).finish();
+        let resp = req
+            .header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(reqwest::header::ACCEPT, "application/json")
+            .body(body)
+            .send()
+            .await
+            .with_context(|| format!("POST {}", self.token_url))?;
+        let status = resp.status();
+        let v: Value = resp.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            // The OAuth error fields only: never the request (it may hold the secret).
+            let err = v["error"].as_str().unwrap_or("no OAuth error in the response");
+            let desc =
+                v["error_description"].as_str().map(|d| format!(": {}", verify::jwt::shorten(d))).unwrap_or_default();
+            bail!("the token endpoint answered {status}: {err}{desc}");
+        }
+        let token = v["access_token"].as_str().context("the token endpoint's answer has no access_token")?;
+        Ok((token.to_owned(), v["expires_in"].as_i64()))
+    }
+}
+
+/// A token from `cache` while it has more than `min_remaining` seconds left, else a new one from
+/// the endpoint, written back to `cache` (mode 0600). Returns the token and whether it was cached.
+pub async fn fetch_cached(
+    f: &Fetch,
+    cache: Option<&Path>,
+    min_remaining: i64,
+    now: i64,
+) -> anyhow::Result<(String, bool)> {
+    let key = f.cache_key();
+    if let Some(path) = cache
+        && let Ok(text) = std::fs::read_to_string(path)
+        && let Ok(v) = serde_json::from_str::<Value>(&text)
+        && v["key"].as_str() == Some(key.as_str())
+        && v["expires_at"].as_i64().is_some_and(|e| e - now > min_remaining)
+        && let Some(t) = v["access_token"].as_str()
+    {
+        return Ok((t.to_owned(), true));
+    }
+    let (token, expires_in) = f.request(now).await?;
+    // Without expires_in, the token's own exp (unverified: only for caching).
+    let expires_at = expires_in.map(|e| now + e).or_else(|| {
+        verify::jwt::decode_unverified(&token).ok().and_then(|(_, c)| c.get("exp").and_then(Value::as_i64))
+    });
+    if let (Some(path), Some(expires_at)) = (cache, expires_at) {
+        let doc = json!({"key": key, "access_token": token, "expires_at": expires_at});
+        write_private(path, doc.to_string().as_bytes())
+            .with_context(|| format!("writing the cache {}", path.display()))?;
+    }
+    Ok((token, false))
+}
+
+/// Writes a file only its owner may read (a token, a cache of tokens).
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+    let mut file = o.open(path)?;
+    file.write_all(bytes)
+}

@@ -13,4 +13,5 @@ mod kafka_failover;
 mod proof;
 mod properties;
 mod revocation;
+mod token_fetch;
 mod verify;
