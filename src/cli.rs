@@ -474,16 +474,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Token(TokenCommand::Fetch(a)) => {
-            let secret = match (&a.client_secret_env, &a.client_secret_file) {
-                (Some(v), None) => Some(config::Secret::Env(v.clone())),
-                (None, Some(f)) => Some(config::Secret::File(f.clone())),
-                (None, None) => None,
-                _ => anyhow::bail!("give --client-secret-env or --client-secret-file, not both"),
-            };
-            let secret = secret
-                .map(|s| s.resolve(std::path::Path::new(".")).map(|b| String::from_utf8_lossy(&b).trim().to_owned()))
-                .transpose()
-                .map_err(anyhow::Error::msg)?;
+            let secret =
+                secret_arg(&a.client_secret_env, &a.client_secret_file, "--client-secret-env or --client-secret-file")?
+                    .map(|b| String::from_utf8_lossy(&b).trim().to_owned());
             let auth = match (secret, &a.private_key_file, a.auth.as_str()) {
                 (Some(s), None, "basic") => ops::ClientAuth::SecretBasic(s),
                 (Some(s), None, "post") => ops::ClientAuth::SecretPost(s),
@@ -614,15 +607,21 @@ fn checked(file: &std::path::Path, s: &config::Settings, strict: bool) -> ExitCo
     ExitCode::SUCCESS
 }
 
+/// A secret given by an environment variable or a file (never on the command line); `flags` names
+/// the two options for the error.
+fn secret_arg(env: &Option<String>, file: &Option<PathBuf>, flags: &str) -> anyhow::Result<Option<Vec<u8>>> {
+    let secret = match (env, file) {
+        (Some(v), None) => config::Secret::Env(v.clone()),
+        (None, Some(f)) => config::Secret::File(f.clone()),
+        (None, None) => return Ok(None),
+        _ => anyhow::bail!("give {flags}, not both"),
+    };
+    secret.resolve(std::path::Path::new(".")).map(Some).map_err(anyhow::Error::msg)
+}
+
 fn mint(a: MintArgs) -> anyhow::Result<String> {
     let alg: Algorithm = a.alg.parse().map_err(|_| anyhow::anyhow!("unknown algorithm {:?}", a.alg))?;
-    let secret = match (&a.secret_env, &a.secret_file) {
-        (Some(v), None) => Some(config::Secret::Env(v.clone())),
-        (None, Some(f)) => Some(config::Secret::File(f.clone())),
-        (None, None) => None,
-        _ => anyhow::bail!("give --secret-env or --secret-file, not both"),
-    };
-    let secret = secret.map(|s| s.resolve(std::path::Path::new("."))).transpose().map_err(anyhow::Error::msg)?;
+    let secret = secret_arg(&a.secret_env, &a.secret_file, "--secret-env or --secret-file")?;
     let secret = match (secret, a.secret_base64) {
         (Some(s), true) => {
             use base64::Engine as _;
