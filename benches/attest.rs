@@ -113,7 +113,7 @@ fn proof_bench(c: &mut Criterion) {
             headers.push(("x-token-proof".to_owned(), HeaderData::Bytes(proof.into_bytes())));
         }
         if route == "digest" {
-            extra.insert("msg_sha256".into(), serde_json::json!(tokengate::attest::sha256_hex(&payload)));
+            extra.insert("msg_sha256".into(), serde_json::json!(verify::sha256_hex(&payload)));
         }
         let token = common::mint_with(Algorithm::RS256, extra);
         headers.push(("authorization".into(), HeaderData::Bytes(format!("Bearer {token}").into_bytes())));

@@ -23,7 +23,7 @@ use jsonwebtoken::Algorithm;
 use serde_json::{Map, Value, json};
 
 use crate::envelope::Envelope;
-use crate::verify::{ClaimPath, Verified};
+use crate::verify::{ClaimPath, Verified, sha256_hex};
 
 /// One of the gate's signing keys, parsed once.
 pub struct SigningKey {
@@ -172,8 +172,9 @@ impl std::fmt::Debug for RouteAttestation {
 }
 
 impl RouteAttestation {
-    /// The attestation of `env`, accepted on `route` with the verified token `v`, at `now`.
-    pub fn attest(&self, route: &str, env: &Envelope, v: &Verified, now: i64) -> Result<String, String> {
+    /// The attestation of `env` (whose [`Envelope::message_id`] is `src`), accepted on `route`
+    /// with the verified token `v`, at `now`.
+    pub fn attest(&self, route: &str, env: &Envelope, src: &str, v: &Verified, now: i64) -> Result<String, String> {
         let mut identity = Map::new();
         for (path, name) in &self.keep {
             if let Some(value) = v.claims.get(path) {
@@ -188,7 +189,7 @@ impl RouteAttestation {
         claims.insert("identity".into(), Value::Object(identity));
         claims
             .insert("token".into(), json!({"iss": &*v.iss, "kid": v.kid.as_deref(), "fp": v.fingerprint.to_string()}));
-        claims.insert("src".into(), json!(env.message_id()));
+        claims.insert("src".into(), json!(src));
         claims.insert(
             "msg".into(),
             json!({
@@ -198,11 +199,6 @@ impl RouteAttestation {
         );
         self.attester.sign(claims, now)
     }
-}
-
-/// Hex SHA-256.
-pub fn sha256_hex(b: &[u8]) -> String {
-    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, b).as_ref())
 }
 
 /// Checks an attestation against `jwks` and the message it came with: signature (EdDSA or ES256

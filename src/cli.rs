@@ -652,7 +652,7 @@ fn mint(a: MintArgs) -> anyhow::Result<String> {
     }
     if let Some(f) = &a.payload_file {
         let payload = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
-        extra.insert(a.digest_claim.clone(), Value::from(crate::attest::sha256_hex(&payload)));
+        extra.insert(a.digest_claim.clone(), Value::from(verify::sha256_hex(&payload)));
     }
     let req = ops::Mint {
         alg,

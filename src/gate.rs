@@ -217,21 +217,22 @@ pub fn forward(route: &RouteRules, env: &Envelope, v: Option<&Verified>) -> Outg
             headers.push((names.kid.clone(), text(kid.to_string())));
         }
         headers.push((names.fingerprint.clone(), text(v.fingerprint.to_string())));
-        if let Some(a) = &route.attest {
-            // Signing cannot fail for keys checked at load (an EdDSA or ES256 key and a JSON
-            // object); if it ever did, the message goes without the header, which consumers
-            // that check attestations refuse, and the log says why.
-            match a.attest(&route.name, env, v, verify::unix_now()) {
-                Ok(jws) => headers.push((a.header.clone(), text(jws))),
-                Err(e) => tracing::error!(route = %route.name, error = %e, "attestation not signed"),
-            }
+    }
+    let id = env.message_id();
+    if let (Some(v), Some(a)) = (v, &route.attest) {
+        // Signing cannot fail for keys checked at load (an EdDSA or ES256 key and a JSON
+        // object); if it ever did, the message goes without the header, which consumers
+        // that check attestations refuse, and the log says why.
+        match a.attest(&route.name, env, &id, v, verify::unix_now()) {
+            Ok(jws) => headers.push((a.header.clone(), text(jws))),
+            Err(e) => tracing::error!(route = %route.name, error = %e, "attestation not signed"),
         }
     }
     headers.push((names.route.clone(), text(route.name.clone())));
     for (k, val) in env.origin.describe(names) {
         headers.push((k.to_owned(), text(val)));
     }
-    headers.push((names.message_id.clone(), text(env.message_id())));
+    headers.push((names.message_id.clone(), text(id)));
     base(env, headers)
 }
 

@@ -231,7 +231,7 @@ impl Fetch {
     /// A key for the cache: the same request, the same cached token.
     pub fn cache_key(&self) -> String {
         let id = format!("{}\n{}\n{}\n{:?}", self.token_url, self.client_id, self.scopes.join(" "), self.audience);
-        crate::attest::sha256_hex(id.as_bytes())
+        verify::sha256_hex(id.as_bytes())
     }
 
     /// Asks the token endpoint for a token: returns it and its lifetime in seconds (`expires_in`).

@@ -10,7 +10,7 @@ use std::time::Duration;
 use rand::{RngExt as _, SeedableRng as _};
 
 use crate::kafka::{create_topics, kafka, topics, wait_group};
-use crate::kafka_failover::{GateProcess, OwnKafka, assert_fates, fates, instance_config, stream};
+use crate::kafka_failover::{Fate, GateProcess, OwnKafka, Sent, assert_fates, fates, instance_config, stream};
 use crate::util::free_port;
 
 /// An instance of an `exactly_once` route (transactions of at most 100 ms by default).
@@ -18,6 +18,19 @@ fn eos_config(bs: &str, t: &crate::kafka::Topics, group: &str, route: &str, admi
     // A dead member is noticed after 6 s (the broker's minimum) instead of the default 45 s.
     let props = r#""session.timeout.ms" = "6000", "heartbeat.interval.ms" = "1000""#;
     instance_config(bs, t, group, route, props, None, admin) + "delivery = \"exactly_once\"\n"
+}
+
+/// Every sent record is on the trusted or the dead-letter topic exactly once, as its validity
+/// says, in per-key order (`context` is printed on failure).
+fn assert_each_once(sent: &[Sent], fates: &[Fate], context: &str) {
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for f in fates {
+        *seen.entry(f.payload.as_str()).or_default() += 1;
+    }
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "{} records written more than once ({context}): {twice:?}", twice.len());
+    assert_eq!(seen.len(), sent.len(), "every record once across trusted and dead-letter ({context})");
+    assert_eq!(assert_fates(sent, fates), 0, "no trusted record twice ({context})");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -53,14 +66,7 @@ async fn exactly_once_with_an_instance_killed_five_times_writes_every_record_exa
     let sent = producer.await.unwrap();
 
     let fates = fates(&bs, &t, N as usize, 240).await;
-    assert_eq!(assert_fates(&sent, &fates), 0, "no trusted record twice (seed {seed})");
-    let mut seen: HashMap<&str, usize> = HashMap::new();
-    for f in &fates {
-        *seen.entry(f.payload.as_str()).or_default() += 1;
-    }
-    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(twice.is_empty(), "{} records written more than once (seed {seed}): {twice:?}", twice.len());
-    assert_eq!(seen.len(), N as usize, "every record once across trusted and dead-letter (seed {seed})");
+    assert_each_once(&sent, &fates, &format!("seed {seed}"));
 
     let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.unwrap().text().await.unwrap();
     let committed = metrics
@@ -96,30 +102,12 @@ async fn exactly_once_through_a_broker_stop_and_start_writes_every_record_exactl
     const N: u64 = 3000;
     let producer = tokio::spawn(stream(bs.clone(), t.untrusted.clone(), N, 150, 12));
     tokio::time::sleep(Duration::from_secs(5)).await;
-    broker = tokio::task::spawn_blocking(move || {
-        broker.stop();
-        broker
-    })
-    .await
-    .unwrap();
+    broker = broker.stopped().await;
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let broker = tokio::task::spawn_blocking(move || {
-        broker.start_again();
-        broker
-    })
-    .await
-    .unwrap();
+    let broker = broker.started().await;
     let sent = producer.await.unwrap();
     let fates = fates(&bs, &t, N as usize, 180).await;
-    let distinct: std::collections::HashSet<&str> = fates.iter().map(|f| f.payload.as_str()).collect();
-    assert_eq!(distinct.len(), N as usize, "records written; the gate's log:\n{}", gate.logs());
-    assert_eq!(assert_fates(&sent, &fates), 0, "no trusted record twice");
-    let mut seen: HashMap<&str, usize> = HashMap::new();
-    for f in &fates {
-        *seen.entry(f.payload.as_str()).or_default() += 1;
-    }
-    assert!(seen.values().all(|n| *n == 1), "a record written twice across trusted and dead-letter");
-    assert_eq!(seen.len(), N as usize);
+    assert_each_once(&sent, &fates, &format!("the gate's log:\n{}", gate.logs()));
     let log = gate.stop();
     eprintln!("aborted transactions logged: {}", log.matches("transaction failed").count());
     drop(broker);

@@ -73,6 +73,26 @@ impl OwnKafka {
         }
     }
 
+    /// [`Self::stop`] off the async workers.
+    pub async fn stopped(mut self) -> OwnKafka {
+        tokio::task::spawn_blocking(move || {
+            self.stop();
+            self
+        })
+        .await
+        .unwrap()
+    }
+
+    /// [`Self::start_again`] off the async workers.
+    pub async fn started(mut self) -> OwnKafka {
+        tokio::task::spawn_blocking(move || {
+            self.start_again();
+            self
+        })
+        .await
+        .unwrap()
+    }
+
     /// Stops the broker as an operator would (SIGTERM: a controlled shutdown) and waits for it.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -395,22 +415,12 @@ async fn kafka_broker_stopped_and_started_mid_stream_loses_nothing_and_ready_tel
     const N: u64 = 3000;
     let producer = tokio::spawn(stream(bs.clone(), t.untrusted.clone(), N, 150, 12));
     tokio::time::sleep(Duration::from_secs(5)).await;
-    broker = tokio::task::spawn_blocking(move || {
-        broker.stop();
-        broker
-    })
-    .await
-    .unwrap();
+    broker = broker.stopped().await;
     let noticed = wait_ready(port, false, 20).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     wait_ready(port, false, 1).await; // still not ready while the broker is down
     let restarted = Instant::now();
-    let broker = tokio::task::spawn_blocking(move || {
-        broker.start_again();
-        broker
-    })
-    .await
-    .unwrap();
+    let broker = broker.started().await;
     let back = wait_ready(port, true, 60).await;
     let sent = producer.await.unwrap();
     let fates = fates(&bs, &t, N as usize, 120).await;

@@ -13,8 +13,9 @@ use serde_json::json;
 use crate::amqp::{RABBIT, bearer, channel, drain, hdr, props_with, publish, topology};
 use crate::kafka::{Running, consume, create_topics, gate_config, header, kafka, produce, topics};
 use crate::util::{fixture, token};
-use tokengate::attest::{SigningKey, sha256_hex};
+use tokengate::attest::SigningKey;
 use tokengate::verify::proof::thumbprint;
+use tokengate::verify::sha256_hex;
 
 fn producer_key(name: &str, alg: Algorithm) -> SigningKey {
     SigningKey::from_pem("producer", alg, &std::fs::read(fixture(&format!("keys/{name}"))).unwrap()).unwrap()

@@ -217,6 +217,24 @@ pub(super) fn read(topics: &mut HashMap<String, Arc<str>>, m: &BorrowedMessage<'
     (env, (topic, m.partition()), m.offset())
 }
 
+/// `first` and what else the consumer has buffered (taken without waiting), up to [`CHUNK`]
+/// records, each through `take`: decided together in one task.
+pub(super) fn buffered<C: ConsumerContext + 'static, T>(
+    consumer: &StreamConsumer<C>,
+    first: BorrowedMessage<'_>,
+    mut take: impl FnMut(&BorrowedMessage<'_>) -> T,
+) -> Vec<T> {
+    let mut batch = vec![take(&first)];
+    drop(first);
+    while batch.len() < CHUNK {
+        match consumer.recv().now_or_never() {
+            Some(Ok(m)) => batch.push(take(&m)),
+            _ => break,
+        }
+    }
+    batch
+}
+
 /// A record with its partition's epoch.
 fn intake(
     topics: &mut HashMap<String, Arc<str>>,
@@ -339,15 +357,7 @@ impl Loop {
                 _ = tokio::time::sleep_until(wake.unwrap_or_else(tokio::time::Instant::now)), if wake.is_some() => {}
                 msg = self.consumer.recv(), if self.pipe.has_room() => match msg {
                     Ok(m) => {
-                        let mut batch = vec![intake(&mut self.topics, &self.tracker, &m)];
-                        drop(m);
-                        // Take what is already buffered, without waiting, to decide it in one task.
-                        while batch.len() < CHUNK {
-                            match self.consumer.recv().now_or_never() {
-                                Some(Ok(m)) => batch.push(intake(&mut self.topics, &self.tracker, &m)),
-                                _ => break,
-                            }
-                        }
+                        let batch = buffered(&self.consumer, m, |m| intake(&mut self.topics, &self.tracker, m));
                         self.pipe.submit(batch);
                     }
                     Err(e) => {

@@ -14,7 +14,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::FutureExt as _;
 use futures_util::StreamExt as _;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, ConsumerGroupMetadata, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaError;
@@ -22,9 +21,9 @@ use rdkafka::producer::{FutureProducer, Producer as _};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
-use super::kafka::{TopicPartition, probe, read};
+use super::kafka::{TopicPartition, buffered, probe, read};
 use crate::config::{ExactlyOnce, KafkaSourceSettings};
-use crate::pipeline::{Acks, CHUNK, Pipeline, Route, Settled};
+use crate::pipeline::{Acks, Pipeline, Route, Settled};
 use crate::sink::Sink;
 use crate::telemetry::TransactionMetrics;
 
@@ -387,14 +386,7 @@ impl Loop {
                 _ = tokio::time::sleep_until(wake.unwrap_or_else(tokio::time::Instant::now)), if wake.is_some() => {}
                 msg = self.consumer.recv(), if self.pipe.has_room() => match msg {
                     Ok(m) => {
-                        let mut batch = vec![intake(&mut self.topics, &self.txns, &m)];
-                        drop(m);
-                        while batch.len() < CHUNK {
-                            match self.consumer.recv().now_or_never() {
-                                Some(Ok(m)) => batch.push(intake(&mut self.topics, &self.txns, &m)),
-                                _ => break,
-                            }
-                        }
+                        let batch = buffered(&self.consumer, m, |m| intake(&mut self.topics, &self.txns, m));
                         self.pipe.submit(batch);
                     }
                     Err(e) => {

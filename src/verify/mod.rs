@@ -123,6 +123,11 @@ impl FingerprintHex {
     }
 }
 
+/// Hex SHA-256 of `b`: the message digests of attestations and proofs.
+pub fn sha256_hex(b: &[u8]) -> String {
+    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, b).as_ref())
+}
+
 /// The fingerprint of a token as text, see [`Fingerprint`].
 pub fn fingerprint(token: &str) -> String {
     Fingerprint::of(token).to_string()

@@ -16,7 +16,7 @@ use std::time::Duration;
 use jsonwebtoken::Algorithm;
 use serde_json::{Value, json};
 
-use super::{ClaimPath, Reason, Rejection, Verified};
+use super::{ClaimPath, Reason, Rejection, Verified, sha256_hex};
 
 /// How a route binds tokens to messages.
 #[derive(Debug, Clone)]
@@ -37,11 +37,6 @@ pub enum ProofSpec {
 /// The claim path of the key thumbprint in a bound token.
 pub fn cnf_jkt() -> ClaimPath {
     ClaimPath("cnf.jkt".into())
-}
-
-/// Hex SHA-256.
-fn sha256_hex(b: &[u8]) -> String {
-    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, b).as_ref())
 }
 
 /// The RFC 7638 thumbprint (base64url SHA-256 of the required members in lexicographic order) of
