@@ -12,6 +12,7 @@ use crate::config::{Settings, SinkSettings, SourceSettings};
 use crate::gate::Gate;
 use crate::pipeline::{Route, RouteStatus};
 use crate::revocation::Revocations;
+use crate::single_use::Uses;
 use crate::sink::{Sink, kafka::KafkaSink};
 use crate::source;
 use crate::verify::Verifier;
@@ -44,7 +45,13 @@ pub async fn build_gate(
             None
         }
     };
-    Ok(Arc::new(Gate::new(verifier, revocations, on_unavailable)))
+    let gate = Gate::new(verifier, revocations, on_unavailable);
+    let single_use = settings.routes.iter().any(|r| r.rules.single_use);
+    Ok(Arc::new(match (&settings.redis, single_use) {
+        (Some(rc), true) => gate.with_single_use(Arc::new(Uses::redis(rc.info.clone(), &rc.prefix)?)),
+        (None, true) => gate.with_single_use(Arc::new(Uses::in_memory(crate::revocation::DEFAULT_PREFIX))),
+        (_, false) => gate,
+    }))
 }
 
 fn build_sink(sink: &SinkSettings) -> anyhow::Result<Sink> {

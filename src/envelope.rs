@@ -38,6 +38,8 @@ pub enum Origin {
         routing_key: String,
         /// The channel's delivery tag.
         delivery_tag: u64,
+        /// Set by the broker on a delivery it made before (a consumer died before its ack).
+        redelivered: bool,
     },
 }
 
@@ -47,6 +49,16 @@ impl Origin {
         match self {
             Origin::Kafka { topic, .. } => topic,
             Origin::Amqp { routing_key, .. } => routing_key,
+        }
+    }
+
+    /// Whether this may be a second delivery of a message already read: any Kafka record (its
+    /// coordinates are unique, so a repeat can only be a re-read), an AMQP delivery only when the
+    /// broker flagged it redelivered (a producer can repeat an AMQP message's id, not that flag).
+    pub fn may_repeat(&self) -> bool {
+        match self {
+            Origin::Kafka { .. } => true,
+            Origin::Amqp { redelivered, .. } => *redelivered,
         }
     }
 
@@ -220,7 +232,13 @@ mod tests {
             payload: Some(payload.to_vec()),
             headers: vec![("authorization".into(), HeaderData::Bytes(b"Bearer t".to_vec()))],
             timestamp_ms: None,
-            origin: Origin::Amqp { queue: "q".into(), exchange: "x".into(), routing_key: "r".into(), delivery_tag: 1 },
+            origin: Origin::Amqp {
+                queue: "q".into(),
+                exchange: "x".into(),
+                routing_key: "r".into(),
+                delivery_tag: 1,
+                redelivered: false,
+            },
             amqp: Some(props),
             amqp_headers: None,
             defect: None,

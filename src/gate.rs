@@ -13,6 +13,7 @@ use serde_json::Value;
 use crate::config::{GuardConfig, OnUnavailable, RouteRules};
 use crate::envelope::{Envelope, HeaderData, Outgoing};
 use crate::revocation::{self, Revocations};
+use crate::single_use::{Ticket, Uses};
 use crate::verify::{self, HeaderValue, KeysUnavailable, Reason, Rejection, Verified, Verifier};
 
 /// Why a message cannot be decided now.
@@ -24,15 +25,19 @@ pub enum Hold {
     /// The revocation list could not be read.
     #[error(transparent)]
     Revocation(#[from] revocation::Unavailable),
+    /// A single-use route's record of uses could not be read or written.
+    #[error("{} (unreachable)", .0.0)]
+    SingleUse(revocation::Unavailable),
 }
 
 impl Hold {
     /// Its `cause` label (one of [`crate::telemetry::HOLD_CAUSES`]).
     pub fn cause(&self) -> &'static str {
-        let [keys, revocation] = crate::telemetry::HOLD_CAUSES;
+        let [keys, revocation, single_use] = crate::telemetry::HOLD_CAUSES;
         match self {
             Hold::Keys(_) => keys,
             Hold::Revocation(_) => revocation,
+            Hold::SingleUse(_) => single_use,
         }
     }
 }
@@ -50,6 +55,8 @@ pub enum Outcome {
 pub struct Gate {
     verifier: Arc<Verifier>,
     revocations: Option<Arc<Revocations>>,
+    /// The record of single-use tokens' uses (routes with `single_use = true`).
+    uses: Option<Arc<Uses>>,
     on_unavailable: OnUnavailable,
     verify: bool,
     /// Per route and reason: when a rejection was last logged, and how many were not since.
@@ -65,7 +72,19 @@ const REJECTION_LOG_EVERY: Duration = Duration::from_secs(10);
 impl Gate {
     /// A gate that verifies tokens and, if given, checks revocations.
     pub fn new(verifier: Arc<Verifier>, revocations: Option<Arc<Revocations>>, on_unavailable: OnUnavailable) -> Gate {
-        Gate { verifier, revocations, on_unavailable, verify: true, last_logged: Mutex::new(HashMap::new()) }
+        Gate {
+            verifier,
+            revocations,
+            uses: None,
+            on_unavailable,
+            verify: true,
+            last_logged: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The same gate, recording single-use tokens' uses in `uses`.
+    pub fn with_single_use(self, uses: Arc<Uses>) -> Gate {
+        Gate { uses: Some(uses), ..self }
     }
 
     /// A gate that forwards everything unverified: only for measuring the pipeline's own cost.
@@ -85,6 +104,17 @@ impl Gate {
 
     /// Decides one message at unix time `now`.
     pub async fn handle(&self, route: &RouteRules, env: &Envelope, now: i64) -> Result<Outcome, Hold> {
+        self.handle_in_turn(route, env, now, None).await
+    }
+
+    /// [`Self::handle`], making a single-use claim only once `turn` comes (read order).
+    pub async fn handle_in_turn(
+        &self,
+        route: &RouteRules,
+        env: &Envelope,
+        now: i64,
+        turn: Option<Ticket>,
+    ) -> Result<Outcome, Hold> {
         if !self.verify {
             return Ok(Outcome::Forward(forward(route, env, None)));
         }
@@ -125,6 +155,27 @@ impl Gate {
                 Err(e) => return Err(Hold::Revocation(e)),
             },
             (verdict, _) => verdict,
+        };
+        // Last, so that only a token that passes everything else uses up its jti.
+        let verdict = match verdict {
+            Ok(v) if route.single_use => {
+                if let Some(t) = &turn {
+                    t.wait().await;
+                }
+                let claimed = match &self.uses {
+                    Some(uses) => uses.claim(&v, env, now).await,
+                    None => Err(revocation::Unavailable("no record of single-use tokens (needs [redis])".into())),
+                };
+                match claimed {
+                    Ok(None) => Ok(v),
+                    Ok(Some(r)) => Err(r),
+                    Err(e) if self.on_unavailable == OnUnavailable::DeadLetter => {
+                        Err(Rejection::new(Reason::RevocationUnavailable, e.0))
+                    }
+                    Err(e) => return Err(Hold::SingleUse(e)),
+                }
+            }
+            verdict => verdict,
         };
         Ok(match verdict {
             Ok(v) => {
@@ -318,6 +369,7 @@ mod tests {
             headers: crate::envelope::HeaderNames::new("x-tokengate-"),
             attest: None,
             proof: None,
+            single_use: false,
         }
     }
 

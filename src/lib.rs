@@ -15,6 +15,7 @@
 //!        gate::Gate::handle        verify::Verifier (token, signature, claims, policy,
 //!                                  a bound token's proof), attest (the gate's signature)
 //!                                  + revocation::Revocations (local mirror of Redis)
+//!                                  + single_use::Uses (a jti's first use, in Redis)
 //!                                  -> Outcome::Forward | Outcome::DeadLetter | Hold (retry)
 //!   -> sink::kafka / sink::amqp    publish in read order, confirmed by the broker
 //!   -> source ack rule             Kafka: commit the contiguous confirmed offsets;
@@ -33,6 +34,7 @@
 //! - [`revocation`]: the Redis revocation list as the gate reads it: a complete local
 //!   [`revocation::mirror`] kept in step by Redis (or per-key lookups, cached); its key schema
 //!   in [`revocation::schema`], operators' writes in [`revocation::edit`].
+//! - [`single_use`]: single-use tokens (replay protection): each `jti` passes once, recorded in Redis.
 //! - [`envelope`]: a message from any broker ([`envelope::Envelope`]) and what goes out.
 //! - [`gate`]: the core, `Gate::handle(route, envelope) -> Outcome` (forward / dead-letter) or a hold.
 //! - [`pipeline`]: the one message path of every route ([`pipeline::Route`], its live
@@ -66,6 +68,7 @@ pub mod gate;
 pub mod ops;
 pub mod pipeline;
 pub mod revocation;
+pub mod single_use;
 pub mod sink;
 pub mod source;
 pub mod telemetry;

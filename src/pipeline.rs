@@ -85,6 +85,8 @@ pub struct Pipeline<A> {
     intake_at: Option<Instant>,
     /// Retries of the current hold (for logging).
     hold_retries: u64,
+    /// The order of single-use claims (routes with `single_use`).
+    turns: Option<Arc<crate::single_use::Turns>>,
 }
 
 /// Retries of a hold between two log lines (about 10 s at the capped retry interval).
@@ -94,6 +96,7 @@ impl<A: Send + 'static> Pipeline<A> {
     /// The path of `route`.
     pub fn new(route: Arc<Route>) -> Pipeline<A> {
         let guard = Guard::new(&route.rules.name, route.guard.clone(), route.metrics.dead_letter_storm.clone());
+        let single_use = route.rules.single_use;
         Pipeline {
             route,
             decisions: FuturesOrdered::new(),
@@ -105,6 +108,7 @@ impl<A: Send + 'static> Pipeline<A> {
             retry_at: None,
             intake_at: None,
             hold_retries: 0,
+            turns: single_use.then(Arc::default),
         }
     }
 
@@ -130,12 +134,13 @@ impl<A: Send + 'static> Pipeline<A> {
     pub fn submit(&mut self, batch: Vec<(Envelope, A)>) {
         let route = Arc::clone(&self.route);
         self.deciding += batch.len();
+        let tickets: Vec<_> = batch.iter().map(|_| self.turns.as_ref().map(|t| t.ticket())).collect();
         self.decisions.push_back(tokio::spawn(async move {
             let now = crate::verify::unix_now();
-            let decide = batch.into_iter().map(|(env, ack)| {
+            let decide = batch.into_iter().zip(tickets).map(|((env, ack), turn)| {
                 let route = &route;
                 async move {
-                    let decision = route.gate.handle(&route.rules, &env, now).await;
+                    let decision = route.gate.handle_in_turn(&route.rules, &env, now, turn).await;
                     Item { env, ack, decision: Some(decision) }
                 }
             });

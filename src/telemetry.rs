@@ -69,7 +69,7 @@ const HOLDS: Metric = metric(
     "tokengate_holds_total",
     Kind::Counter,
     &["route", "cause"],
-    "times a message could not be decided (cause: keys, revocation)",
+    "times a message could not be decided (cause: keys, revocation, single_use)",
 );
 const HOLDING: Metric = metric(
     "tokengate_holding",
@@ -185,7 +185,7 @@ pub const METRICS: [&Metric; 19] = [
 ];
 
 /// Why a message is held (the `cause` label of `tokengate_holds_total`).
-pub const HOLD_CAUSES: [&str; 2] = ["keys", "revocation"];
+pub const HOLD_CAUSES: [&str; 3] = ["keys", "revocation", "single_use"];
 
 /// Describes every metric and sets the process-wide ones to their starting values, for the
 /// remote `issuers`, with the installed recorder (routes register with [`RouteMetrics::new`]).

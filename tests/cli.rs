@@ -320,6 +320,10 @@ fn check_config_and_run_agree_on_every_shipped_and_broken_file() {
             "attestation-key",
             "[attestation]\nissuer = \"gate\"\nactive = \"a\"\nkeys = [{ kid = \"a\", algorithm = \"RS256\", pem_file = \"/nonexistent.pem\" }]\n",
         ),
+        (
+            "single-use-without-redis",
+            "[kafka.k]\nbootstrap_servers = \"127.0.0.1:1\"\n[routes.x]\nsingle_use = true\nsource = { kafka = { cluster = \"k\", topics = [\"a\"], group = \"g\" } }\ntrusted = { kafka = { cluster = \"k\", topic = \"t\" } }\ndead_letter = { kafka = { cluster = \"k\", topic = \"d\" } }\n",
+        ),
         ("unknown-field", "colour = \"blue\"\n"),
         ("syntax", "[issuers.a\n"),
         ("alg-none", "[issuers.a]\niss = \"x\"\nalgorithms = [\"none\"]\njwks_url = \"https://idp.test/jwks\"\n"),

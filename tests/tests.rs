@@ -13,5 +13,6 @@ mod kafka_failover;
 mod proof;
 mod properties;
 mod revocation;
+mod single_use;
 mod token_fetch;
 mod verify;

@@ -353,6 +353,10 @@ pub struct RouteConfig {
     pub attest: Option<RouteAttestConfig>,
     /// Require each message to prove it belongs with its token (proof of possession).
     pub proof: Option<ProofConfig>,
+    /// Let each token (`jti` per issuer) pass once: later messages with it are `replayed`
+    /// (recorded in Redis: needs `[redis]`).
+    #[serde(default)]
+    pub single_use: bool,
 }
 
 /// How a route binds tokens to messages (`[routes.NAME.proof]`): see the README's Proof of

@@ -104,6 +104,8 @@ pub struct RouteRules {
     pub attest: Option<Arc<crate::attest::RouteAttestation>>,
     /// How messages prove they belong with their token, if the route requires it.
     pub proof: Option<Arc<verify::proof::ProofSpec>>,
+    /// Whether each token may pass once only ([`crate::single_use`]).
+    pub single_use: bool,
 }
 
 /// A route: its rules and, if it consumes, its brokers.
@@ -690,7 +692,11 @@ fn validate(raw: &Config, c: &mut Check) -> Settings {
             headers: crate::envelope::HeaderNames::new(&rc.header_prefix.to_ascii_lowercase()),
             attest: rc.attest.as_ref().and_then(|a| route_attestation(c, &p, rc, a, raw, attester.as_ref())),
             proof: rc.proof.as_ref().map(|pc| Arc::new(proof_spec(c, &p, rc, pc))),
+            single_use: rc.single_use,
         };
+        if rc.single_use && raw.redis.is_none() {
+            c.add(format!("{p}.single_use"), "needs a [redis] section: uses are recorded there");
+        }
         let io = route_io(c, &p, name, rc, raw, &brokers);
         routes.push(RouteSettings { rules, io });
     }

@@ -221,7 +221,13 @@ mod tests {
             payload: Some(b"p".to_vec()),
             headers: headers.into_iter().map(|(n, v)| (n, HeaderData::Bytes(v))).collect(),
             timestamp_ms: Some(-5),
-            origin: Origin::Amqp { queue: "q".into(), exchange: "x".into(), routing_key, delivery_tag: 1 },
+            origin: Origin::Amqp {
+                queue: "q".into(),
+                exchange: "x".into(),
+                routing_key,
+                delivery_tag: 1,
+                redelivered: false,
+            },
             amqp: None,
             amqp_headers: None,
         }

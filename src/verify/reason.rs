@@ -60,11 +60,13 @@ pub enum Reason {
     ProofInvalid,
     /// The proof (or the token's digest claim) signs another message key or payload.
     PayloadMismatch,
+    /// The route requires single use and another message already used this token's `jti`.
+    Replayed,
 }
 
 impl Reason {
     /// Every reason, for documentation and metric pre-registration.
-    pub const ALL: [Reason; 26] = [
+    pub const ALL: [Reason; 27] = [
         Reason::MissingToken,
         Reason::EmptyToken,
         Reason::DuplicateToken,
@@ -91,6 +93,7 @@ impl Reason {
         Reason::ProofMissing,
         Reason::ProofInvalid,
         Reason::PayloadMismatch,
+        Reason::Replayed,
     ];
 
     /// The stable snake_case code.
@@ -122,6 +125,7 @@ impl Reason {
             Reason::ProofMissing => "proof_missing",
             Reason::ProofInvalid => "proof_invalid",
             Reason::PayloadMismatch => "payload_mismatch",
+            Reason::Replayed => "replayed",
         }
     }
 
@@ -167,6 +171,9 @@ impl Reason {
             }
             Reason::PayloadMismatch => {
                 "the proof (or the token's digest claim) was made for another message key or payload"
+            }
+            Reason::Replayed => {
+                "the route requires single use and another message already used this token's `jti` (per issuer; a redelivery of the same source message is not a replay)"
             }
         }
     }
