@@ -8,7 +8,8 @@ use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Settings, SinkSettings, SourceSettings};
+use crate::audit::Audit;
+use crate::config::{AuditSettings, Settings, SinkSettings, SourceSettings};
 use crate::gate::Gate;
 use crate::pipeline::{Route, RouteStatus};
 use crate::revocation::Revocations;
@@ -45,7 +46,10 @@ pub async fn build_gate(
             None
         }
     };
-    let gate = Gate::new(verifier, revocations, on_unavailable);
+    let mut gate = Gate::new(verifier, revocations, on_unavailable);
+    if settings.audit.is_some() {
+        gate = gate.audited();
+    }
     let single_use = settings.routes.iter().any(|r| r.rules.single_use);
     Ok(Arc::new(match (&settings.redis, single_use) {
         (Some(rc), true) => gate.with_single_use(Arc::new(Uses::redis(rc.info.clone(), &rc.prefix)?)),
@@ -63,6 +67,13 @@ fn build_sink(sink: &SinkSettings) -> anyhow::Result<Sink> {
     })
 }
 
+fn build_audit(a: &AuditSettings, instance: Option<String>) -> anyhow::Result<Audit> {
+    Ok(match a {
+        AuditSettings::Broker(sink) => Audit::broker(build_sink(sink)?, instance),
+        AuditSettings::File(f) => Audit::file(f, instance).with_context(|| format!("{}", f.path.display()))?,
+    })
+}
+
 /// Runs every route that has a source until `cancel`, then drains and commits.
 pub async fn run_routes(settings: &Settings, gate: Arc<Gate>, cancel: CancellationToken) -> anyhow::Result<()> {
     let tasks = TaskTracker::new();
@@ -73,6 +84,14 @@ pub async fn run_routes(settings: &Settings, gate: Arc<Gate>, cancel: Cancellati
         let remote: Vec<String> = gate.verifier().health().await.into_iter().map(|k| k.issuer).collect();
         crate::telemetry::register(&remote, gate.revocation_up());
     }
+    let audit = match &settings.audit {
+        Some(a) => {
+            let audit = Arc::new(build_audit(a, settings.instance_id.clone()).context("audit")?);
+            tracing::info!(destination = %audit.describe(), "audit trail on: every decision is recorded before its ack");
+            Some(audit)
+        }
+        None => None,
+    };
     let mut statuses = Vec::new();
     // The first route that failed for good: the process shuts down and exits with its error.
     let fatal: Arc<std::sync::Mutex<Option<anyhow::Error>>> = Arc::default();
@@ -105,6 +124,7 @@ pub async fn run_routes(settings: &Settings, gate: Arc<Gate>, cancel: Cancellati
             guard: io.guard.clone(),
             status,
             metrics: crate::telemetry::RouteMetrics::new(name),
+            audit: audit.as_ref().map(|a| (Arc::clone(a), crate::telemetry::AuditMetrics::new(name))),
         });
         let supervised_route = Arc::clone(&route);
         let c = cancel.clone();
@@ -146,6 +166,9 @@ pub async fn run_routes(settings: &Settings, gate: Arc<Gate>, cancel: Cancellati
     tracing::info!(deadline_secs = drain.as_secs(), "shutting down: intake stopped, draining in-flight messages");
     if tokio::time::timeout(drain + Duration::from_secs(5), tasks.wait()).await.is_err() {
         tracing::error!("shutdown deadline passed; unconfirmed messages will be read again on restart");
+    }
+    if let Some(a) = &audit {
+        a.sync();
     }
     match fatal.lock().expect("not poisoned").take() {
         Some(e) => Err(e),

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
 
+use crate::audit::Facts;
 use crate::config::{GuardConfig, OnUnavailable, RouteRules};
 use crate::envelope::{Envelope, HeaderData, Outgoing};
 use crate::revocation::{self, Revocations};
@@ -59,6 +60,8 @@ pub struct Gate {
     uses: Option<Arc<Uses>>,
     on_unavailable: OnUnavailable,
     verify: bool,
+    /// Whether decisions carry their [`Facts`] (the audit trail is on).
+    audit: bool,
     /// Per route and reason: when a rejection was last logged, and how many were not since.
     last_logged: Mutex<HashMap<(String, Reason), LogWindow>>,
 }
@@ -78,8 +81,14 @@ impl Gate {
             uses: None,
             on_unavailable,
             verify: true,
+            audit: false,
             last_logged: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The same gate, its decisions carrying what the audit trail records.
+    pub fn audited(self) -> Gate {
+        Gate { audit: true, ..self }
     }
 
     /// The same gate, recording single-use tokens' uses in `uses`.
@@ -121,13 +130,19 @@ impl Gate {
         if let Some(defect) = &env.defect {
             let r = Rejection::new(Reason::Malformed, defect.clone());
             self.log_rejection(route, &r, None);
-            return Ok(Outcome::DeadLetter(dead_letter(route, env, &r, None, SystemTime::now()), r));
+            let mut out = dead_letter(route, env, &r, None, SystemTime::now());
+            out.facts = self.audit.then(Box::default);
+            return Ok(Outcome::DeadLetter(out, r));
         }
         let headers = env.headers.iter().map(|(n, d)| (n.as_str(), header_value(d)));
         let (token, verdict) = match route.token.extract(headers) {
             Ok(t) => (Some(t), self.verifier.verify(&route.policy, t, now).await?),
             Err(r) => (None, Err(r)),
         };
+        let facts = self.audit.then(|| match &verdict {
+            Ok(v) => Box::new(Facts::of(v)),
+            Err(_) => Box::new(Facts { fingerprint: token.map(verify::fingerprint), ..Facts::default() }),
+        });
         // A token bound to its message: the proof travels with the message, so it is checked
         // for every message, cached token or not.
         let verdict = match (verdict, &route.proof) {
@@ -180,12 +195,16 @@ impl Gate {
         Ok(match verdict {
             Ok(v) => {
                 tracing::trace!(route = %route.name, fingerprint = %v.fingerprint, kid = v.kid.as_deref().unwrap_or("-"), "token accepted");
-                Outcome::Forward(forward(route, env, Some(&v)))
+                let mut out = forward(route, env, Some(&v));
+                out.facts = facts;
+                Outcome::Forward(out)
             }
             Err(r) => {
                 let fp = token.map(verify::fingerprint);
                 self.log_rejection(route, &r, fp.as_deref());
-                Outcome::DeadLetter(dead_letter(route, env, &r, fp.as_deref(), SystemTime::now()), r)
+                let mut out = dead_letter(route, env, &r, fp.as_deref(), SystemTime::now());
+                out.facts = facts;
+                Outcome::DeadLetter(out, r)
             }
         })
     }
@@ -242,6 +261,7 @@ fn base(env: &Envelope, headers: Vec<(String, HeaderData)>) -> Outgoing {
         origin: env.origin.clone(),
         amqp: env.amqp.clone(),
         amqp_headers: env.amqp_headers.clone(),
+        facts: None,
     }
 }
 

@@ -18,6 +18,7 @@
 //!                                  + single_use::Uses (a jti's first use, in Redis)
 //!                                  -> Outcome::Forward | Outcome::DeadLetter | Hold (retry)
 //!   -> sink::kafka / sink::amqp    publish in read order, confirmed by the broker
+//!      (+ audit::Audit)            and its audit record, if the trail is on
 //!   -> source ack rule             Kafka: commit the contiguous confirmed offsets;
 //!                                  AMQP: ack the delivery tag (never before the confirm);
 //!                                  Kafka exactly once: commit the writes and the offsets
@@ -34,6 +35,8 @@
 //! - [`revocation`]: the Redis revocation list as the gate reads it: a complete local
 //!   [`revocation::mirror`] kept in step by Redis (or per-key lookups, cached); its key schema
 //!   in [`revocation::schema`], operators' writes in [`revocation::edit`].
+//! - [`audit`]: the audit trail, one JSON record per decision (Kafka, AMQP or a JSON-lines file),
+//!   confirmed before the message is acknowledged.
 //! - [`single_use`]: single-use tokens (replay protection): each `jti` passes once, recorded in Redis.
 //! - [`envelope`]: a message from any broker ([`envelope::Envelope`]) and what goes out.
 //! - [`gate`]: the core, `Gate::handle(route, envelope) -> Outcome` (forward / dead-letter) or a hold.
@@ -60,6 +63,7 @@ pub mod admin;
 pub mod amqp;
 pub mod app;
 pub mod attest;
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod demo;

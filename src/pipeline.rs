@@ -214,13 +214,22 @@ impl<A: Send + 'static> Pipeline<A> {
                     return; // decided again when the retry is due
                 }
             };
-            let (out, rejected) = fit(&self.route, &item.env, outcome);
+            let (mut out, rejected) = fit(&self.route, &item.env, outcome);
+            let facts = out.facts.take();
             let dead = rejected.is_some();
             let sink = if dead { &self.route.dead_letter } else { &self.route.trusted };
             match sink.send(out).await {
                 Ok(confirm) => {
                     // Counted once it is handed over: a refused publish is decided again.
-                    self.route.metrics.count(rejected);
+                    self.route.metrics.count(rejected.as_ref().map(|r| r.reason));
+                    let confirm = match &self.route.audit {
+                        Some((audit, metrics)) => {
+                            let facts = facts.unwrap_or_default();
+                            let record = audit.write(name, &item.env, rejected.as_ref(), &facts).await;
+                            audited(confirm, record, metrics.clone())
+                        }
+                        None => confirm,
+                    };
                     let item = self.ready.pop_front().expect("the head was just published");
                     acks.published(&item.ack);
                     let ack = item.ack;
@@ -258,16 +267,36 @@ impl<A: Send + 'static> Pipeline<A> {
     }
 }
 
+/// A publish confirmed only once its audit record is too: the message is acknowledged after
+/// both, and read again if either fails.
+fn audited(
+    publish: crate::sink::Confirm,
+    record: Result<crate::sink::Confirm, PublishError>,
+    metrics: crate::telemetry::AuditMetrics,
+) -> crate::sink::Confirm {
+    Box::pin(async move {
+        let (published, recorded) = match record {
+            Ok(r) => futures_util::future::join(publish, r).await,
+            Err(e) => (publish.await, Err(e)),
+        };
+        metrics.record(recorded.is_ok());
+        published?;
+        recorded.map_err(|e| PublishError::Failed(format!("audit record: {e}")))
+    })
+}
+
 /// The message to publish and, for a dead letter, why. A verdict the trusted destination cannot
 /// carry becomes a `malformed` dead letter; a dead letter is cut to fit its destination.
-fn fit(route: &Route, env: &Envelope, outcome: Outcome) -> (crate::envelope::Outgoing, Option<Reason>) {
+fn fit(route: &Route, env: &Envelope, outcome: Outcome) -> (crate::envelope::Outgoing, Option<Rejection>) {
     let rules = &route.rules;
     let outcome = match outcome {
         Outcome::Forward(out) => match route.trusted.check(&out) {
             Ok(()) => Outcome::Forward(out),
             Err(why) => {
                 let r = Rejection::new(Reason::Malformed, format!("the trusted destination cannot carry it: {why}"));
-                Outcome::DeadLetter(gate::dead_letter(rules, env, &r, None, SystemTime::now()), r)
+                let mut dead = gate::dead_letter(rules, env, &r, None, SystemTime::now());
+                dead.facts = out.facts;
+                Outcome::DeadLetter(dead, r)
             }
         },
         dead => dead,
@@ -279,7 +308,7 @@ fn fit(route: &Route, env: &Envelope, outcome: Outcome) -> (crate::envelope::Out
             if dropped > 0 {
                 out.headers.push((rules.headers.dropped.clone(), HeaderData::Bytes(dropped.to_string().into_bytes())));
             }
-            (out, Some(r.reason))
+            (out, Some(r))
         }
     }
 }
@@ -302,6 +331,8 @@ pub struct Route {
     pub status: Arc<RouteStatus>,
     /// The route's metrics.
     pub metrics: crate::telemetry::RouteMetrics,
+    /// Where every decision is recorded, and its metrics, if the audit trail is on.
+    pub audit: Option<(Arc<crate::audit::Audit>, crate::telemetry::AuditMetrics)>,
 }
 
 impl Route {

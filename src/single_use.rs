@@ -145,10 +145,10 @@ async fn record(
     }
     .await;
     result.map_err(|e: redis::RedisError| {
-        if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
-            if let Ok(mut slot) = conn.try_lock() {
-                *slot = None;
-            }
+        if (e.is_io_error() || e.is_connection_dropped() || e.is_timeout())
+            && let Ok(mut slot) = conn.try_lock()
+        {
+            *slot = None;
         }
         Unavailable(format!("single-use records: {e}"))
     })

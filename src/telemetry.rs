@@ -156,13 +156,23 @@ const TRANSACTION_RECORDS: Metric = metric(
     "records per committed transaction",
 );
 
+const AUDIT_RECORDS: Metric = metric(
+    "tokengate_audit_records_total",
+    Kind::Counter,
+    &["route", "outcome"],
+    "audit records of decisions: confirmed (written) or not (failed: the message is read again)",
+);
+
+/// Metrics served only by a process with an `[audit]` destination.
+pub const AUDIT_METRICS: [&Metric; 1] = [&AUDIT_RECORDS];
+
 /// Metrics served only by a process with an `exactly_once` route.
 pub const TRANSACTION_METRICS: [&Metric; 3] = [&TRANSACTIONS, &TRANSACTION_SECONDS, &TRANSACTION_RECORDS];
 
 /// Every metric tokengate serves. Each is registered when the metrics endpoint starts, so it is
 /// present from the first scrape; the README's metric table lists the same names (a test
 /// compares the table with this list and with what `/metrics` serves).
-pub const METRICS: [&Metric; 19] = [
+pub const METRICS: [&Metric; 20] = [
     &MESSAGES,
     &REJECTIONS,
     &HOLDS,
@@ -182,6 +192,7 @@ pub const METRICS: [&Metric; 19] = [
     &TRANSACTIONS,
     &TRANSACTION_SECONDS,
     &TRANSACTION_RECORDS,
+    &AUDIT_RECORDS,
 ];
 
 /// Why a message is held (the `cause` label of `tokengate_holds_total`).
@@ -373,5 +384,29 @@ impl TransactionMetrics {
     /// Counts an aborted transaction.
     pub fn aborted(&self) {
         self.aborted.increment(1);
+    }
+}
+
+/// A route's audit trail metrics.
+#[derive(Clone)]
+pub struct AuditMetrics {
+    written: metrics::Counter,
+    failed: metrics::Counter,
+}
+
+impl AuditMetrics {
+    /// Registers the audit metrics of `route` with the installed recorder.
+    pub fn new(route: &str) -> AuditMetrics {
+        let outcome = |o: &'static str| {
+            let c = metrics::counter!(AUDIT_RECORDS.name, "route" => route.to_owned(), "outcome" => o);
+            c.increment(0);
+            c
+        };
+        AuditMetrics { written: outcome("written"), failed: outcome("failed") }
+    }
+
+    /// Counts a confirmed record, or one that was not.
+    pub fn record(&self, confirmed: bool) {
+        if confirmed { &self.written } else { &self.failed }.increment(1);
     }
 }

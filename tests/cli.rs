@@ -324,6 +324,10 @@ fn check_config_and_run_agree_on_every_shipped_and_broken_file() {
             "single-use-without-redis",
             "[kafka.k]\nbootstrap_servers = \"127.0.0.1:1\"\n[routes.x]\nsingle_use = true\nsource = { kafka = { cluster = \"k\", topics = [\"a\"], group = \"g\" } }\ntrusted = { kafka = { cluster = \"k\", topic = \"t\" } }\ndead_letter = { kafka = { cluster = \"k\", topic = \"d\" } }\n",
         ),
+        (
+            "audit-two-destinations",
+            "[kafka.k]\nbootstrap_servers = \"127.0.0.1:1\"\n[audit]\nkafka = { cluster = \"k\", topic = \"a\" }\nfile = { path = \"/tmp/a.jsonl\" }\n",
+        ),
         ("unknown-field", "colour = \"blue\"\n"),
         ("syntax", "[issuers.a\n"),
         ("alg-none", "[issuers.a]\niss = \"x\"\nalgorithms = [\"none\"]\njwks_url = \"https://idp.test/jwks\"\n"),

@@ -597,9 +597,13 @@ async fn the_daemon_serves_health_ready_metrics_and_stops_cleanly_on_sigterm() {
         .map(str::to_owned)
         .collect();
     // Transaction metrics are served by a process with an exactly_once route (tests/exactly_once.rs).
-    let only_exactly_once: std::collections::BTreeSet<String> =
-        tokengate::telemetry::TRANSACTION_METRICS.iter().map(|m| m.name.to_owned()).collect();
-    assert!(served.is_disjoint(&only_exactly_once), "an at-least-once route serves no transaction metric");
+    // Audit metrics, by a process with an [audit] destination (tests/audit.rs).
+    let only_exactly_once: std::collections::BTreeSet<String> = tokengate::telemetry::TRANSACTION_METRICS
+        .iter()
+        .chain(&tokengate::telemetry::AUDIT_METRICS)
+        .map(|m| m.name.to_owned())
+        .collect();
+    assert!(served.is_disjoint(&only_exactly_once), "no transaction or audit metric without them");
     let always: std::collections::BTreeSet<String> = documented.difference(&only_exactly_once).cloned().collect();
     assert_eq!(always, served, "README metric table vs /metrics");
     let declared: std::collections::BTreeSet<String> =

@@ -4,6 +4,7 @@ mod util;
 
 mod amqp;
 mod attest;
+mod audit;
 mod cli;
 mod exactly_once;
 mod hostile;

@@ -72,6 +72,8 @@ pub struct Config {
     pub instance_id: Option<String>,
     /// The gate's own signing keys, for routes that attest what they verified.
     pub attestation: Option<AttestationConfig>,
+    /// Where every decision is recorded (one of `kafka`, `amqp`, `file`).
+    pub audit: Option<AuditConfig>,
     /// Unexpected ends of a route task in a row (each restarted with backoff) before the process
     /// exits non-zero so that its supervisor (systemd, Kubernetes) restarts it.
     #[serde(default = "default_max_route_failures")]
@@ -359,6 +361,34 @@ pub struct RouteConfig {
     pub single_use: bool,
 }
 
+/// The audit trail (`[audit]`): exactly one destination.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AuditConfig {
+    /// A Kafka topic.
+    pub kafka: Option<KafkaSink>,
+    /// An AMQP exchange.
+    pub amqp: Option<AmqpSink>,
+    /// A JSON-lines file, rotated by size.
+    pub file: Option<AuditFileConfig>,
+}
+
+/// A JSON-lines audit file.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AuditFileConfig {
+    /// The file written to.
+    pub path: PathBuf,
+    /// Rotate once it holds this many bytes.
+    #[serde(default = "default_audit_max_bytes")]
+    pub max_bytes: u64,
+    /// Rotated files kept (`path.1` newest ... `path.N`).
+    #[serde(default = "default_audit_keep")]
+    pub keep: u32,
+    /// `fsync` after every record (else records are written to the OS at once and synced at
+    /// rotation and shutdown).
+    #[serde(default)]
+    pub fsync: bool,
+}
+
 /// How a route binds tokens to messages (`[routes.NAME.proof]`): see the README's Proof of
 /// possession section.
 #[derive(Debug, Clone, Deserialize)]
@@ -577,6 +607,12 @@ fn default_identity_headers() -> BTreeMap<String, String> {
 }
 fn default_header_prefix() -> String {
     "x-tokengate-".to_owned()
+}
+fn default_audit_max_bytes() -> u64 {
+    100 * 1024 * 1024
+}
+fn default_audit_keep() -> u32 {
+    5
 }
 fn default_proof_header() -> String {
     "x-token-proof".into()

@@ -198,6 +198,14 @@ pub enum SinkSettings {
     },
 }
 
+/// Where the audit trail goes.
+pub enum AuditSettings {
+    /// A Kafka topic or AMQP exchange.
+    Broker(SinkSettings),
+    /// A JSON-lines file.
+    File(file::AuditFileConfig),
+}
+
 /// The revocation list's connection.
 pub struct RedisSettings {
     /// Where Redis is, credentials included.
@@ -228,6 +236,10 @@ pub struct Settings {
     pub max_route_failures: u32,
     /// The gate's attestation signer (its public keys are served at `/.well-known/jwks.json`).
     pub attester: Option<Arc<crate::attest::Attester>>,
+    /// Where every decision is recorded, if anywhere.
+    pub audit: Option<AuditSettings>,
+    /// This instance's name (`instance_id`), in audit records.
+    pub instance_id: Option<String>,
     /// What a valid config does that an operator should know about (`check-config` prints these;
     /// `--strict` fails on them): passwords in URLs, secret files others can read, a public
     /// admin endpoint.
@@ -700,6 +712,7 @@ fn validate(raw: &Config, c: &mut Check) -> Settings {
         let io = route_io(c, &p, name, rc, raw, &brokers);
         routes.push(RouteSettings { rules, io });
     }
+    let audit = raw.audit.as_ref().and_then(|a| audit_settings(c, a, &brokers));
     let mut redis = None;
     if let Some(r) = &raw.redis {
         let password = r.password.as_ref().and_then(|s| c.secret_text("redis.password", s));
@@ -767,6 +780,8 @@ fn validate(raw: &Config, c: &mut Check) -> Settings {
         shutdown_timeout: raw.shutdown_timeout.0,
         max_route_failures: raw.max_route_failures,
         attester,
+        audit,
+        instance_id: raw.instance_id.clone(),
         warnings: warnings(raw, c.base, admin_listen),
         skipped_secrets: Vec::new(),
     }
@@ -1109,6 +1124,31 @@ fn source_settings(
                 arguments,
                 prefetch: a.prefetch,
             })))
+        }
+    }
+}
+
+/// The `[audit]` destination: exactly one of `kafka`, `amqp`, `file`.
+fn audit_settings(c: &mut Check, a: &file::AuditConfig, brokers: &Brokers) -> Option<AuditSettings> {
+    match (&a.kafka, &a.amqp, &a.file) {
+        (Some(k), None, None) => {
+            sink_settings(c, "audit", &SinkConfig::Kafka(k.clone()), brokers).map(AuditSettings::Broker)
+        }
+        (None, Some(q), None) => {
+            sink_settings(c, "audit", &SinkConfig::Amqp(q.clone()), brokers).map(AuditSettings::Broker)
+        }
+        (None, None, Some(f)) => {
+            if f.max_bytes < 4096 {
+                c.add("audit.file.max_bytes", "must be at least 4096");
+            }
+            if f.path.as_os_str().is_empty() {
+                c.add("audit.file.path", "must not be empty");
+            }
+            Some(AuditSettings::File(f.clone()))
+        }
+        _ => {
+            c.add("audit", "set exactly one of kafka, amqp, file");
+            None
         }
     }
 }

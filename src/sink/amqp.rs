@@ -230,6 +230,7 @@ mod tests {
             },
             amqp: None,
             amqp_headers: None,
+            facts: None,
         }
     }
 
