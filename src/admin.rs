@@ -3,6 +3,9 @@
 //! `/.well-known/jwks.json` (the public keys of the gate's attestations, when it signs any).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
 
 use axum::Router;
 use axum::extract::State;
@@ -16,17 +19,42 @@ use tokio_util::sync::CancellationToken;
 use crate::gate::Gate;
 use crate::pipeline::RouteStatus;
 
+/// The routes running: name and live status.
+pub type Running = Vec<(String, Arc<RouteStatus>)>;
+
+/// What a process has in force, swapped by a live reload: the routes read the gate from here,
+/// the endpoint reports on all of it.
+#[derive(Clone)]
+pub struct Live {
+    /// The gate (keys, revocation list, single-use records).
+    pub gate: Arc<ArcSwap<Gate>>,
+    /// Route name and live status, of the routes running.
+    pub routes: Arc<ArcSwap<Running>>,
+    /// The public keys of the gate's attestation signer, as a JWKS.
+    pub jwks: Arc<ArcSwapOption<serde_json::Value>>,
+    /// The config generation in force: 1 at start, one more per applied reload.
+    pub generation: Arc<AtomicU64>,
+}
+
+impl Live {
+    /// Generation 1, with no route yet.
+    pub fn new(gate: Arc<Gate>, jwks: Option<Arc<serde_json::Value>>) -> Live {
+        Live {
+            gate: Arc::new(ArcSwap::new(gate)),
+            routes: Arc::default(),
+            jwks: Arc::new(ArcSwapOption::new(jwks)),
+            generation: Arc::new(AtomicU64::new(1)),
+        }
+    }
+}
+
 /// What the endpoint reports on.
 #[derive(Clone)]
 pub struct AdminState {
-    /// Route name and live status.
-    pub routes: Vec<(String, Arc<RouteStatus>)>,
-    /// The gate (key health, revocation list).
-    pub gate: Arc<Gate>,
+    /// What is in force.
+    pub live: Live,
     /// Renders metrics.
     pub metrics: Option<PrometheusHandle>,
-    /// The public keys of the gate's attestation signer, as a JWKS.
-    pub jwks: Option<Arc<serde_json::Value>>,
 }
 
 /// Installs the Prometheus recorder once per process; later calls get `None`.
@@ -59,7 +87,7 @@ pub async fn serve(
 
 /// The key sets' health, with their metrics brought up to date.
 async fn key_health(s: &AdminState) -> Vec<crate::verify::KeyHealth> {
-    let keys = s.gate.verifier().health().await;
+    let keys = s.live.gate.load().verifier().health().await;
     for k in &keys {
         crate::telemetry::set_jwks_health(&k.issuer, k.age_secs, k.fetch_errors);
     }
@@ -69,24 +97,25 @@ async fn key_health(s: &AdminState) -> Vec<crate::verify::KeyHealth> {
 async fn ready(State(s): State<AdminState>) -> impl IntoResponse {
     let keys = key_health(&s).await;
     let keys_ok = keys.iter().all(|k| k.age_secs.is_some());
-    let revocation_up = s.gate.revocation_up();
-    let routes: Vec<_> = s
-        .routes
+    let revocation_up = s.live.gate.load().revocation_up();
+    let running = s.live.routes.load();
+    let routes: Vec<_> = running
         .iter()
         .map(|(name, st)| {
             json!({
                 "route": name,
                 "ready": st.ready(),
-                "running": st.running.load(std::sync::atomic::Ordering::Relaxed),
-                "holding": st.holding.load(std::sync::atomic::Ordering::Relaxed),
-                "paused": st.paused.load(std::sync::atomic::Ordering::Relaxed),
-                "broker_up": !st.broker_down.load(std::sync::atomic::Ordering::Relaxed),
+                "running": st.running.load(Ordering::Relaxed),
+                "holding": st.holding.load(Ordering::Relaxed),
+                "paused": st.paused.load(Ordering::Relaxed),
+                "broker_up": !st.broker_down.load(Ordering::Relaxed),
                 "failed": st.failure(),
             })
         })
         .collect();
-    let ready = keys_ok && revocation_up && s.routes.iter().all(|(_, st)| st.ready());
-    let body = json!({"ready": ready, "revocation_list_up": revocation_up, "keys": keys, "routes": routes});
+    let ready = keys_ok && revocation_up && running.iter().all(|(_, st)| st.ready());
+    let generation = s.live.generation.load(Ordering::Relaxed);
+    let body = json!({"ready": ready, "config_generation": generation, "revocation_list_up": revocation_up, "keys": keys, "routes": routes});
     let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, axum::Json(body))
 }
@@ -94,7 +123,7 @@ async fn ready(State(s): State<AdminState>) -> impl IntoResponse {
 async fn render_metrics(State(s): State<AdminState>) -> impl IntoResponse {
     // Current at every scrape, not only when /ready was asked.
     key_health(&s).await;
-    crate::telemetry::set_revocation_up(s.gate.revocation_up());
+    crate::telemetry::set_revocation_up(s.live.gate.load().revocation_up());
     match &s.metrics {
         Some(h) => (StatusCode::OK, h.render()),
         None => (StatusCode::NOT_FOUND, "metrics recorder not installed in this process\n".to_owned()),
@@ -104,7 +133,7 @@ async fn render_metrics(State(s): State<AdminState>) -> impl IntoResponse {
 /// The gate's attestation keys (404 when it signs none). Cacheable for a minute: a new key is
 /// published before it becomes active, so consumers see it in time.
 async fn jwks(State(s): State<AdminState>) -> axum::response::Response {
-    match &s.jwks {
+    match &*s.live.jwks.load() {
         Some(keys) => {
             ([(axum::http::header::CACHE_CONTROL, "max-age=60")], axum::Json((**keys).clone())).into_response()
         }

@@ -106,6 +106,11 @@ impl Gate {
         &self.verifier
     }
 
+    /// The revocation list, if checked (a reload that keeps `[redis]` keeps it).
+    pub fn revocations(&self) -> Option<&Arc<Revocations>> {
+        self.revocations.as_ref()
+    }
+
     /// Whether revocations can be checked now.
     pub fn revocation_up(&self) -> bool {
         self.revocations.as_ref().is_none_or(|r| r.is_up())

@@ -51,7 +51,8 @@
 //! - [`sink`]: publishing with broker confirmation: [`sink::kafka`] (idempotent, `acks=all`) and
 //!   [`sink::amqp`] (publisher confirms, `mandatory`).
 //! - [`amqp`]: what the AMQP source and destination share (bounded connect, limits).
-//! - [`app`]: `tokengate run` wiring (routes, admin endpoint, shutdown).
+//! - [`app`]: `tokengate run` wiring (routes, admin endpoint, shutdown); [`reload`] puts a
+//!   changed config in force without a restart (`SIGHUP`), restarting only changed routes.
 //! - [`demo`]: `tokengate demo`, the whole pipeline on an embedded Kafka.
 //! - [`admin`]: `/health`, `/ready`, `/metrics`, `/.well-known/jwks.json`.
 //! - [`ops`]: the token tools (mint, inspect, verify, fetch from an OAuth token endpoint).
@@ -71,6 +72,7 @@ pub mod envelope;
 pub mod gate;
 pub mod ops;
 pub mod pipeline;
+pub mod reload;
 pub mod revocation;
 pub mod single_use;
 pub mod sink;

@@ -137,10 +137,11 @@ impl<A: Send + 'static> Pipeline<A> {
         let tickets: Vec<_> = batch.iter().map(|_| self.turns.as_ref().map(|t| t.ticket())).collect();
         self.decisions.push_back(tokio::spawn(async move {
             let now = crate::verify::unix_now();
+            let gate = route.gate.load_full();
             let decide = batch.into_iter().zip(tickets).map(|((env, ack), turn)| {
-                let route = &route;
+                let (route, gate) = (&route, &gate);
                 async move {
-                    let decision = route.gate.handle_in_turn(&route.rules, &env, now, turn).await;
+                    let decision = gate.handle_in_turn(&route.rules, &env, now, turn).await;
                     Item { env, ack, decision: Some(decision) }
                 }
             });
@@ -197,7 +198,8 @@ impl<A: Send + 'static> Pipeline<A> {
                 // A hold decided with its chunk may be stale by now (the outage it met may be
                 // over): decide again before waiting on it.
                 Some(Err(_)) | None => {
-                    self.route.gate.handle(&self.route.rules, &item.env, crate::verify::unix_now()).await
+                    let gate = self.route.gate.load_full();
+                    gate.handle(&self.route.rules, &item.env, crate::verify::unix_now()).await
                 }
             };
             let outcome = match decision {
@@ -317,8 +319,8 @@ fn fit(route: &Route, env: &Envelope, outcome: Outcome) -> (crate::envelope::Out
 pub struct Route {
     /// Verification and header rules.
     pub rules: RouteRules,
-    /// The decision.
-    pub gate: Arc<Gate>,
+    /// The decision in force (a live reload swaps it).
+    pub gate: Arc<arc_swap::ArcSwap<Gate>>,
     /// Where accepted messages go.
     pub trusted: Sink,
     /// Where rejected messages go.

@@ -156,6 +156,18 @@ const TRANSACTION_RECORDS: Metric = metric(
     "records per committed transaction",
 );
 
+const CONFIG_GENERATION: Metric = metric(
+    "tokengate_config_generation",
+    Kind::Gauge,
+    &[],
+    "the config generation in force: 1 at start, one more per applied reload",
+);
+const CONFIG_RELOADS: Metric = metric(
+    "tokengate_config_reloads_total",
+    Kind::Counter,
+    &["outcome"],
+    "live reloads (SIGHUP or a changed file): applied, or refused (the running config stays)",
+);
 const AUDIT_RECORDS: Metric = metric(
     "tokengate_audit_records_total",
     Kind::Counter,
@@ -172,7 +184,7 @@ pub const TRANSACTION_METRICS: [&Metric; 3] = [&TRANSACTIONS, &TRANSACTION_SECON
 /// Every metric tokengate serves. Each is registered when the metrics endpoint starts, so it is
 /// present from the first scrape; the README's metric table lists the same names (a test
 /// compares the table with this list and with what `/metrics` serves).
-pub const METRICS: [&Metric; 20] = [
+pub const METRICS: [&Metric; 22] = [
     &MESSAGES,
     &REJECTIONS,
     &HOLDS,
@@ -193,6 +205,8 @@ pub const METRICS: [&Metric; 20] = [
     &TRANSACTION_SECONDS,
     &TRANSACTION_RECORDS,
     &AUDIT_RECORDS,
+    &CONFIG_GENERATION,
+    &CONFIG_RELOADS,
 ];
 
 /// Why a message is held (the `cause` label of `tokengate_holds_total`).
@@ -209,11 +223,24 @@ pub fn register(issuers: &[String], revocation_up: bool) {
         }
     }
     set_revocation_up(revocation_up);
+    metrics::gauge!(CONFIG_GENERATION.name).set(1.0);
+    for outcome in ["applied", "refused"] {
+        metrics::counter!(CONFIG_RELOADS.name, "outcome" => outcome).increment(0);
+    }
     metrics::counter!(REVOCATION_LOOKUPS.name).increment(0);
     metrics::gauge!(REVOCATION_MIRRORED.name).set(0.0);
     metrics::gauge!(REVOCATION_MIRROR_ENTRIES.name).set(0.0);
     for i in issuers {
         metrics::counter!(JWKS_FETCH_ERRORS.name, "issuer" => i.clone()).increment(0);
+    }
+}
+
+/// Counts a reload, applied (now at `generation`) or refused.
+pub fn config_reloaded(applied: Option<u64>) {
+    let outcome = if applied.is_some() { "applied" } else { "refused" };
+    metrics::counter!(CONFIG_RELOADS.name, "outcome" => outcome).increment(1);
+    if let Some(g) = applied {
+        metrics::gauge!(CONFIG_GENERATION.name).set(g as f64);
     }
 }
 

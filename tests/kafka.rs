@@ -110,6 +110,11 @@ impl Running {
 
 pub type Msg = (String, String, Vec<(String, String)>);
 
+/// The timestamp `produce` gives every record (the gate must keep it): a minute before the test
+/// process started. Not a fixed date: a record older than the broker's retention (7 days) is
+/// deleted by its next retention check (every 5 minutes), possibly before it is read.
+pub static STAMP: std::sync::LazyLock<i64> = std::sync::LazyLock::new(|| (tokengate::verify::unix_now() - 60) * 1000);
+
 /// Produces (key, payload, headers) in order, batching as a real producer would.
 pub async fn produce(bootstrap: &str, topic: &str, msgs: &[Msg]) {
     let p: FutureProducer = ClientConfig::new().set("bootstrap.servers", bootstrap).create().unwrap();
@@ -119,7 +124,7 @@ pub async fn produce(bootstrap: &str, topic: &str, msgs: &[Msg]) {
         for (hk, hv) in hs {
             headers = headers.insert(Header { key: hk, value: Some(hv.as_bytes()) });
         }
-        let rec = FutureRecord::to(topic).key(k).payload(v).headers(headers).timestamp(1_700_000_000_000);
+        let rec = FutureRecord::to(topic).key(k).payload(v).headers(headers).timestamp(*STAMP);
         pending.push(p.send_result(rec).map_err(|(e, _)| e).unwrap());
     }
     for d in pending {
@@ -307,7 +312,7 @@ async fn kafka_every_outcome_reaches_its_topic_with_headers_and_offsets_commit()
             header(m, "x-tokengate-source-offset").is_some() && header(m, "x-tokengate-source-partition").is_some()
         );
         assert_eq!(header(m, "trace-id").as_deref(), Some(format!("{key}-{seq}").as_str()), "other headers kept");
-        assert_eq!(m.timestamp().to_millis(), Some(1_700_000_000_000));
+        assert_eq!(m.timestamp().to_millis(), Some(*STAMP));
     }
     assert_eq!(last.len(), 3);
     // Dead letters: every rejection with its reason code.

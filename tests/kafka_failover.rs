@@ -151,6 +151,16 @@ impl GateProcess {
         std::fs::read_to_string(self.dir.path().join("gate.log")).unwrap_or_default()
     }
 
+    /// Replaces its config file (read again on SIGHUP).
+    pub fn rewrite(&self, config: &str) {
+        std::fs::write(self.dir.path().join("tokengate.toml"), config).unwrap();
+    }
+
+    /// SIGHUP: reload the config.
+    pub fn hup(&self) {
+        signal(self.child.id(), "HUP");
+    }
+
     /// SIGKILL: no drain, no commit, no leave-group.
     pub fn kill9(&mut self) {
         signal(self.child.id(), "KILL");
@@ -281,6 +291,8 @@ pub struct Fate {
     pub offset: i64,
     pub route: String,
     pub reason: String,
+    /// `x-tokengate-sub`.
+    pub sub: String,
 }
 
 /// Every record on the trusted and dead-letter topics, read by the third-party consumer.

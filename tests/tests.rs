@@ -13,6 +13,7 @@ mod kafka;
 mod kafka_failover;
 mod proof;
 mod properties;
+mod reload;
 mod revocation;
 mod single_use;
 mod token_fetch;

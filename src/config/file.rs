@@ -63,6 +63,9 @@ pub struct Config {
     /// Health, readiness and metrics HTTP endpoint.
     #[serde(default)]
     pub admin: AdminConfig,
+    /// Reloading the config while running (always on `SIGHUP`).
+    #[serde(default)]
+    pub reload: ReloadConfig,
     /// How long shutdown may take to drain in-flight messages and commit.
     #[serde(default = "default_shutdown_timeout")]
     pub shutdown_timeout: Dur,
@@ -146,6 +149,14 @@ impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig { listen: default_admin_listen() }
     }
+}
+
+/// Live reload (`[reload]`).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ReloadConfig {
+    /// Also reload when the config file or a key file it names changes (checked this often;
+    /// absent: only on `SIGHUP`).
+    pub watch: Option<Dur>,
 }
 
 /// Where a route's messages come from.

@@ -114,6 +114,10 @@ pub struct RouteSettings {
     pub rules: RouteRules,
     /// Where messages come from and go; `None` for a route used only by `token verify`.
     pub io: Option<RouteIo>,
+    /// Everything of the file that the running route depends on (its table, its brokers' tables,
+    /// the attestation keys it signs with, the audit destination, the instance id), so that a
+    /// reload restarts exactly the routes whose digest changed. Compared, never shown.
+    pub digest: String,
 }
 
 /// Where a route's messages come from and go, ready to connect.
@@ -216,6 +220,9 @@ pub struct RedisSettings {
     pub mirror_max_entries: usize,
     /// What to do while Redis cannot be read.
     pub on_unavailable: OnUnavailable,
+    /// The `[redis]` table and its resolved connection: a reload keeps the connection (and the
+    /// mirror) while this is unchanged.
+    pub digest: String,
 }
 
 /// The typed, validated result of a config file.
@@ -238,6 +245,10 @@ pub struct Settings {
     pub attester: Option<Arc<crate::attest::Attester>>,
     /// Where every decision is recorded, if anywhere.
     pub audit: Option<AuditSettings>,
+    /// How often to look for changed files to reload (`[reload] watch`), if at all.
+    pub reload_watch: Option<Duration>,
+    /// The key and secret files the config names (a change reloads when `reload_watch` is set).
+    pub key_files: Vec<PathBuf>,
     /// This instance's name (`instance_id`), in audit records.
     pub instance_id: Option<String>,
     /// What a valid config does that an operator should know about (`check-config` prints these;
@@ -710,7 +721,8 @@ fn validate(raw: &Config, c: &mut Check) -> Settings {
             c.add(format!("{p}.single_use"), "needs a [redis] section: uses are recorded there");
         }
         let io = route_io(c, &p, name, rc, raw, &brokers);
-        routes.push(RouteSettings { rules, io });
+        let digest = route_digest(raw, rc, attester.as_ref());
+        routes.push(RouteSettings { rules, io, digest });
     }
     let audit = raw.audit.as_ref().and_then(|a| audit_settings(c, a, &brokers));
     let mut redis = None;
@@ -719,6 +731,7 @@ fn validate(raw: &Config, c: &mut Check) -> Settings {
         match connection_info(&r.url, password.as_deref()) {
             Ok(info) => {
                 redis = Some(RedisSettings {
+                    digest: format!("{r:?} {info:?}"),
                     info,
                     prefix: r.prefix.clone(),
                     mirror_max_entries: r.mirror_max_entries,
@@ -782,6 +795,8 @@ fn validate(raw: &Config, c: &mut Check) -> Settings {
         attester,
         audit,
         instance_id: raw.instance_id.clone(),
+        reload_watch: raw.reload.watch.map(|d| d.0),
+        key_files: key_files(raw, c.base),
         warnings: warnings(raw, c.base, admin_listen),
         skipped_secrets: Vec::new(),
     }
@@ -1128,6 +1143,33 @@ fn source_settings(
     }
 }
 
+/// See [`RouteSettings::digest`].
+fn route_digest(raw: &Config, rc: &RouteConfig, attester: Option<&Arc<crate::attest::Attester>>) -> String {
+    let mut kafka = Vec::new();
+    let mut amqp = Vec::new();
+    match &rc.source {
+        Some(SourceConfig::Kafka(k)) => kafka.push(&k.cluster),
+        Some(SourceConfig::Amqp(a)) => amqp.push(&a.broker),
+        None => {}
+    }
+    for sink in [&rc.trusted, &rc.dead_letter].into_iter().flatten() {
+        match sink {
+            SinkConfig::Kafka(k) => kafka.push(&k.cluster),
+            SinkConfig::Amqp(a) => amqp.push(&a.broker),
+        }
+    }
+    let brokers: Vec<String> = kafka
+        .iter()
+        .map(|n| format!("{:?}", raw.kafka.get(*n)))
+        .chain(amqp.iter().map(|n| format!("{:?}", raw.amqp.get(*n))))
+        .collect();
+    let attest = rc.attest.as_ref().and(attester).map(|a| a.jwks().to_string());
+    format!(
+        "{rc:?}\n{brokers:?}\n{attest:?}\n{:?}\n{:?}\n{:?} {:?}",
+        raw.audit, raw.instance_id, raw.shutdown_timeout, raw.max_route_failures
+    )
+}
+
 /// The `[audit]` destination: exactly one of `kafka`, `amqp`, `file`.
 fn audit_settings(c: &mut Check, a: &file::AuditConfig, brokers: &Brokers) -> Option<AuditSettings> {
     match (&a.kafka, &a.amqp, &a.file) {
@@ -1194,6 +1236,19 @@ fn check_route_rules(c: &mut Check, p: &str, rc: &RouteConfig) {
             c.add(format!("{p}.identity_headers.{claim}"), "must be a non-empty header other than the token header");
         }
     }
+}
+
+/// The files holding keys and secrets of issuers and attestations, as read.
+fn key_files(raw: &Config, base: &Path) -> Vec<PathBuf> {
+    let issuers = raw.issuers.values().flat_map(|ic| ic.keys.iter()).flat_map(|k| {
+        let secret = match &k.secret {
+            Some(Secret::File(f)) => Some(f),
+            _ => None,
+        };
+        [secret, k.pem_file.as_ref(), k.jwks_file.as_ref()].into_iter().flatten()
+    });
+    let attestation = raw.attestation.iter().flat_map(|a| a.keys.iter().map(|k| &k.pem_file));
+    issuers.chain(attestation).map(|f| base.join(f)).collect()
 }
 
 /// What a valid config does that an operator should know about.
