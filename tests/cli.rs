@@ -459,3 +459,61 @@ fn the_readme_config_snippets_pass_check_config_and_its_example_output_is_true()
     let printed = text(&out.stderr);
     assert_eq!(shown, printed.lines().collect::<Vec<_>>(), "the README's check-config output");
 }
+
+/// Every code snippet of the README in a programming language is an excerpt of a file that the
+/// suite runs or compiles (named in an `<!-- excerpt: PATH -->` line above it), so none can rot;
+/// the audit record example is a record of the current schema.
+#[test]
+fn the_readme_code_snippets_are_excerpts_of_files_the_suite_runs_or_compiles() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let lines: Vec<&str> = readme.lines().collect();
+    let mut checked = 0;
+    let mut i = 0;
+    while i < lines.len() {
+        let Some(lang) = lines[i].strip_prefix("```") else {
+            i += 1;
+            continue;
+        };
+        let end = i + 1 + lines[i + 1..].iter().position(|l| l.starts_with("```")).expect("a closed code block");
+        let body = lines[i + 1..end].join("\n");
+        if ["python", "java", "rust", "js", "go"].contains(&lang) {
+            let above = lines[..i].iter().rev().find(|l| !l.trim().is_empty()).copied().unwrap_or("");
+            let path = above.strip_prefix("<!-- excerpt: ").and_then(|p| p.strip_suffix(" -->")).unwrap_or_else(|| {
+                panic!("README line {}: a {lang} snippet needs <!-- excerpt: PATH --> above it", i + 1)
+            });
+            let file = std::fs::read_to_string(root.join(path)).unwrap_or_else(|e| panic!("{path}: {e}"));
+            assert!(file.contains(&body), "README line {}: the snippet is not an excerpt of {path}:\n{body}", i + 1);
+            checked += 1;
+        }
+        if lang == "json" {
+            let v: serde_json::Value = serde_json::from_str(&body).expect("the README's JSON example parses");
+            let env = tokengate::envelope::Envelope {
+                key: None,
+                payload: None,
+                headers: vec![],
+                timestamp_ms: None,
+                origin: tokengate::envelope::Origin::Kafka { topic: "t".into(), partition: 0, offset: 0 },
+                amqp: None,
+                amqp_headers: None,
+                defect: None,
+            };
+            let facts = tokengate::audit::Facts::default();
+            let now = std::time::SystemTime::now();
+            let record: serde_json::Value =
+                serde_json::from_slice(&tokengate::audit::record(None, "r", &env, None, &facts, now)).unwrap();
+            let keys = |v: &serde_json::Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+            assert_eq!(keys(&v), keys(&record), "the README's audit record has the schema's fields");
+        }
+        i = end + 1;
+    }
+    assert!(checked >= 10, "the README's code snippets were found ({checked})");
+    // The Python examples the suite does not run are compiled.
+    let python = std::env::var("TOKENGATE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let compile = Command::new(&python)
+        .args(["-m", "py_compile", "examples/producers/python/refreshing_producer.py"])
+        .current_dir(root)
+        .output()
+        .unwrap_or_else(|e| panic!("{python} is required ({e})"));
+    assert!(compile.status.success(), "{}", String::from_utf8_lossy(&compile.stderr));
+}

@@ -11,6 +11,7 @@ mod hostile;
 mod jwks;
 mod kafka;
 mod kafka_failover;
+mod producers;
 mod proof;
 mod properties;
 mod reload;
