@@ -123,7 +123,10 @@ async fn ready(State(s): State<AdminState>) -> impl IntoResponse {
 async fn render_metrics(State(s): State<AdminState>) -> impl IntoResponse {
     // Current at every scrape, not only when /ready was asked.
     key_health(&s).await;
-    crate::telemetry::set_revocation_up(s.live.gate.load().revocation_up());
+    let gate = s.live.gate.load();
+    crate::telemetry::set_revocation_up(gate.revocation_up());
+    let (hits, misses) = crate::verify::cache::lookups();
+    crate::telemetry::set_token_cache(hits, misses, gate.verifier().cached_tokens());
     match &s.metrics {
         Some(h) => (StatusCode::OK, h.render()),
         None => (StatusCode::NOT_FOUND, "metrics recorder not installed in this process\n".to_owned()),

@@ -156,6 +156,20 @@ const TRANSACTION_RECORDS: Metric = metric(
     "records per committed transaction",
 );
 
+const CONSUMER_LAG: Metric = metric(
+    "tokengate_consumer_lag",
+    Kind::Gauge,
+    &["route"],
+    "Kafka routes: records behind the partitions' ends, summed over the partitions this instance owns (every 5 s)",
+);
+const TOKEN_CACHE: Metric = metric(
+    "tokengate_token_cache_lookups_total",
+    Kind::Counter,
+    &["result"],
+    "verified-token cache lookups: hit (decided without a signature check) or miss",
+);
+const TOKEN_CACHE_ENTRIES: Metric =
+    metric("tokengate_token_cache_entries", Kind::Gauge, &[], "tokens in the verified-token cache");
 const CONFIG_GENERATION: Metric = metric(
     "tokengate_config_generation",
     Kind::Gauge,
@@ -184,7 +198,7 @@ pub const TRANSACTION_METRICS: [&Metric; 3] = [&TRANSACTIONS, &TRANSACTION_SECON
 /// Every metric tokengate serves. Each is registered when the metrics endpoint starts, so it is
 /// present from the first scrape; the README's metric table lists the same names (a test
 /// compares the table with this list and with what `/metrics` serves).
-pub const METRICS: [&Metric; 22] = [
+pub const METRICS: [&Metric; 25] = [
     &MESSAGES,
     &REJECTIONS,
     &HOLDS,
@@ -207,6 +221,9 @@ pub const METRICS: [&Metric; 22] = [
     &AUDIT_RECORDS,
     &CONFIG_GENERATION,
     &CONFIG_RELOADS,
+    &CONSUMER_LAG,
+    &TOKEN_CACHE,
+    &TOKEN_CACHE_ENTRIES,
 ];
 
 /// Why a message is held (the `cause` label of `tokengate_holds_total`).
@@ -224,6 +241,7 @@ pub fn register(issuers: &[String], revocation_up: bool) {
     }
     set_revocation_up(revocation_up);
     metrics::gauge!(CONFIG_GENERATION.name).set(1.0);
+    set_token_cache(0, 0, 0);
     for outcome in ["applied", "refused"] {
         metrics::counter!(CONFIG_RELOADS.name, "outcome" => outcome).increment(0);
     }
@@ -233,6 +251,18 @@ pub fn register(issuers: &[String], revocation_up: bool) {
     for i in issuers {
         metrics::counter!(JWKS_FETCH_ERRORS.name, "issuer" => i.clone()).increment(0);
     }
+}
+
+/// Sets a Kafka route's consumer lag.
+pub fn set_consumer_lag(route: &str, lag: i64) {
+    metrics::gauge!(CONSUMER_LAG.name, "route" => route.to_owned()).set(lag as f64);
+}
+
+/// Brings the token cache's figures up to date (at every scrape).
+pub fn set_token_cache(hits: u64, misses: u64, entries: u64) {
+    metrics::counter!(TOKEN_CACHE.name, "result" => "hit").absolute(hits);
+    metrics::counter!(TOKEN_CACHE.name, "result" => "miss").absolute(misses);
+    metrics::gauge!(TOKEN_CACHE_ENTRIES.name).set(entries as f64);
 }
 
 /// Counts a reload, applied (now at `generation`) or refused.

@@ -614,6 +614,11 @@ async fn the_daemon_serves_health_ready_metrics_and_stops_cleanly_on_sigterm() {
     let declared: std::collections::BTreeSet<String> =
         tokengate::telemetry::METRICS.iter().map(|m| m.name.to_owned()).collect();
     assert_eq!(documented, declared, "README metric table vs telemetry::METRICS");
+    // Every metric the Grafana dashboard and the alerting rules query is served (the optional
+    // ones by a process with their feature: tests/exactly_once.rs, tests/audit.rs).
+    let queried = crate::deploy::dashboard_and_alert_metrics();
+    let missing: Vec<_> = queried.iter().filter(|m| !served.contains(*m) && !only_exactly_once.contains(*m)).collect();
+    assert!(missing.is_empty(), "the dashboard or alerts query metrics /metrics does not serve: {missing:?}");
 
     // SIGTERM: stop intake, drain, commit, exit 0 within the deadline.
     let started = Instant::now();

@@ -120,7 +120,34 @@ struct Ctx {
     tracker: Arc<Mutex<Tracker>>,
 }
 
-impl ClientContext for Ctx {}
+impl ClientContext for Ctx {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        report_lag(&self.route, &statistics);
+    }
+}
+
+/// How often librdkafka reports its statistics (consumer lag) unless the source sets it.
+const STATISTICS_INTERVAL_MS: &str = "5000";
+
+/// Sets `tokengate_consumer_lag` from librdkafka's statistics: the sum over the partitions this
+/// consumer owns of high watermark minus committed offset (partitions without both are left out).
+pub(super) fn report_lag(route: &str, statistics: &rdkafka::Statistics) {
+    let lag: i64 = statistics
+        .topics
+        .values()
+        .flat_map(|t| t.partitions.values())
+        .filter(|p| p.partition >= 0 && p.consumer_lag >= 0)
+        .map(|p| p.consumer_lag)
+        .sum();
+    crate::telemetry::set_consumer_lag(route, lag);
+}
+
+/// Sets librdkafka's statistics interval on a source's consumer unless the config sets one.
+pub(super) fn with_statistics(config: &mut rdkafka::ClientConfig) {
+    if config.get("statistics.interval.ms").is_none() {
+        config.set("statistics.interval.ms", STATISTICS_INTERVAL_MS);
+    }
+}
 
 impl ConsumerContext for Ctx {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -287,6 +314,8 @@ pub async fn run(
         .set("enable.auto.offset.store", "false")
         .set("auto.commit.interval.ms", interval)
         .set("auto.offset.reset", reset);
+    with_statistics(&mut src.config);
+    crate::telemetry::set_consumer_lag(&route.rules.name, 0); // until the first statistics
     let consumer: Arc<StreamConsumer<Ctx>> = Arc::new(
         src.config.create_with_context(Ctx { route: route.rules.name.clone(), tracker: Arc::clone(&tracker) })?,
     );

@@ -40,6 +40,16 @@ impl std::hash::Hasher for TailHasher {
     }
 }
 
+/// Lookups answered from the cache and not, by every cache of the process (a reload's new
+/// cache counts on): `tokengate_token_cache_lookups_total`.
+static HITS: AtomicU64 = AtomicU64::new(0);
+static MISSES: AtomicU64 = AtomicU64::new(0);
+
+/// Lookups of every cache so far: (hits, misses).
+pub fn lookups() -> (u64, u64) {
+    (HITS.load(Ordering::Relaxed), MISSES.load(Ordering::Relaxed))
+}
+
 /// Verified tokens by their text, each until its `exp` (plus leeway).
 pub struct TokenCache {
     entries: quick_cache::sync::Cache<Box<str>, Arc<Verified>, quick_cache::UnitWeighter, TailHash>,
@@ -72,12 +82,19 @@ impl TokenCache {
 
     /// The verified token, if cached and not stale at unix time `now`.
     pub fn get(&self, token: &str, now: i64) -> Option<Arc<Verified>> {
-        let v = self.entries.get(token)?;
-        if now > v.cached_until {
-            self.entries.remove(token);
-            return None;
+        match self.entries.get(token) {
+            Some(v) if now <= v.cached_until => {
+                HITS.fetch_add(1, Ordering::Relaxed);
+                Some(v)
+            }
+            stale => {
+                MISSES.fetch_add(1, Ordering::Relaxed);
+                if stale.is_some() {
+                    self.entries.remove(token); // its room goes to a fresh token
+                }
+                None
+            }
         }
-        Some(v)
     }
 
     /// Forgets a token (its key set changed).

@@ -201,6 +201,11 @@ pub fn unix_now() -> i64 {
 }
 
 impl Verifier {
+    /// Tokens in the verified-token cache.
+    pub fn cached_tokens(&self) -> u64 {
+        self.cache.as_ref().map_or(0, cache::TokenCache::len)
+    }
+
     /// An engine over `issuers`; remote keys are not fetched until [`Verifier::start`].
     pub fn new(issuers: Vec<Issuer>, cache: &CacheSettings) -> Verifier {
         let by_iss = issuers.iter().enumerate().map(|(i, is)| (is.checks.iss.to_string(), i)).collect();
