@@ -85,6 +85,48 @@ pub enum Command {
     /// List or check revocations.
     #[command(subcommand)]
     Revocations(RevocationsCommand),
+    /// Work with a route's dead letters.
+    #[command(subcommand)]
+    DeadLetters(DeadLettersCommand),
+}
+
+/// Dead-letter commands.
+#[derive(Debug, Subcommand)]
+pub enum DeadLettersCommand {
+    /// Re-drive dead letters back to the topic or queue they were read from (the original
+    /// headers restored, the gate's removed), once their cause is fixed. Needs the route's
+    /// `token.keep_in_dead_letters = true` (redacted tokens cannot pass again; they are counted).
+    /// Nothing is removed from the dead-letter destination unless --delete (AMQP) is given.
+    Replay {
+        /// The gate's config file (the route's dead-letter destination and header names).
+        #[arg(long)]
+        config: PathBuf,
+        /// The route whose dead letters to replay.
+        #[arg(long)]
+        route: String,
+        /// AMQP: the queue the dead-letter exchange delivers to.
+        #[arg(long)]
+        queue: Option<String>,
+        /// Only dead letters with this reason code (repeatable), e.g. unknown_kid.
+        #[arg(long = "reason")]
+        reasons: Vec<String>,
+        /// Only dead letters rejected at or after this time (unix seconds, RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only dead letters rejected before this time.
+        #[arg(long)]
+        until: Option<String>,
+        /// At most this many.
+        #[arg(long)]
+        max: Option<u64>,
+        /// Show what would be replayed; publish nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// AMQP: remove each replayed message from the dead-letter queue once its republish is
+        /// confirmed (default: every message goes back to the queue).
+        #[arg(long)]
+        delete: bool,
+    },
 }
 
 /// Which revocation entry (exactly one).
@@ -106,6 +148,11 @@ pub struct SelectorArgs {
     /// A whole token (or - for stdin): its jti, or its fingerprint if it has none.
     #[arg(long)]
     pub token: Option<String>,
+    /// Many at once (revoke only), from a file (or - for stdin): one per line, `jti:<id>`,
+    /// `sub:<id>`, `kid:<id>`, `fp:<hex>` or a whole token; `#` comments and blank lines skipped.
+    /// Every line is checked before anything is written.
+    #[arg(long)]
+    pub from_file: Option<PathBuf>,
 }
 
 impl SelectorArgs {
@@ -116,6 +163,7 @@ impl SelectorArgs {
             SelectorArgs { kid: Some(k), .. } => edit::Selector::Kid(k),
             SelectorArgs { fp: Some(f), .. } => edit::Selector::Fp(f),
             SelectorArgs { token: Some(t), .. } => edit::Selector::Token(read_token(&t)?),
+            SelectorArgs { from_file: Some(_), .. } => anyhow::bail!("--from-file works with revoke only"),
             _ => anyhow::bail!("give one of --jti, --sub, --kid, --fp, --token"),
         })
     }
@@ -394,6 +442,83 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     Ok(ExitCode::from(EX_CONFIG))
                 }
             }
+        }
+        Command::DeadLetters(DeadLettersCommand::Replay {
+            config: file,
+            route,
+            queue,
+            reasons,
+            since,
+            until,
+            max,
+            dry_run,
+            delete,
+        }) => {
+            let settings = match config::load(&file, &config::process_env()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprint!("{e}");
+                    return Ok(ExitCode::from(EX_CONFIG));
+                }
+            };
+            let rs = settings.routes.iter().find(|r| r.rules.name == route);
+            let rs = rs.with_context(|| format!("no route {route:?} in {}", file.display()))?;
+            let io = rs.io.as_ref().with_context(|| format!("route {route:?} has no dead_letter destination"))?;
+            for r in &reasons {
+                anyhow::ensure!(
+                    verify::Reason::ALL.iter().any(|k| k.code() == r),
+                    "--reason {r:?} is not a reason code (README: Reason codes)"
+                );
+            }
+            let now = verify::unix_now();
+            let filter = crate::dead_letters::Filter {
+                reasons,
+                since: since.map(|t| ops::parse_time(&t, now)).transpose()?,
+                until: until.map(|t| ops::parse_time(&t, now)).transpose()?,
+                max,
+            };
+            let report =
+                crate::dead_letters::replay(&rs.rules, &io.dead_letter, queue.as_deref(), &filter, dry_run, delete)
+                    .await?;
+            let verb = if dry_run { "would replay" } else { "replayed" };
+            println!(
+                "{verb} {} of {} dead letters read ({} of route {route} selected; {} with a redacted token and {} without a source left alone; {} deleted)",
+                report.replayed, report.scanned, report.matched, report.redacted, report.no_source, report.deleted
+            );
+            for (to, n) in &report.to {
+                println!("  {n} -> {to}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Revoke { selector: SelectorArgs { from_file: Some(file), .. }, before, reason, ttl, until, redis } => {
+            anyhow::ensure!(
+                before.is_none() && ttl.is_none() && until.is_none(),
+                "--from-file takes each entry's default expiry (a token's lifetime, 24h for jti/fp, none for sub/kid) and revokes subjects as of now"
+            );
+            let text = if file.as_os_str() == "-" {
+                let mut s = String::new();
+                std::io::stdin().read_to_string(&mut s).context("reading stdin")?;
+                s
+            } else {
+                std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?
+            };
+            let selectors = match edit::parse_selectors(&text) {
+                Ok(s) => s,
+                Err(bad) => {
+                    for b in &bad {
+                        eprintln!("{}: {b}", file.display());
+                    }
+                    anyhow::bail!("{} bad line(s) in {}; nothing revoked", bad.len(), file.display());
+                }
+            };
+            let mut conn = edit::redis_connect(&redis.url).await?;
+            let mut progress = crate::progress::Progress::new("revoking", Some(selectors.len() as u64));
+            let now = verify::unix_now();
+            let written =
+                edit::revoke_many(&mut conn, &redis.prefix, &selectors, &reason, now, |n| progress.add(n)).await?;
+            progress.finish();
+            println!("revoked {written} entries from {} lines of {}", selectors.len(), file.display());
+            Ok(ExitCode::SUCCESS)
         }
         Command::Revoke { selector, before, reason, ttl, until, redis } => {
             let now = verify::unix_now();

@@ -55,10 +55,11 @@
 //!   changed config in force without a restart (`SIGHUP`), restarting only changed routes.
 //! - [`demo`]: `tokengate demo`, the whole pipeline on an embedded Kafka.
 //! - [`admin`]: `/health`, `/ready`, `/metrics`, `/.well-known/jwks.json`.
+//! - [`dead_letters`]: `tokengate dead-letters replay`, re-driving dead letters to their source.
 //! - [`ops`]: the token tools (mint, inspect, verify, fetch from an OAuth token endpoint).
 //! - [`telemetry`]: log setup (wire-level client logs capped) and every metric, declared once,
 //!   with typed handles.
-//! - [`cli`]: the command line.
+//! - [`cli`]: the command line; [`progress`] reports long operator commands.
 
 pub mod admin;
 pub mod amqp;
@@ -67,11 +68,13 @@ pub mod attest;
 pub mod audit;
 pub mod cli;
 pub mod config;
+pub mod dead_letters;
 pub mod demo;
 pub mod envelope;
 pub mod gate;
 pub mod ops;
 pub mod pipeline;
+pub mod progress;
 pub mod reload;
 pub mod revocation;
 pub mod single_use;

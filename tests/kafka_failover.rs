@@ -151,6 +151,11 @@ impl GateProcess {
         std::fs::read_to_string(self.dir.path().join("gate.log")).unwrap_or_default()
     }
 
+    /// Its config file.
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("tokengate.toml")
+    }
+
     /// Replaces its config file (read again on SIGHUP).
     pub fn rewrite(&self, config: &str) {
         std::fs::write(self.dir.path().join("tokengate.toml"), config).unwrap();

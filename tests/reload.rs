@@ -140,9 +140,7 @@ async fn sighup_reloads_keys_and_routes_under_a_live_stream_and_refuses_a_broken
         logs.lines().filter(|l| l.contains("refunds") || l.contains("WARN") || l.contains("ERROR")).collect();
     assert_eq!(fates_c.iter().filter(|f| f.dest == "trusted").count(), 20, "the added route runs: {refunds_log:#?}");
 
-    for route in ["payments"] {
-        assert!(logs.contains(&format!("route stopped for the reloaded config route={route}")), "{logs}");
-    }
+    assert!(logs.contains("route stopped for the reloaded config route=payments"), "{logs}");
     assert!(!logs.contains("route stopped for the reloaded config route=orders"), "orders was not touched");
     assert!(logs.contains("route started with the reloaded config route=refunds"), "{logs}");
     assert!(logs.contains("config reload refused"), "the refusal is logged");

@@ -382,3 +382,41 @@ async fn a_million_entries_are_mirrored_kept_in_step_with_redis_cli_and_survive_
     let _: () = conn.set(key(&prefix, Kind::Jti, "after-restart"), "again").await.unwrap();
     until_revoked(&r, &jti("after-restart")).await;
 }
+
+#[tokio::test]
+async fn revoke_from_file_writes_every_line_or_nothing() {
+    let prefix = unique_prefix("bulk");
+    let mut conn = redis_conn().await;
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.txt");
+    let mut text = String::from("# leaked on 2026-11-28\njti:one\nsub:alice\n\nkid:2026-11\n");
+    text += &format!("{}\n", token(jsonwebtoken::Algorithm::HS256, serde_json::json!({"jti": "from-a-token"})));
+    for i in 0..2000 {
+        text += &format!("jti:bulk-{i}\n");
+    }
+    std::fs::write(&good, &text).unwrap();
+    let redis = redis_url();
+    let (code, out, err) =
+        run_cli(&["revoke", "--from-file", good.to_str().unwrap(), "--redis", &redis, "--prefix", &prefix]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("revoked 2004 entries from 2004 lines"), "{out}");
+    assert!(err.contains("revoking: 2004/2004"), "a plain progress line when not a terminal: {err}");
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}*")).query_async(&mut conn).await.unwrap();
+    assert_eq!(keys.len(), 2004);
+    let ttl: i64 = redis::cmd("TTL").arg(format!("{prefix}revoked:jti:one")).query_async(&mut conn).await.unwrap();
+    assert!(ttl > 0 && ttl <= 24 * 3600, "a bare jti lasts a day: {ttl}");
+    let ttl: i64 = redis::cmd("TTL").arg(format!("{prefix}revoked:sub:alice")).query_async(&mut conn).await.unwrap();
+    assert_eq!(ttl, -1, "a subject until unrevoked");
+
+    let bad = dir.path().join("bad.txt");
+    std::fs::write(&bad, "jti:fine\nfp:not-hex\njti:\n").unwrap();
+    let prefix2 = unique_prefix("bulk-bad");
+    let (code, _, err) =
+        run_cli(&["revoke", "--from-file", bad.to_str().unwrap(), "--redis", &redis, "--prefix", &prefix2]);
+    assert_eq!(code, 2);
+    assert!(err.contains("line 2") && err.contains("line 3") && err.contains("nothing revoked"), "{err}");
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix2}*")).query_async(&mut conn).await.unwrap();
+    assert!(keys.is_empty(), "a file with a bad line writes nothing");
+    let written: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}*")).query_async(&mut conn).await.unwrap();
+    let _: () = redis::cmd("DEL").arg(&written).query_async(&mut conn).await.unwrap();
+}

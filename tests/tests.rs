@@ -6,6 +6,7 @@ mod amqp;
 mod attest;
 mod audit;
 mod cli;
+mod dead_letters;
 mod deploy;
 mod exactly_once;
 mod hostile;
