@@ -517,3 +517,83 @@ fn the_readme_code_snippets_are_excerpts_of_files_the_suite_runs_or_compiles() {
         .unwrap_or_else(|e| panic!("{python} is required ({e})"));
     assert!(compile.status.success(), "{}", String::from_utf8_lossy(&compile.stderr));
 }
+
+/// Splits a shell command line into words: single and double quotes, `$(...)` kept whole.
+fn shell_words(line: &str) -> Vec<String> {
+    let (mut words, mut word, mut quote, mut depth) = (Vec::new(), String::new(), None, 0);
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), c) => word.push(c),
+            (None, '\'' | '"') if depth == 0 => quote = Some(c),
+            (None, '$') if chars.peek() == Some(&'(') => {
+                depth += 1;
+                word.push(c);
+            }
+            (None, ')') if depth > 0 => {
+                depth -= 1;
+                word.push(c);
+            }
+            (None, ' ') if depth == 0 => {
+                if !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+            }
+            (None, c) => word.push(c),
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    words
+}
+
+/// Every `tokengate` command in the README's shell snippets parses with the binary's own
+/// argument parser (synopsis lines with `[...]` or `<...>` placeholders aside).
+#[test]
+fn the_readme_shell_snippets_use_only_commands_and_flags_that_exist() {
+    use clap::Parser as _;
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let mut in_sh = false;
+    let mut commands = Vec::new();
+    let mut pending = String::new();
+    for line in readme.lines() {
+        if line.starts_with("```") {
+            in_sh = line == "```sh";
+            continue;
+        }
+        if !in_sh {
+            continue;
+        }
+        pending.push_str(line.trim_end_matches('\\'));
+        if line.ends_with('\\') {
+            continue;
+        }
+        let full = std::mem::take(&mut pending);
+        let code = full.split(" #").next().unwrap().trim().to_owned();
+        for start in ["tokengate ", "target/release/tokengate "] {
+            let Some(at) = code.find(start) else { continue };
+            if at > 0 && !code[..at].ends_with("$(") && !code[..at].ends_with(' ') {
+                continue;
+            }
+            let rest = &code[at + start.len()..];
+            let rest = rest.split([')', '>', '|']).next().unwrap();
+            commands.push(rest.to_owned());
+            break;
+        }
+    }
+    assert!(commands.len() >= 20, "the README's tokengate commands were found: {commands:#?}");
+    let mut parsed = 0;
+    for c in &commands {
+        if c.contains('[') || c.contains('<') {
+            continue;
+        }
+        let words = std::iter::once("tokengate".to_owned()).chain(shell_words(c));
+        if let Err(e) = tokengate::cli::Cli::try_parse_from(words) {
+            panic!("README command `tokengate {c}` does not parse:\n{e}");
+        }
+        parsed += 1;
+    }
+    assert!(parsed >= 15, "{parsed} README commands parsed");
+}
