@@ -1,42 +1,70 @@
 //! The verified-token cache. A token is cached on its second sight: the first only leaves an
 //! 8-byte trace in a fixed table, so a stream of one-time tokens (one per message, as some
-//! producers mint them) costs no cache entries and no insertions. An entry is the token's text
-//! and its [`Verified`], kept by `quick_cache` (about 75 bytes of bookkeeping per entry, against
-//! about 400 for `moka`); a stale entry (past `exp`, or past the TTL of a token without one) is
-//! never used and goes when the cache needs its room.
+//! producers mint them) costs no cache entries and no insertions. An entry is keyed by the
+//! SHA-256 of the whole token (signature included), not its text: a cached token costs the same
+//! whatever its length, and a token whose signature differs in a single bit is another key. Its
+//! value is the [`Verified`] record, kept by `quick_cache`; a stale entry (past `exp`, or past the
+//! TTL of a token without one) is never used and goes when the cache needs its room.
 
-use std::hash::BuildHasher as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{CacheSettings, Verified};
 
-/// Bytes of the token's end hashed for the first-sight table: they lie in the signature, which
-/// differs between any two distinct tokens of a key. A forged collision only admits a token early.
-const TRACE_BYTES: usize = 32;
+/// A cache key: SHA-256 of the whole token. Collision resistance is what makes the key safe: no
+/// other token (a forged signature, say) can hit a verified token's entry.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Key([u8; 32]);
 
-/// Hashes only the end of what it is given (the token's signature) with a keyed SipHash: a
-/// lookup costs the same for a 1 KB token as for a short one. Equal tails of distinct tokens
-/// only share a bucket (the key comparison is on the whole token), and the random key keeps a
-/// producer from aiming tokens at one bucket.
-#[derive(Clone, Default)]
-struct TailHash(std::collections::hash_map::RandomState);
+impl Key {
+    /// The key of `token`.
+    pub fn of(token: &str) -> Key {
+        let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+        let mut k = [0; 32];
+        k.copy_from_slice(d.as_ref());
+        Key(k)
+    }
 
-struct TailHasher(std::collections::hash_map::DefaultHasher);
-
-impl std::hash::BuildHasher for TailHash {
-    type Hasher = TailHasher;
-    fn build_hasher(&self) -> TailHasher {
-        TailHasher(self.0.build_hasher())
+    /// 64 bits of the digest: as good as any hash of the token (no producer can aim SHA-256).
+    fn word(&self, at: usize) -> u64 {
+        u64::from_le_bytes(self.0[at..at + 8].try_into().expect("8 bytes"))
     }
 }
 
-impl std::hash::Hasher for TailHasher {
+impl std::hash::Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.word(0));
+    }
+}
+
+/// Takes a [`Key`]'s own 64 bits as its hash: the digest is already uniform.
+#[derive(Clone, Default)]
+struct KeyHash;
+
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl std::hash::BuildHasher for KeyHash {
+    type Hasher = KeyHasher;
+    fn build_hasher(&self) -> KeyHasher {
+        KeyHasher(0)
+    }
+}
+
+impl std::hash::Hasher for KeyHasher {
     fn write(&mut self, bytes: &[u8]) {
-        self.0.write(&bytes[bytes.len().saturating_sub(TRACE_BYTES)..]);
+        // Only reached for keys hashed another way; fold them in.
+        for chunk in bytes.chunks(8) {
+            let mut w = [0; 8];
+            w[..chunk.len()].copy_from_slice(chunk);
+            self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(w);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 ^= n;
     }
     fn finish(&self) -> u64 {
-        self.0.finish()
+        self.0
     }
 }
 
@@ -50,12 +78,11 @@ pub fn lookups() -> (u64, u64) {
     (HITS.load(Ordering::Relaxed), MISSES.load(Ordering::Relaxed))
 }
 
-/// Verified tokens by their text, each until its `exp` (plus leeway).
+/// Verified tokens by their key, each until its `exp` (plus leeway).
 pub struct TokenCache {
-    entries: quick_cache::sync::Cache<Box<str>, Arc<Verified>, quick_cache::UnitWeighter, TailHash>,
-    /// Hashes of tokens seen once, one per slot (a newer one overwrites an older one).
+    entries: quick_cache::sync::Cache<Key, Arc<Verified>, quick_cache::UnitWeighter, KeyHash>,
+    /// Traces of tokens seen once, one per slot (a newer one overwrites an older one).
     seen: Box<[AtomicU64]>,
-    hasher: std::collections::hash_map::RandomState,
 }
 
 impl TokenCache {
@@ -72,17 +99,16 @@ impl TokenCache {
                 most,
                 settings.max_entries,
                 quick_cache::UnitWeighter,
-                TailHash::default(),
+                KeyHash,
                 quick_cache::sync::DefaultLifecycle::default(),
             ),
             seen: (0..slots).map(|_| AtomicU64::new(0)).collect(),
-            hasher: std::collections::hash_map::RandomState::new(),
         })
     }
 
-    /// The verified token, if cached and not stale at unix time `now`.
-    pub fn get(&self, token: &str, now: i64) -> Option<Arc<Verified>> {
-        match self.entries.get(token) {
+    /// The verified token of `key`, if cached and not stale at unix time `now`.
+    pub fn get(&self, key: &Key, now: i64) -> Option<Arc<Verified>> {
+        match self.entries.get(key) {
             Some(v) if now <= v.cached_until => {
                 HITS.fetch_add(1, Ordering::Relaxed);
                 Some(v)
@@ -90,7 +116,7 @@ impl TokenCache {
             stale => {
                 MISSES.fetch_add(1, Ordering::Relaxed);
                 if stale.is_some() {
-                    self.entries.remove(token); // its room goes to a fresh token
+                    self.entries.remove(key); // its room goes to a fresh token
                 }
                 None
             }
@@ -98,17 +124,16 @@ impl TokenCache {
     }
 
     /// Forgets a token (its key set changed).
-    pub fn invalidate(&self, token: &str) {
-        self.entries.remove(token);
+    pub fn invalidate(&self, key: &Key) {
+        self.entries.remove(key);
     }
 
-    /// Caches `v` if `token` was seen before; a first sight only records it.
-    pub fn offer(&self, token: &str, v: Arc<Verified>) {
-        let tail = &token.as_bytes()[token.len().saturating_sub(TRACE_BYTES)..];
-        let h = self.hasher.hash_one(tail) | 1; // never 0, the empty slot
-        let slot = &self.seen[(h as usize) & (self.seen.len() - 1)];
-        if slot.swap(h, Ordering::Relaxed) == h {
-            self.entries.insert(token.into(), v);
+    /// Caches `v` if the token of `key` was seen before; a first sight only records it.
+    pub fn offer(&self, key: Key, v: Arc<Verified>) {
+        let trace = key.word(8) | 1; // never 0, the empty slot
+        let slot = &self.seen[(key.word(16) as usize) & (self.seen.len() - 1)];
+        if slot.swap(trace, Ordering::Relaxed) == trace {
+            self.entries.insert(key, v);
         }
     }
 
@@ -132,15 +157,17 @@ mod tests {
         let cache = TokenCache::new(&CacheSettings::default()).unwrap();
         let v = Arc::new(Verified::for_tests());
         for i in 0..1000 {
-            cache.offer(&format!("one-time-token-{i}-signature-part-that-differs-{i}"), Arc::clone(&v));
+            cache.offer(Key::of(&format!("one-time-token-{i}")), Arc::clone(&v));
         }
         assert_eq!(cache.len(), 0, "tokens seen once are not cached");
         let now = crate::verify::unix_now();
-        cache.offer("reused.token.signature", Arc::clone(&v));
-        assert!(cache.get("reused.token.signature", now).is_none());
-        cache.offer("reused.token.signature", Arc::clone(&v));
-        assert!(cache.get("reused.token.signature", now).is_some(), "cached on the second sight");
-        assert!(cache.get("reused.token.signature", now + 61).is_none(), "never used once stale");
+        let key = Key::of("reused.token.signature");
+        cache.offer(key, Arc::clone(&v));
+        assert!(cache.get(&key, now).is_none());
+        cache.offer(key, Arc::clone(&v));
+        assert!(cache.get(&key, now).is_some(), "cached on the second sight");
+        assert!(cache.get(&Key::of("reused.token.signaturf"), now).is_none(), "another signature, another key");
+        assert!(cache.get(&key, now + 61).is_none(), "never used once stale");
         assert_eq!(cache.len(), 0, "and dropped then");
         assert!(TokenCache::new(&CacheSettings { max_entries: 0, ..CacheSettings::default() }).is_none());
     }

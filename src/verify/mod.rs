@@ -170,8 +170,8 @@ pub struct Issuer {
 /// The verified-token cache, and what a verified token keeps.
 #[derive(Debug, Clone)]
 pub struct CacheSettings {
-    /// Most tokens kept (each is cached on its second sight); each costs its own length plus
-    /// about 550 bytes (BENCHMARKS.md, 2a). Zero disables the cache.
+    /// Most tokens kept (each is cached on its second sight); each costs about 550 bytes,
+    /// whatever its length (BENCHMARKS.md, 2a). Zero disables the cache.
     pub max_entries: u64,
     /// How long a token without `exp` stays cached.
     pub ttl_without_exp: Duration,
@@ -262,13 +262,14 @@ impl Verifier {
     /// Decides `token` for a route with `policy` at unix time `now`. `Err` means the decision
     /// could not be made (keys unavailable): hold and retry, never accept.
     pub async fn verify(&self, policy: &Policy, token: &str, now: i64) -> Result<Verdict, KeysUnavailable> {
-        if let Some(v) = self.cache.as_ref().and_then(|c| c.get(token, now)) {
+        let key = self.cache.as_ref().map(|_| cache::Key::of(token));
+        if let (Some(c), Some(key)) = (&self.cache, &key)
+            && let Some(v) = c.get(key, now)
+        {
             if self.issuers[v.issuer_index].keys.current().generation == v.generation {
                 return Ok(self.admit(policy, v, now));
             }
-            if let Some(c) = &self.cache {
-                c.invalidate(token);
-            }
+            c.invalidate(key);
         }
         let verified = match self.verify_uncached(token, now).await? {
             Ok(v) => Arc::new(v),
@@ -276,8 +277,8 @@ impl Verifier {
         };
         let verdict = self.admit(policy, Arc::clone(&verified), now);
         let timely = !matches!(&verdict, Err(r) if matches!(r.reason, Reason::Expired | Reason::NotYetValid | Reason::IssuedInFuture | Reason::TooOld | Reason::MissingClaim));
-        if let (true, Some(c)) = (timely, &self.cache) {
-            c.offer(token, verified);
+        if let (true, Some(c), Some(key)) = (timely, &self.cache, key) {
+            c.offer(key, verified);
         }
         Ok(verdict)
     }
