@@ -10,8 +10,17 @@ use crate::verify::Reason;
 /// below `info`, whatever `RUST_LOG` asks for.
 const WIRE_LOGGERS: &[&str] = &["lapin", "amq_protocol", "pinky_swear", "redis", "reqwest", "hyper", "h2", "rustls"];
 
-/// Whether an event may be logged at all: wire-level clients never below `info`.
+/// Loggers that print whole messages, headers included (a token a dead letter kept), at any
+/// level: lapin logs every message the broker returns (unroutable) with its body and headers at
+/// `warn`. The gate logs such a publish itself, as a failure, without the message.
+const MESSAGE_LOGGERS: &[&str] = &["lapin::returned_messages"];
+
+/// Whether an event may be logged at all: wire-level clients never below `info`, loggers of
+/// whole messages never.
 pub fn loggable(target: &str, level: &tracing::Level) -> bool {
+    if MESSAGE_LOGGERS.iter().any(|t| target.starts_with(t)) {
+        return false;
+    }
     *level <= tracing::Level::INFO || !WIRE_LOGGERS.iter().any(|t| target.starts_with(t))
 }
 
@@ -465,5 +474,22 @@ impl AuditMetrics {
     /// Counts a confirmed record, or one that was not.
     pub fn record(&self, confirmed: bool) {
         if confirmed { &self.written } else { &self.failed }.increment(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_loggers_stop_at_info_and_message_loggers_are_silent() {
+        use tracing::Level;
+        assert!(loggable("tokengate::gate", &Level::TRACE));
+        assert!(loggable("lapin::channel", &Level::INFO));
+        assert!(!loggable("lapin::channel", &Level::DEBUG), "frames with the broker password");
+        assert!(!loggable("redis::aio", &Level::TRACE));
+        for level in [Level::ERROR, Level::WARN, Level::INFO] {
+            assert!(!loggable("lapin::returned_messages", &level), "a returned message's headers may hold a token");
+        }
     }
 }
