@@ -140,14 +140,20 @@ impl Gate {
             return Ok(Outcome::DeadLetter(out, r));
         }
         let headers = env.headers.iter().map(|(n, d)| (n.as_str(), header_value(d)));
-        let (token, verdict) = match route.token.extract(headers) {
-            Ok(t) => (Some(t), self.verifier.verify(&route.policy, t, now).await?),
-            Err(r) => (None, Err(r)),
+        let (token, verdict, verified) = match route.token.extract(headers) {
+            Ok(t) => match self.verifier.verify_token(t, now).await? {
+                Ok(v) => (Some(t), self.verifier.admit(&route.policy, Arc::clone(&v), now), Some(v)),
+                Err(r) => (Some(t), Err(r), None),
+            },
+            Err(r) => (None, Err(r), None),
         };
-        let facts = self.audit.then(|| match &verdict {
-            Ok(v) => Box::new(Facts::of(v)),
-            Err(_) => Box::new(Facts { fingerprint: token.map(verify::fingerprint), ..Facts::default() }),
+        // What is known of the token for the audit trail: a token refused by the route's rules
+        // (`forbidden`, `expired`) still verified, and its identity is recorded.
+        let facts = self.audit.then(|| match &verified {
+            Some(v) => Box::new(Facts::of(v)),
+            None => Box::new(Facts { fingerprint: token.map(verify::fingerprint), ..Facts::default() }),
         });
+        drop(verified);
         // A token bound to its message: the proof travels with the message, so it is checked
         // for every message, cached token or not.
         let verdict = match (verdict, &route.proof) {

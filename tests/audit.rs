@@ -70,7 +70,9 @@ async fn kafka_decisions_are_each_recorded_on_an_audit_topic_before_offsets_comm
                 assert_eq!(r["issuer"], "https://idp.test");
                 assert_eq!(r["fingerprint"].as_str().unwrap().len(), 64);
             }
-            _ if r["reason"] == "forbidden" => assert_eq!(r["fingerprint"].as_str().unwrap().len(), 64),
+            _ if r["reason"] == "forbidden" => {
+                assert_eq!(r["subject"], "bob", "a refused but verified token's subject")
+            }
             _ => assert!(r["fingerprint"].is_null(), "no token, no fingerprint"),
         }
     }

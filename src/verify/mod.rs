@@ -262,12 +262,22 @@ impl Verifier {
     /// Decides `token` for a route with `policy` at unix time `now`. `Err` means the decision
     /// could not be made (keys unavailable): hold and retry, never accept.
     pub async fn verify(&self, policy: &Policy, token: &str, now: i64) -> Result<Verdict, KeysUnavailable> {
+        Ok(match self.verify_token(token, now).await? {
+            Ok(v) => self.admit(policy, v, now),
+            Err(r) => Err(r),
+        })
+    }
+
+    /// The token's signature and issuer-level claims, from the cache when it was verified before
+    /// (and cached on its second sight while its times hold): what is known of the token, not yet
+    /// whether a route takes it now ([`Self::admit`]).
+    pub async fn verify_token(&self, token: &str, now: i64) -> Result<Verdict, KeysUnavailable> {
         let key = self.cache.as_ref().map(|_| cache::Key::of(token));
         if let (Some(c), Some(key)) = (&self.cache, &key)
             && let Some(v) = c.get(key, now)
         {
             if self.issuers[v.issuer_index].keys.current().generation == v.generation {
-                return Ok(self.admit(policy, v, now));
+                return Ok(Ok(v));
             }
             c.invalidate(key);
         }
@@ -275,16 +285,15 @@ impl Verifier {
             Ok(v) => Arc::new(v),
             Err(r) => return Ok(Err(r)),
         };
-        let verdict = self.admit(policy, Arc::clone(&verified), now);
-        let timely = !matches!(&verdict, Err(r) if matches!(r.reason, Reason::Expired | Reason::NotYetValid | Reason::IssuedInFuture | Reason::TooOld | Reason::MissingClaim));
+        let timely = check_time(&self.issuers[verified.issuer_index].checks, &verified.times, now).is_ok();
         if let (true, Some(c), Some(key)) = (timely, &self.cache, key) {
-            c.offer(key, verified);
+            c.offer(key, Arc::clone(&verified));
         }
-        Ok(verdict)
+        Ok(Ok(verified))
     }
 
     /// Checks what can change between two uses of the same verified token: time and route policy.
-    fn admit(&self, policy: &Policy, v: Arc<Verified>, now: i64) -> Verdict {
+    pub fn admit(&self, policy: &Policy, v: Arc<Verified>, now: i64) -> Verdict {
         let checks = &self.issuers[v.issuer_index].checks;
         check_time(checks, &v.times, now)?;
         policy.check(&v.issuer, &v.claims)?;
