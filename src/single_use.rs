@@ -204,6 +204,8 @@ impl Drop for Ticket {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
     use crate::envelope::{HeaderData, Origin};
 
@@ -262,6 +264,43 @@ mod tests {
         let no_jti = uses.claim(&token(None), &kafka(9), now).await.unwrap().expect("no jti, no single use");
         assert_eq!(no_jti.reason, Reason::MissingClaim);
         assert_ne!(key("p:", "https://a", "b:c"), key("p:", "https://a:b", "c"), "issuers never share keys");
+    }
+
+    proptest::proptest! {
+        /// Tickets done in any order (each either waits for its turn first or goes no further)
+        /// never leave a later ticket waiting forever, and a claim never starts before an earlier
+        /// ticket is done.
+        #[test]
+        fn turns_never_deadlock_or_overtake(
+            order in Just((0..12usize).collect::<Vec<_>>()).prop_shuffle(),
+            claims in proptest::collection::vec(proptest::bool::ANY, 12),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+            rt.block_on(async {
+                let turns = std::sync::Arc::new(Turns::default());
+                let tickets: Vec<Ticket> = (0..12).map(|_| turns.ticket()).collect();
+                let done = std::sync::Arc::new(Mutex::new(Vec::new()));
+                let mut tasks = Vec::new();
+                let mut slots: Vec<Option<Ticket>> = tickets.into_iter().map(Some).collect();
+                for i in order {
+                    let t = slots[i].take().unwrap();
+                    let (done, claim) = (std::sync::Arc::clone(&done), claims[i]);
+                    tasks.push(tokio::spawn(async move {
+                        if claim {
+                            t.wait().await;
+                            done.lock().unwrap().push(i);
+                        }
+                        drop(t);
+                    }));
+                }
+                for t in tasks {
+                    tokio::time::timeout(Duration::from_secs(5), t).await.expect("no ticket waits forever").unwrap();
+                }
+                let claimed = done.lock().unwrap().clone();
+                prop_assert!(claimed.windows(2).all(|w| w[0] < w[1]), "claims in ticket order: {claimed:?}");
+                Ok(())
+            })?;
+        }
     }
 
     #[tokio::test]
