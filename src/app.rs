@@ -1,5 +1,5 @@
-//! `tokengate run`: wires settings into a gate, routes, the admin endpoint and shutdown; and
-//! `tokengate demo`, the same pipeline on an embedded Kafka.
+//! Wiring settings into a gate, routes and the admin endpoint, and draining them at shutdown:
+//! for `tokengate run` ([`crate::reload::run`]), `tokengate demo` and the tests.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -337,38 +337,4 @@ async fn supervised<F, Fut>(
         fatal.lock().expect("not poisoned").get_or_insert(e);
         process.cancel();
     }
-}
-
-/// `tokengate run`: the daemon, until SIGINT or SIGTERM; `SIGHUP` reloads the config at `path`
-/// ([`crate::reload`]).
-pub async fn run(mut settings: Settings, path: &std::path::Path) -> anyhow::Result<()> {
-    let cancel = CancellationToken::new();
-    let signals = cancel.clone();
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        tracing::info!("signal received");
-        signals.cancel();
-    });
-    let (gate_stop, redis_stop) = (cancel.child_token(), cancel.child_token());
-    let (verifier, unavailable) = start_verifier(&mut settings, &gate_stop).await;
-    for e in unavailable {
-        tracing::error!(issuer = %e.issuer, detail = %e.detail, "keys unavailable at start; its tokens hold until they load");
-    }
-    let revocations = connect_revocations(&settings, &redis_stop).await?;
-    let gate = assemble_gate(&settings, verifier, revocations)?;
-    let mut routes = Routes::start(&settings, gate, cancel.clone()).await?;
-    crate::reload::Reloader::new(path, &settings, cancel, gate_stop, redis_stop).serve(&mut routes).await;
-    routes.finish().await
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

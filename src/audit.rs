@@ -13,7 +13,7 @@
 
 use std::io::Write as _;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::SystemTime;
 
 use serde::Serialize;
@@ -21,38 +21,10 @@ use serde::Serialize;
 use crate::config::file::AuditFileConfig;
 use crate::envelope::{Envelope, HeaderData, Origin, Outgoing};
 use crate::sink::{Confirm, PublishError, Sink};
-use crate::verify::{Rejection, Verified};
+use crate::verify::{Facts, Rejection};
 
 /// The record schema's name and version.
 pub const SCHEMA: &str = "tokengate.audit/1";
-
-/// What the gate learned of a message's token, carried from the decision to the audit record.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Facts {
-    /// The verified `iss` (only once the signature verified).
-    pub issuer: Option<Arc<str>>,
-    /// `sub`.
-    pub subject: Option<Box<str>>,
-    /// The key that verified it.
-    pub kid: Option<Arc<str>>,
-    /// `jti`.
-    pub jti: Option<Box<str>>,
-    /// The token's fingerprint (hex), whenever there was a token.
-    pub fingerprint: Option<String>,
-}
-
-impl Facts {
-    /// The facts of a verified token.
-    pub fn of(v: &Verified) -> Facts {
-        Facts {
-            issuer: Some(Arc::clone(&v.iss)),
-            subject: v.sub.clone(),
-            kid: v.kid.clone(),
-            jti: v.jti.clone(),
-            fingerprint: Some(v.fingerprint.to_string()),
-        }
-    }
-}
 
 #[derive(Serialize)]
 struct Record<'a> {

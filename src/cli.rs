@@ -426,7 +426,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::from(EX_CONFIG));
                 }
             };
-            crate::app::run(settings, &config).await?;
+            crate::reload::run(settings, &config).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo => {

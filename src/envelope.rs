@@ -167,7 +167,7 @@ pub struct Outgoing {
     /// Typed AMQP headers of the source to carry (minus removed ones).
     pub amqp_headers: Option<lapin::types::FieldTable>,
     /// What the decision learned of the token, for the audit trail (only when it is on).
-    pub facts: Option<Box<crate::audit::Facts>>,
+    pub facts: Option<Box<crate::verify::Facts>>,
 }
 
 /// The names of the headers the gate adds on a route: its prefix (default `x-tokengate-`) and a

@@ -10,12 +10,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
 
-use crate::audit::Facts;
 use crate::config::{GuardConfig, OnUnavailable, RouteRules};
 use crate::envelope::{Envelope, HeaderData, Outgoing};
 use crate::revocation::{self, Revocations};
 use crate::single_use::{Ticket, Uses};
-use crate::verify::{self, HeaderValue, KeysUnavailable, Reason, Rejection, Verified, Verifier};
+use crate::verify::{self, Facts, HeaderValue, KeysUnavailable, Reason, Rejection, Verified, Verifier};
 
 /// Why a message cannot be decided now.
 #[derive(Debug, thiserror::Error)]

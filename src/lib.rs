@@ -51,8 +51,9 @@
 //! - [`sink`]: publishing with broker confirmation: [`sink::kafka`] (idempotent, `acks=all`) and
 //!   [`sink::amqp`] (publisher confirms, `mandatory`).
 //! - [`amqp`]: what the AMQP source and destination share (bounded connect, limits).
-//! - [`app`]: `tokengate run` wiring (routes, admin endpoint, shutdown); [`reload`] puts a
-//!   changed config in force without a restart (`SIGHUP`), restarting only changed routes.
+//! - [`app`]: wiring (gate, routes, admin endpoint, drain at shutdown); [`reload`]: `tokengate
+//!   run`, the daemon's life, putting a changed config in force on `SIGHUP` without a restart
+//!   (only changed routes restart).
 //! - [`demo`]: `tokengate demo`, the whole pipeline on an embedded Kafka.
 //! - [`admin`]: `/health`, `/ready`, `/metrics`, `/.well-known/jwks.json`.
 //! - [`dead_letters`]: `tokengate dead-letters replay`, re-driving dead letters to their source.

@@ -1,3 +1,5 @@
+//! `tokengate run`, the daemon's life: start, live reload, stop on `SIGINT`/`SIGTERM`.
+//!
 //! Live reload: on `SIGHUP` (and, with `[reload] watch`, when the config file or a key file it
 //! names changes) the config is read and validated again and, if it passes whole, put in force
 //! without a restart: a new gate (issuers, keys, policies, claim mappings; the Redis connection
@@ -13,6 +15,40 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::{self, Routes};
 use crate::config::{self, Settings};
+
+/// `tokengate run`: the daemon, until SIGINT or SIGTERM; `SIGHUP` reloads the config at `path`
+/// ([`Reloader`]).
+pub async fn run(mut settings: Settings, path: &std::path::Path) -> anyhow::Result<()> {
+    let cancel = CancellationToken::new();
+    let signals = cancel.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("signal received");
+        signals.cancel();
+    });
+    let (gate_stop, redis_stop) = (cancel.child_token(), cancel.child_token());
+    let (verifier, unavailable) = app::start_verifier(&mut settings, &gate_stop).await;
+    for e in unavailable {
+        tracing::error!(issuer = %e.issuer, detail = %e.detail, "keys unavailable at start; its tokens hold until they load");
+    }
+    let revocations = app::connect_revocations(&settings, &redis_stop).await?;
+    let gate = app::assemble_gate(&settings, verifier, revocations)?;
+    let mut routes = Routes::start(&settings, gate, cancel.clone()).await?;
+    Reloader::new(path, &settings, cancel, gate_stop, redis_stop).serve(&mut routes).await;
+    routes.finish().await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
 
 /// What a reload compares with and replaces.
 pub struct Reloader {

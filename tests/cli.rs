@@ -498,7 +498,7 @@ fn the_readme_code_snippets_are_excerpts_of_files_the_suite_runs_or_compiles() {
                 amqp_headers: None,
                 defect: None,
             };
-            let facts = tokengate::audit::Facts::default();
+            let facts = tokengate::verify::Facts::default();
             let now = std::time::SystemTime::now();
             let record: serde_json::Value =
                 serde_json::from_slice(&tokengate::audit::record(None, "r", &env, None, &facts, now)).unwrap();

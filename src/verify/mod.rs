@@ -59,6 +59,35 @@ pub struct Verified {
     cached_until: i64,
 }
 
+/// What the gate learned of a message's token, carried from the decision to the
+/// audit trail ([`crate::audit`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Facts {
+    /// The verified `iss` (only once the signature verified).
+    pub issuer: Option<Arc<str>>,
+    /// `sub`.
+    pub subject: Option<Box<str>>,
+    /// The key that verified it.
+    pub kid: Option<Arc<str>>,
+    /// `jti`.
+    pub jti: Option<Box<str>>,
+    /// The token's fingerprint (hex), whenever there was a token.
+    pub fingerprint: Option<String>,
+}
+
+impl Facts {
+    /// The facts of a verified token.
+    pub fn of(v: &Verified) -> Facts {
+        Facts {
+            issuer: Some(Arc::clone(&v.iss)),
+            subject: v.sub.clone(),
+            kid: v.kid.clone(),
+            jti: v.jti.clone(),
+            fingerprint: Some(v.fingerprint.to_string()),
+        }
+    }
+}
+
 #[cfg(test)]
 impl Verified {
     /// A verified token of no issuer, cached for a minute.
