@@ -588,6 +588,8 @@ async fn the_daemon_serves_health_ready_metrics_and_stops_cleanly_on_sigterm() {
     assert!(metrics.contains(r#"tokengate_messages_total{route="orders",outcome="forwarded"} 100"#), "{metrics}");
     assert!(metrics.contains(r#"tokengate_rejections_total{route="orders",reason="missing_token"} 1"#), "{metrics}");
     assert!(!metrics.contains("eyJ"), "no token in metrics");
+    let lag = metrics.lines().find(|l| l.starts_with("tokengate_consumer_lag{")).expect("the route's consumer lag");
+    assert!(lag.rsplit(' ').next().unwrap().parse::<f64>().is_ok_and(|v| v >= 0.0), "{lag}");
     // Every documented metric is served (from startup), and nothing undocumented.
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     let documented: std::collections::BTreeSet<String> = readme

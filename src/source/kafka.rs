@@ -120,33 +120,48 @@ struct Ctx {
     tracker: Arc<Mutex<Tracker>>,
 }
 
-impl ClientContext for Ctx {
-    fn stats(&self, statistics: rdkafka::Statistics) {
-        report_lag(&self.route, &statistics);
-    }
-}
+impl ClientContext for Ctx {}
 
-/// How often librdkafka reports its statistics (consumer lag) unless the source sets it.
-const STATISTICS_INTERVAL_MS: &str = "5000";
+/// How often `tokengate_consumer_lag` is brought up to date.
+const LAG_EVERY: Duration = Duration::from_secs(5);
 
-/// Sets `tokengate_consumer_lag` from librdkafka's statistics: the sum over the partitions this
-/// consumer owns of high watermark minus committed offset (partitions without both are left out).
-pub(super) fn report_lag(route: &str, statistics: &rdkafka::Statistics) {
-    let lag: i64 = statistics
-        .topics
-        .values()
-        .flat_map(|t| t.partitions.values())
-        .filter(|p| p.partition >= 0 && p.consumer_lag >= 0)
-        .map(|p| p.consumer_lag)
-        .sum();
-    crate::telemetry::set_consumer_lag(route, lag);
-}
-
-/// Sets librdkafka's statistics interval on a source's consumer unless the config sets one.
-pub(super) fn with_statistics(config: &mut rdkafka::ClientConfig) {
-    if config.get("statistics.interval.ms").is_none() {
-        config.set("statistics.interval.ms", STATISTICS_INTERVAL_MS);
-    }
+/// Reports `tokengate_consumer_lag` every [`LAG_EVERY`] until the consumer is dropped: for each
+/// assigned partition, the high watermark librdkafka last saw (cached from fetches: no request)
+/// minus the consumer's position. From the client's own state rather than librdkafka's
+/// statistics events, which would run through the consumer's queue.
+pub(super) fn report_lag<C: ConsumerContext + 'static>(route: &str, consumer: &Arc<StreamConsumer<C>>) {
+    let (route, consumer) = (route.to_owned(), Arc::downgrade(consumer));
+    crate::telemetry::set_consumer_lag(&route, 0);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(LAG_EVERY).await;
+            let Some(consumer) = consumer.upgrade() else { return };
+            let Ok(positions) = consumer.position() else { continue };
+            let lag: i64 = positions
+                .elements()
+                .iter()
+                .filter_map(|e| {
+                    let Offset::Offset(position) = e.offset() else { return None };
+                    let topic = std::ffi::CString::new(e.topic()).ok()?;
+                    let (mut low, mut high) = (-1i64, -1i64);
+                    // SAFETY: a live client handle, a NUL-terminated topic name and out-pointers to
+                    // locals; rd_kafka_get_watermark_offsets reads librdkafka's cached offsets only.
+                    let err = unsafe {
+                        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+                            consumer.client().native_ptr(),
+                            topic.as_ptr(),
+                            e.partition(),
+                            &mut low,
+                            &mut high,
+                        )
+                    };
+                    let known = err == rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0;
+                    known.then(|| (high - position).max(0))
+                })
+                .sum();
+            crate::telemetry::set_consumer_lag(&route, lag);
+        }
+    });
 }
 
 impl ConsumerContext for Ctx {
@@ -314,11 +329,10 @@ pub async fn run(
         .set("enable.auto.offset.store", "false")
         .set("auto.commit.interval.ms", interval)
         .set("auto.offset.reset", reset);
-    with_statistics(&mut src.config);
-    crate::telemetry::set_consumer_lag(&route.rules.name, 0); // until the first statistics
     let consumer: Arc<StreamConsumer<Ctx>> = Arc::new(
         src.config.create_with_context(Ctx { route: route.rules.name.clone(), tracker: Arc::clone(&tracker) })?,
     );
+    report_lag(&route.rules.name, &consumer);
     let topics: Vec<&str> = src.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
     let probe_topic = src.topics.first().filter(|t| !t.starts_with('^')).cloned();

@@ -234,11 +234,7 @@ fn fatal(e: &KafkaError) -> bool {
 /// starts after everything this instance wrote.
 struct Ctx(Arc<Transactions>);
 
-impl ClientContext for Ctx {
-    fn stats(&self, statistics: rdkafka::Statistics) {
-        super::kafka::report_lag(&self.0.route, &statistics);
-    }
-}
+impl ClientContext for Ctx {}
 
 impl ConsumerContext for Ctx {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -326,9 +322,8 @@ pub async fn run(
         .set("enable.auto.offset.store", "false")
         .set("isolation.level", "read_committed")
         .set("auto.offset.reset", reset);
-    super::kafka::with_statistics(&mut src.config);
-    crate::telemetry::set_consumer_lag(&route.rules.name, 0); // until the first statistics
     let consumer: Arc<StreamConsumer<Ctx>> = Arc::new(src.config.create_with_context(Ctx(Arc::clone(&txns)))?);
+    super::kafka::report_lag(&route.rules.name, &consumer);
     let topics: Vec<&str> = src.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
     let probe_stop = CancellationToken::new();
