@@ -69,13 +69,7 @@ struct Restored {
 /// restored (or why it cannot be).
 fn select(rules: &RouteRules, filter: &Filter, env: &Envelope, source_header: &str) -> Option<Result<Restored, bool>> {
     let names = &rules.headers;
-    let get = |name: &str| {
-        env.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).and_then(|(_, v)| match v {
-            HeaderData::Bytes(b) => std::str::from_utf8(b).ok(),
-            HeaderData::Typed { text, .. } => Some(text.as_str()),
-            HeaderData::Null => None,
-        })
-    };
+    let get = |name: &str| header(env, name);
     if get(&names.route) != Some(rules.name.as_str()) {
         return None;
     }
@@ -231,23 +225,21 @@ async fn replay_kafka(
     Ok(report)
 }
 
-fn header_text<'e>(env: &'e Envelope, name: &str) -> &'e str {
-    env.headers
-        .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case(name))
-        .and_then(|(_, v)| match v {
-            HeaderData::Bytes(b) => std::str::from_utf8(b).ok(),
-            _ => None,
-        })
-        .unwrap_or("-")
+/// A header's text, if the message has it.
+fn header<'e>(env: &'e Envelope, name: &str) -> Option<&'e str> {
+    env.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).and_then(|(_, v)| match v {
+        HeaderData::Bytes(b) => std::str::from_utf8(b).ok(),
+        HeaderData::Typed { text, .. } => Some(text.as_str()),
+        HeaderData::Null => None,
+    })
 }
 
 fn message_of<'e>(env: &'e Envelope, rules: &RouteRules) -> &'e str {
-    header_text(env, &rules.headers.message_id)
+    header(env, &rules.headers.message_id).unwrap_or("-")
 }
 
 fn reason_of<'e>(env: &'e Envelope, rules: &RouteRules) -> &'e str {
-    header_text(env, &rules.headers.reason)
+    header(env, &rules.headers.reason).unwrap_or("-")
 }
 
 /// Takes the dead letters in `queue` (as many as it holds now) and republishes what the filter

@@ -141,7 +141,11 @@ impl Gate {
         let headers = env.headers.iter().map(|(n, d)| (n.as_str(), header_value(d)));
         let (token, verdict, verified) = match route.token.extract(headers) {
             Ok(t) => match self.verifier.verify_token(t, now).await? {
-                Ok(v) => (Some(t), self.verifier.admit(&route.policy, Arc::clone(&v), now), Some(v)),
+                Ok(v) => {
+                    // Kept past the route's rules only for the audit trail (no clone otherwise).
+                    let kept = self.audit.then(|| Arc::clone(&v));
+                    (Some(t), self.verifier.admit(&route.policy, v, now), kept)
+                }
                 Err(r) => (Some(t), Err(r), None),
             },
             Err(r) => (None, Err(r), None),
