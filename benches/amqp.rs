@@ -57,6 +57,21 @@ fn cpu_secs(pid: &str) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// Context switches (voluntary and not) of every thread of this process so far, from `/proc`.
+fn context_switches() -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return 0 };
+    tasks
+        .flatten()
+        .map(|t| std::fs::read_to_string(t.path().join("status")).unwrap_or_default())
+        .flat_map(|s| {
+            s.lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
 /// The RabbitMQ node's process (the Erlang VM), for its CPU time.
 fn broker_pid() -> String {
     let out = std::process::Command::new("pgrep").args(["-o", "beam.smp"]).output().expect("pgrep");
@@ -79,6 +94,8 @@ struct Figures {
     gate_cpu: f64,
     /// The broker's CPU µs per message.
     broker_cpu: f64,
+    /// This process's context switches per message.
+    switches: f64,
 }
 
 async fn run(url: &str, ch: &Channel, label: &str, mover: Mover, persistent: bool, n: usize) -> Figures {
@@ -134,7 +151,7 @@ async fn run(url: &str, ch: &Channel, label: &str, mover: Mover, persistent: boo
         c.await.unwrap();
     }
     let broker = broker_pid();
-    let (cpu0, broker0) = (cpu_secs("self"), cpu_secs(&broker));
+    let (cpu0, broker0, switches0) = (cpu_secs("self"), cpu_secs(&broker), context_switches());
     let cancel = CancellationToken::new();
     let task = match mover {
         Mover::Gate(alg) => {
@@ -172,6 +189,7 @@ async fn run(url: &str, ch: &Channel, label: &str, mover: Mover, persistent: boo
     };
     let (gate_cpu, broker_cpu) =
         ((cpu_secs("self") - cpu0) * 1e6 / f64::from(hi), (cpu_secs(&broker) - broker0) * 1e6 / f64::from(hi));
+    let switches = (context_switches() - switches0) as f64 / f64::from(hi);
     let (t0, c0) = t_lo.unwrap();
     let rate = f64::from(t_hi.1 - c0) / t_hi.0.duration_since(t0).as_secs_f64().max(1e-3);
     cancel.cancel();
@@ -180,7 +198,7 @@ async fn run(url: &str, ch: &Channel, label: &str, mover: Mover, persistent: boo
         None => rabbitmqctl(&["clear_parameter", "shovel", &format!("bench-{id}")]),
     }
     eprintln!("{label}: {rate:.0} msg/s");
-    Figures { rate, gate_cpu, broker_cpu }
+    Figures { rate, gate_cpu, broker_cpu, switches }
 }
 
 fn rabbitmqctl(args: &[&str]) {
@@ -214,23 +232,43 @@ async fn main() {
         ("RS256, 10 reused tokens, transient", Mover::Gate(Some(Algorithm::RS256)), false),
         ("RabbitMQ shovel (on-confirm), transient", Mover::Shovel, false),
     ];
+    // TOKENGATE_BENCH_ONLY=transient (say) runs only the runs whose label has every word given
+    // (comma-separated); the shovel runs always run, as the baselines.
+    let only: Vec<String> = std::env::var("TOKENGATE_BENCH_ONLY")
+        .map(|v| v.split(',').map(str::to_owned).filter(|w| !w.is_empty()).collect())
+        .unwrap_or_default();
     let mut results = Vec::new();
     for (label, mover, persistent) in runs {
-        results.push((label, run(&url, &ch, label, mover, persistent, n).await));
+        // A shovel run is the baseline of every run of its kind: only the kind filters it.
+        let shovel = matches!(mover, Mover::Shovel);
+        let wanted = only
+            .iter()
+            .all(|w| label.contains(w.as_str()) || (shovel && !matches!(w.as_str(), "persistent" | "transient")));
+        if wanted {
+            results.push((label, run(&url, &ch, label, mover, persistent, n).await));
+        }
     }
     println!("AMQP -> AMQP through RabbitMQ at {url}: {n} 256 B messages per run, prefetch 1000,");
     println!("publisher confirms + mandatory on the destination, manual acks after confirm; rate over the middle 80%.");
     println!("CPU µs/msg: this process (the gate) and the RabbitMQ node (beam.smp), over the same 90% of a run.");
-    println!("| run | msg/s | % of the shovel | gate CPU µs/msg | broker CPU µs/msg |");
-    println!("|---|---:|---:|---:|---:|");
+    println!("Context switches: of every thread of this process, per message, over the same part.");
+    println!("| run | msg/s | % of the shovel | gate CPU µs/msg | broker CPU µs/msg | gate context switches/msg |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    let shovel = |kind: &str| {
+        results
+            .iter()
+            .find(|(l, _)| l.starts_with("RabbitMQ shovel") && l.ends_with(kind))
+            .map_or(f64::NAN, |(_, f)| f.rate)
+    };
     for (label, f) in &results {
-        let shovel = if label.ends_with("persistent") { &results[4].1 } else { &results[7].1 };
+        let base = shovel(if label.ends_with("persistent") { "persistent" } else { "transient" });
         println!(
-            "| {label} | {:.0} | {:.0}% | {:.1} | {:.1} |",
+            "| {label} | {:.0} | {:.0}% | {:.1} | {:.1} | {:.2} |",
             f.rate,
-            100.0 * f.rate / shovel.rate,
+            100.0 * f.rate / base,
             f.gate_cpu,
-            f.broker_cpu
+            f.broker_cpu,
+            f.switches
         );
     }
 }
