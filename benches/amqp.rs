@@ -23,6 +23,8 @@ use tokio_util::sync::CancellationToken;
 
 mod common;
 
+deployed_allocator!();
+
 fn config(url: &str, q_in: &str, ex_out: &str, ex_dlq: &str) -> String {
     format!(
         r#"

@@ -19,6 +19,8 @@ use tokengate::verify::{self, Verifier};
 
 mod common;
 
+deployed_allocator!();
+
 fn routes() -> (config::Settings, Verifier) {
     common::set_secret_env();
     let key = |n: &str| common::keys_dir().join(n).display().to_string();

@@ -13,6 +13,10 @@ use redis::AsyncCommands as _;
 use tokengate::revocation::{Kind, Revocations, TokenIds, key};
 use tokio_util::sync::CancellationToken;
 
+/// The allocator the `tokengate` binary runs with (see `src/main.rs`).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const TOKENS: usize = 1_000;
 const CHECKS: usize = 200_000;
 const IN_FLIGHT: usize = 64;

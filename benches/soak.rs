@@ -29,6 +29,8 @@ use serde_json::json;
 
 mod common;
 
+deployed_allocator!();
+
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }

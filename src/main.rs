@@ -2,6 +2,12 @@
 
 use clap::Parser as _;
 
+/// mimalloc instead of the system allocator: the message path allocates per message (envelopes,
+/// headers, the trusted copy), and glibc's malloc took about a fifth of the gate's CPU on Kafka
+/// (BENCHMARKS.md, section 3c).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     tokengate::telemetry::init_logs();
     tokengate::cli::run(tokengate::cli::Cli::parse())

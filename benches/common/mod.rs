@@ -102,3 +102,13 @@ pub fn mint_with(alg: Algorithm, extra: serde_json::Map<String, serde_json::Valu
     }
     jsonwebtoken::encode(&h, &c, &key).unwrap()
 }
+
+/// Makes the bench binary run on the allocator the `tokengate` binary runs with (see
+/// `src/main.rs`), so that the benches measure the gate as deployed.
+#[macro_export]
+macro_rules! deployed_allocator {
+    () => {
+        #[global_allocator]
+        static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+    };
+}
