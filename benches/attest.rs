@@ -69,6 +69,11 @@ fn bench(c: &mut Criterion) {
         defect: None,
     };
     let mut g = c.benchmark_group("forward");
+    // The pass-through copy (no verified token: no identity headers), what a reused token's
+    // trusted copy is held against.
+    g.bench_function("pass-through", |b| {
+        b.iter(|| tokengate::gate::forward(&s.routes[0].rules, black_box(&env), None))
+    });
     for r in &s.routes {
         let label = match r.rules.name.as_str() {
             "plain" => "no attestation",
@@ -95,6 +100,7 @@ fn proof_bench(c: &mut Criterion) {
     );
     let mut s = config::parse(&text, &[], Path::new(".")).unwrap_or_else(|p| panic!("{p:?}"));
     let verifier = Arc::new(Verifier::new(std::mem::take(&mut s.issuers), &s.cache));
+    let pass_through = Gate::pass_through(Arc::clone(&verifier));
     let gate = Gate::new(verifier, None, config::OnUnavailable::Hold);
     let payload = vec![b'x'; 256];
     let mut g = c.benchmark_group("decide");
@@ -140,6 +146,11 @@ fn proof_bench(c: &mut Criterion) {
         g.bench_function(label, |b| {
             b.iter(|| gate.handle(rules, black_box(&env), now).now_or_never().unwrap().unwrap())
         });
+        if route == "plain" {
+            g.bench_function("pass-through", |b| {
+                b.iter(|| pass_through.handle(rules, black_box(&env), now).now_or_never().unwrap().unwrap())
+            });
+        }
     }
     g.finish();
 }
