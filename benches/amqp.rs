@@ -1,4 +1,5 @@
-//! AMQP -> AMQP throughput with publisher confirms and manual acks, with verification versus a
+//! AMQP -> AMQP throughput with publisher confirms and manual acks (the source's default `linger`,
+//! and `linger = 0` for comparison), with verification versus a
 //! pass-through run of the same pipeline and versus RabbitMQ's own shovel moving the same messages
 //! (`ack-mode = on-confirm`), for persistent and transient messages, in the same run; with the CPU
 //! per message of this process and of the broker.
@@ -11,9 +12,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt as _;
 use jsonwebtoken::Algorithm;
 use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions, QueuePurgeOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -25,7 +28,8 @@ mod common;
 
 deployed_allocator!();
 
-fn config(url: &str, q_in: &str, ex_out: &str, ex_dlq: &str) -> String {
+fn config(url: &str, q_in: &str, ex_out: &str, ex_dlq: &str, linger: bool) -> String {
+    let linger = if linger { "" } else { ", linger = 0" };
     format!(
         r#"
 shutdown_timeout = "10s"
@@ -36,7 +40,7 @@ url = "{url}"
 {issuers}
 [routes.bench]
 require = [{{ claim = "scope", any_of = ["orders:write"] }}]
-source = {{ amqp = {{ broker = "rabbit", queue = "{q_in}", declare = true, prefetch = 1000 }} }}
+source = {{ amqp = {{ broker = "rabbit", queue = "{q_in}", declare = true, prefetch = 1000{linger} }} }}
 trusted = {{ amqp = {{ broker = "rabbit", exchange = "{ex_out}" }} }}
 dead_letter = {{ amqp = {{ broker = "rabbit", exchange = "{ex_dlq}" }} }}
 "#,
@@ -83,8 +87,9 @@ fn broker_pid() -> String {
 /// Who moves the messages.
 #[derive(Clone, Copy)]
 enum Mover {
-    /// tokengate: verification with tokens of this algorithm, or pass-through (`None`).
-    Gate(Option<Algorithm>),
+    /// tokengate: verification with tokens of this algorithm, or pass-through (`None`); with the
+    /// source's default `linger` (`true`) or `linger = 0`.
+    Gate(Option<Algorithm>, bool),
     /// RabbitMQ's shovel plugin, `ack-mode = on-confirm`.
     Shovel,
 }
@@ -98,6 +103,60 @@ struct Figures {
     broker_cpu: f64,
     /// This process's context switches per message.
     switches: f64,
+    /// Publish to arrival on the destination queue at a steady 1,000 msg/s: p50 and p99, ms.
+    latency: (f64, f64),
+}
+
+/// Publish-to-arrival latency through whatever moves `q_in` to `q_out`, at a steady `rate` for
+/// `count` messages (the `sent` header carries the send time): p50 and p99 in ms.
+async fn latency(ch: &Channel, q_in: &str, q_out: &str, persistent: bool, count: usize, rate: u64) -> (f64, f64) {
+    let conn = Connection::connect(&url(), ConnectionProperties::default()).await.unwrap();
+    let rx = conn.create_channel().await.unwrap();
+    let mut consumer = rx
+        .basic_consume(
+            q_out.into(),
+            "latency".into(),
+            BasicConsumeOptions { no_ack: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let origin = Instant::now();
+    let receive = tokio::spawn(async move {
+        let mut ms = Vec::with_capacity(count);
+        while ms.len() < count {
+            let d = consumer.next().await.expect("the consumer runs").unwrap();
+            let sent = d.properties.headers().as_ref().and_then(|h| match h.inner().get("sent") {
+                Some(AMQPValue::LongLongInt(us)) => Some(*us),
+                _ => None,
+            });
+            if let Some(us) = sent {
+                ms.push((origin.elapsed().as_micros() as i64 - us) as f64 / 1000.0);
+            }
+        }
+        ms
+    });
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+    let body = vec![b'x'; 256];
+    let token = format!("Bearer {}", common::mint(Algorithm::RS256, 1).remove(0));
+    for _ in 0..count {
+        tick.tick().await;
+        let mut h = FieldTable::default();
+        h.insert("authorization".into(), AMQPValue::LongString(LongString::from(token.as_bytes().to_vec())));
+        h.insert("sent".into(), AMQPValue::LongLongInt(origin.elapsed().as_micros() as i64));
+        let props = BasicProperties::default().with_headers(h).with_delivery_mode(if persistent { 2 } else { 1 });
+        // Not awaited for its confirm: a steady rate, whatever the broker's confirm pace.
+        let _ = ch.basic_publish("".into(), q_in.into(), BasicPublishOptions::default(), &body, props).await.unwrap();
+    }
+    let mut ms = tokio::time::timeout(Duration::from_secs(60), receive).await.expect("every message arrives").unwrap();
+    let _ = conn.close(200, "done".into()).await;
+    ms.sort_by(f64::total_cmp);
+    let at = |q: f64| ms[((ms.len() as f64 * q) as usize).min(ms.len() - 1)];
+    (at(0.50), at(0.99))
+}
+
+fn url() -> String {
+    std::env::var("TOKENGATE_TEST_AMQP").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
 async fn run(url: &str, ch: &Channel, label: &str, mover: Mover, persistent: bool, n: usize) -> Figures {
@@ -127,7 +186,7 @@ async fn run(url: &str, ch: &Channel, label: &str, mover: Mover, persistent: boo
     .await
     .unwrap();
     let alg = match mover {
-        Mover::Gate(a) => a,
+        Mover::Gate(a, _) => a,
         Mover::Shovel => None,
     };
     let toks = common::mint(alg.unwrap_or(Algorithm::HS256), 10);
@@ -156,8 +215,8 @@ async fn run(url: &str, ch: &Channel, label: &str, mover: Mover, persistent: boo
     let (cpu0, broker0, switches0) = (cpu_secs("self"), cpu_secs(&broker), context_switches());
     let cancel = CancellationToken::new();
     let task = match mover {
-        Mover::Gate(alg) => {
-            let mut s = tokengate::config::parse(&config(url, &q_in, &ex_out, &ex_dlq), &[], Path::new("."))
+        Mover::Gate(alg, linger) => {
+            let mut s = tokengate::config::parse(&config(url, &q_in, &ex_out, &ex_dlq, linger), &[], Path::new("."))
                 .unwrap_or_else(|e| panic!("{e:?}"));
             let gate = match alg {
                 None => Arc::new(Gate::pass_through(Arc::new(Verifier::new(std::mem::take(&mut s.issuers), &s.cache)))),
@@ -194,13 +253,19 @@ async fn run(url: &str, ch: &Channel, label: &str, mover: Mover, persistent: boo
     let switches = (context_switches() - switches0) as f64 / f64::from(hi);
     let (t0, c0) = t_lo.unwrap();
     let rate = f64::from(t_hi.1 - c0) / t_hi.0.duration_since(t0).as_secs_f64().max(1e-3);
+    // Then latency: the backlog drained and cleared, a steady stream through the same mover.
+    while ready(ch, &q_out).await < n as u32 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    ch.queue_purge(q_out.as_str().into(), QueuePurgeOptions::default()).await.unwrap();
+    let latency = latency(ch, &q_in, &q_out, persistent, 2000, 1000).await;
     cancel.cancel();
     match task {
         Some(t) => t.await.unwrap().unwrap(),
         None => rabbitmqctl(&["clear_parameter", "shovel", &format!("bench-{id}")]),
     }
     eprintln!("{label}: {rate:.0} msg/s");
-    Figures { rate, gate_cpu, broker_cpu, switches }
+    Figures { rate, gate_cpu, broker_cpu, switches, latency }
 }
 
 fn rabbitmqctl(args: &[&str]) {
@@ -212,7 +277,7 @@ fn rabbitmqctl(args: &[&str]) {
 async fn main() {
     common::set_secret_env();
     tokengate::telemetry::init_logs();
-    let url = std::env::var("TOKENGATE_TEST_AMQP").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let url = url();
     let n: usize = std::env::var("TOKENGATE_BENCH_MESSAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
     let conn = Connection::connect(&url, ConnectionProperties::default())
         .await
@@ -224,14 +289,18 @@ async fn main() {
         .output()
         .expect("rabbitmq-plugins is required (it ships with rabbitmq-server)");
     assert!(out.status.success(), "enabling rabbitmq_shovel: {}", String::from_utf8_lossy(&out.stderr));
-    let runs: [(&str, Mover, bool); 8] = [
-        ("pass-through (no verification), persistent", Mover::Gate(None), true),
-        ("HS256, 10 reused tokens, persistent", Mover::Gate(Some(Algorithm::HS256)), true),
-        ("RS256, 10 reused tokens, persistent", Mover::Gate(Some(Algorithm::RS256)), true),
-        ("ES256, 10 reused tokens, persistent", Mover::Gate(Some(Algorithm::ES256)), true),
+    let runs: [(&str, Mover, bool); 12] = [
+        ("pass-through (no verification), linger 0, persistent", Mover::Gate(None, false), true),
+        ("RS256, 10 reused tokens, linger 0, persistent", Mover::Gate(Some(Algorithm::RS256), false), true),
+        ("pass-through (no verification), persistent", Mover::Gate(None, true), true),
+        ("HS256, 10 reused tokens, persistent", Mover::Gate(Some(Algorithm::HS256), true), true),
+        ("RS256, 10 reused tokens, persistent", Mover::Gate(Some(Algorithm::RS256), true), true),
+        ("ES256, 10 reused tokens, persistent", Mover::Gate(Some(Algorithm::ES256), true), true),
         ("RabbitMQ shovel (on-confirm), persistent", Mover::Shovel, true),
-        ("pass-through (no verification), transient", Mover::Gate(None), false),
-        ("RS256, 10 reused tokens, transient", Mover::Gate(Some(Algorithm::RS256)), false),
+        ("pass-through (no verification), linger 0, transient", Mover::Gate(None, false), false),
+        ("RS256, 10 reused tokens, linger 0, transient", Mover::Gate(Some(Algorithm::RS256), false), false),
+        ("pass-through (no verification), transient", Mover::Gate(None, true), false),
+        ("RS256, 10 reused tokens, transient", Mover::Gate(Some(Algorithm::RS256), true), false),
         ("RabbitMQ shovel (on-confirm), transient", Mover::Shovel, false),
     ];
     // TOKENGATE_BENCH_ONLY=transient (say) runs only the runs whose label has every word given
@@ -254,8 +323,11 @@ async fn main() {
     println!("publisher confirms + mandatory on the destination, manual acks after confirm; rate over the middle 80%.");
     println!("CPU µs/msg: this process (the gate) and the RabbitMQ node (beam.smp), over the same 90% of a run.");
     println!("Context switches: of every thread of this process, per message, over the same part.");
-    println!("| run | msg/s | % of the shovel | gate CPU µs/msg | broker CPU µs/msg | gate context switches/msg |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!("Latency: publish to arrival on the destination queue, 2,000 messages at 1,000 msg/s after the run.");
+    println!(
+        "| run | msg/s | % of the shovel | gate CPU µs/msg | broker CPU µs/msg | gate context switches/msg | p50 ms | p99 ms |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     let shovel = |kind: &str| {
         results
             .iter()
@@ -265,12 +337,14 @@ async fn main() {
     for (label, f) in &results {
         let base = shovel(if label.ends_with("persistent") { "persistent" } else { "transient" });
         println!(
-            "| {label} | {:.0} | {:.0}% | {:.1} | {:.1} | {:.2} |",
+            "| {label} | {:.0} | {:.0}% | {:.1} | {:.1} | {:.2} | {:.1} | {:.1} |",
             f.rate,
             100.0 * f.rate / base,
             f.gate_cpu,
             f.broker_cpu,
-            f.switches
+            f.switches,
+            f.latency.0,
+            f.latency.1
         );
     }
 }

@@ -202,6 +202,10 @@ pub struct AmqpSource {
     /// Unacknowledged deliveries at most (the channel prefetch).
     #[serde(default = "default_prefetch")]
     pub prefetch: u16,
+    /// While earlier messages are unconfirmed, how long a short batch of deliveries waits for
+    /// more before it is decided (Kafka's `linger.ms`, on intake); `0` decides at once.
+    #[serde(default = "default_linger")]
+    pub linger: Dur,
 }
 
 /// Where a route publishes.
@@ -608,6 +612,10 @@ fn default_mirror_max_entries() -> usize {
 }
 fn default_admin_listen() -> String {
     "127.0.0.1:9900".to_owned()
+}
+fn default_linger() -> Dur {
+    // One tick of tokio's timer: a loaded route wakes once per run of deliveries, not per message.
+    Dur(Duration::from_millis(1))
 }
 fn default_prefetch() -> u16 {
     // Enough to keep confirms pipelined, small enough that a crash redelivers little.

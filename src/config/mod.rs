@@ -180,6 +180,8 @@ pub struct AmqpSourceSettings {
     pub arguments: FieldTable,
     /// Most unacked deliveries (channel prefetch).
     pub prefetch: u16,
+    /// How long a short batch waits for more while the route is busy (0: not at all).
+    pub linger: Duration,
 }
 
 /// A destination, ready to connect.
@@ -269,6 +271,9 @@ impl Settings {
 /// The largest key, secret or JWKS file read: far above any real one, and a path such as
 /// `/dev/zero` or a FIFO gives an error instead of a hang or an exhausted memory.
 const MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// The longest an AMQP source's `linger` may be: it delays messages of a busy route.
+const MAX_LINGER: Duration = Duration::from_millis(100);
 
 /// Why a file the config names could not be read.
 enum FileError {
@@ -1113,6 +1118,9 @@ fn source_settings(
             if a.prefetch == 0 {
                 c.add(format!("{p}.prefetch"), "must be positive (0 would mean unbounded)");
             }
+            if a.linger.0 > MAX_LINGER {
+                c.add(format!("{p}.linger"), format!("must be at most {}", humantime::format_duration(MAX_LINGER)));
+            }
             let mut arguments = FieldTable::default();
             for (k, v) in &a.arguments {
                 if k.len() > crate::amqp::MAX_SHORT_STRING {
@@ -1138,6 +1146,7 @@ fn source_settings(
                 declare: a.declare,
                 arguments,
                 prefetch: a.prefetch,
+                linger: a.linger.0,
             })))
         }
     }
@@ -1417,6 +1426,34 @@ mod tests {
         let mut kept: Vec<&str> = s.cache.claims.iter().map(|p| p.0.as_str()).collect();
         kept.sort();
         assert_eq!(kept, ["realm_access.roles", "scope", "sub", "tenant"], "what routes read, each once");
+    }
+
+    #[test]
+    fn an_amqp_source_lingers_a_millisecond_by_default_and_at_most_100_ms() {
+        // SAFETY: tests in this module are the only readers of this variable.
+        unsafe { std::env::set_var("TG_TEST_SECRET_CFG", "0123456789abcdef0123456789abcdef") };
+        let with = |linger: &str| {
+            format!(
+                "{GOOD}\n[amqp.r]\nurl = \"amqp://127.0.0.1:5672/%2f\"\n[routes.q]\nsource = {{ amqp = {{ broker = \"r\", queue = \"in\"{linger} }} }}\n\
+                 trusted = {{ amqp = {{ broker = \"r\", exchange = \"ok\" }} }}\ndead_letter = {{ amqp = {{ broker = \"r\", exchange = \"dl\" }} }}\n"
+            )
+        };
+        let linger = |text: &str| {
+            let s = parse(text, &[], Path::new(".")).unwrap_or_else(|p| panic!("{p:?}"));
+            let route = s.routes.iter().find(|r| r.rules.name == "q").expect("route q");
+            match route.io.as_ref().map(|io| &io.source) {
+                Some(SourceSettings::Amqp(a)) => a.linger,
+                _ => panic!("an AMQP source"),
+            }
+        };
+        assert_eq!(linger(&with("")), Duration::from_millis(1));
+        assert_eq!(linger(&with(", linger = 0")), Duration::ZERO);
+        assert_eq!(linger(&with(", linger = \"20ms\"")), Duration::from_millis(20));
+        let refused = problems(&with(", linger = \"1s\""), &[]);
+        assert!(
+            refused.iter().any(|p| p.path == "routes.q.source.amqp.linger" && p.message.contains("at most 100ms")),
+            "{refused:?}"
+        );
     }
 
     #[test]

@@ -235,15 +235,17 @@ async fn session(
                 let delivery = delivery?;
                 let mut batch = vec![(envelope(&delivery, &src.queue), delivery.acker)];
                 // Take what is already buffered, without waiting, to decide it in one task.
-                while batch.len() < CHUNK {
-                    match consumer.next().now_or_never() {
-                        Some(Some(Ok(d))) => batch.push((envelope(&d, &src.queue), d.acker)),
-                        Some(Some(Err(e))) => {
-                            failure = Some(e);
-                            break;
-                        }
-                        _ => break,
-                    }
+                failure = take_buffered(&mut consumer, &mut batch, &src.queue);
+                // Nagle's rule for deliveries: while the route is busy (at least a chunk of
+                // messages in flight: the broker has a backlog for us), a short batch waits up to
+                // `linger` for more, so that a run of messages costs one wake-up of each thread
+                // (the client's I/O threads, the runtime's workers) instead of one per message.
+                // A route keeping up with its stream has less in flight and decides at once: no
+                // added latency below the route's capacity.
+                let busy = pipe.in_flight() >= CHUNK;
+                if busy && batch.len() < CHUNK && failure.is_none() && !src.linger.is_zero() {
+                    tokio::time::sleep(src.linger).await;
+                    failure = take_buffered(&mut consumer, &mut batch, &src.queue);
                 }
                 pipe.submit(batch);
             }
@@ -266,6 +268,23 @@ async fn session(
     route.status.running.store(false, Ordering::Relaxed);
     tracing::info!(route = %route.rules.name, "route stopped");
     Ok(())
+}
+
+/// Adds the deliveries already buffered (up to a chunk) to `batch`, without waiting; returns the
+/// error that ended the stream, if one did.
+fn take_buffered(
+    consumer: &mut lapin::Consumer,
+    batch: &mut Vec<(Envelope, Acker)>,
+    queue: &str,
+) -> Option<lapin::Error> {
+    while batch.len() < CHUNK {
+        match consumer.next().now_or_never() {
+            Some(Some(Ok(d))) => batch.push((envelope(&d, queue), d.acker)),
+            Some(Some(Err(e))) => return Some(e),
+            _ => return None,
+        }
+    }
+    None
 }
 
 /// AMQP's acknowledgement rule: ack a confirmed republish; nack (requeue) a failed one and
