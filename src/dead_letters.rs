@@ -271,11 +271,11 @@ async fn replay_amqp(
             break;
         }
         let Some(msg) = ch.basic_get(queue.into(), BasicGetOptions { no_ack: false }).await? else { break };
-        let d = msg.delivery;
-        last_tag = Some(d.delivery_tag);
+        let tag = msg.delivery.delivery_tag;
+        last_tag = Some(tag);
         report.scanned += 1;
         progress.add(1);
-        let env = crate::source::amqp::envelope(&d, queue);
+        let (env, _) = crate::source::amqp::into_envelope(msg.delivery, queue);
         let Some(verdict) = select(rules, filter, &env, &source_header) else { continue };
         report.matched += 1;
         let r = match verdict {
@@ -297,20 +297,20 @@ async fn replay_amqp(
         }
         // The original typed header table, minus the gate's headers.
         let mut table = FieldTable::default();
-        if let Some(t) = d.properties.headers() {
+        if let Some(t) = &env.amqp_headers {
             for (k, v) in t.inner() {
                 if !k.as_str().to_ascii_lowercase().starts_with(&rules.headers.prefix) {
                     table.insert(k.clone(), v.clone());
                 }
             }
         }
-        let props = d.properties.clone().with_headers(table);
+        let props = env.amqp.clone().unwrap_or_default().with_headers(table);
         let confirm = ch
             .basic_publish(
                 "".into(),
                 r.source.as_str().into(),
                 BasicPublishOptions { mandatory: true, ..Default::default() },
-                &d.data,
+                env.payload.as_deref().unwrap_or_default(),
                 props,
             )
             .await?
@@ -321,7 +321,7 @@ async fn replay_amqp(
             r.source
         );
         if delete {
-            ch.basic_ack(d.delivery_tag, BasicAckOptions::default()).await?;
+            ch.basic_ack(tag, BasicAckOptions::default()).await?;
             report.deleted += 1;
         }
     }

@@ -253,10 +253,14 @@ fn kept_headers(route: &RouteRules, env: &Envelope, strip_token: bool) -> Vec<(S
     env.headers
         .iter()
         .filter(|(name, _)| {
-            let lower = name.to_ascii_lowercase();
-            !(lower.starts_with(&route.headers.prefix)
-                || route.identity_headers.iter().any(|(_, h)| *h == lower)
-                || (strip_token && lower == route.token.header.to_ascii_lowercase()))
+            // Compared without case and without allocating (a copy per header per message).
+            let prefix = &route.headers.prefix;
+            let has_prefix = name.len() >= prefix.len()
+                && name.is_char_boundary(prefix.len())
+                && name[..prefix.len()].eq_ignore_ascii_case(prefix);
+            !(has_prefix
+                || route.identity_headers.iter().any(|(_, h)| h.eq_ignore_ascii_case(name))
+                || (strip_token && name.eq_ignore_ascii_case(&route.token.header)))
         })
         .cloned()
         .collect()

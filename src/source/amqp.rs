@@ -125,29 +125,33 @@ async fn remove_poison(route: &Route, src: &AmqpSourceSettings) -> Result<bool, 
     Ok(true)
 }
 
-/// Turns an AMQP delivery into an envelope; non-string header values keep their type name.
-pub fn envelope(d: &Delivery, queue: &str) -> Envelope {
-    let table = d.properties.headers().clone();
+/// Turns an AMQP delivery into an envelope and its acker; non-string header values keep their
+/// type name. The body and properties move into the envelope: the header table is copied once
+/// (kept, to republish typed values unchanged), nothing else is.
+pub fn into_envelope(d: Delivery, queue: &str) -> (Envelope, Acker) {
+    let Delivery { delivery_tag, exchange, routing_key, redelivered, properties, data, acker, .. } = d;
+    let table = properties.headers().clone();
     let headers = table
         .as_ref()
         .map(|t| t.inner().iter().map(|(k, v)| (k.as_str().to_owned(), header_data(v))).collect())
         .unwrap_or_default();
-    Envelope {
+    let env = Envelope {
         key: None,
-        payload: Some(d.data.clone()),
+        timestamp_ms: properties.timestamp().map(|s| (s as i64).saturating_mul(1000)),
+        payload: Some(data),
         headers,
-        timestamp_ms: d.properties.timestamp().map(|s| (s as i64).saturating_mul(1000)),
         origin: Origin::Amqp {
             queue: queue.to_owned(),
-            exchange: d.exchange.as_str().to_owned(),
-            routing_key: d.routing_key.as_str().to_owned(),
-            delivery_tag: d.delivery_tag,
-            redelivered: d.redelivered,
+            exchange: exchange.as_str().to_owned(),
+            routing_key: routing_key.as_str().to_owned(),
+            delivery_tag,
+            redelivered,
         },
-        amqp: Some(d.properties.clone().with_headers(FieldTable::default())),
+        amqp: Some(properties.with_headers(FieldTable::default())),
         amqp_headers: table,
         defect: None,
-    }
+    };
+    (env, acker)
 }
 
 fn header_data(v: &AMQPValue) -> HeaderData {
@@ -233,7 +237,7 @@ async fn session(
             delivery = consumer.next(), if pipe.has_room() => {
                 let Some(delivery) = delivery else { anyhow::bail!("the broker cancelled the consumer") };
                 let delivery = delivery?;
-                let mut batch = vec![(envelope(&delivery, &src.queue), delivery.acker)];
+                let mut batch = vec![into_envelope(delivery, &src.queue)];
                 // Take what is already buffered, without waiting, to decide it in one task.
                 failure = take_buffered(&mut consumer, &mut batch, &src.queue);
                 // Nagle's rule for deliveries: while the route is busy (at least a chunk of
@@ -279,7 +283,7 @@ fn take_buffered(
 ) -> Option<lapin::Error> {
     while batch.len() < CHUNK {
         match consumer.next().now_or_never() {
-            Some(Some(Ok(d))) => batch.push((envelope(&d, queue), d.acker)),
+            Some(Some(Ok(d))) => batch.push(into_envelope(d, queue)),
             Some(Some(Err(e))) => return Some(e),
             _ => return None,
         }
