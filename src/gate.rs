@@ -248,9 +248,13 @@ fn header_value(d: &HeaderData) -> HeaderValue<'_> {
 }
 
 /// Source headers minus the ones that must not pass: the gate's own prefix (a producer could
-/// forge them), configured identity headers (same), and optionally the token.
+/// forge them), configured identity headers (same), and optionally the token. With room for the
+/// gate's own headers (identity, issuer, key, fingerprint, route, source, id, reason), so that
+/// adding them does not grow the list again.
 fn kept_headers(route: &RouteRules, env: &Envelope, strip_token: bool) -> Vec<(String, HeaderData)> {
-    env.headers
+    let mut kept = Vec::with_capacity(env.headers.len() + route.identity_headers.len() + 10);
+    let headers = env
+        .headers
         .iter()
         .filter(|(name, _)| {
             // Compared without case and without allocating (a copy per header per message).
@@ -262,8 +266,9 @@ fn kept_headers(route: &RouteRules, env: &Envelope, strip_token: bool) -> Vec<(S
                 || route.identity_headers.iter().any(|(_, h)| h.eq_ignore_ascii_case(name))
                 || (strip_token && name.eq_ignore_ascii_case(&route.token.header)))
         })
-        .cloned()
-        .collect()
+        .cloned();
+    kept.extend(headers);
+    kept
 }
 
 fn text(s: impl Into<String>) -> HeaderData {
@@ -301,11 +306,11 @@ pub fn forward(route: &RouteRules, env: &Envelope, v: Option<&Verified>) -> Outg
                 None => {}
             }
         }
-        headers.push((names.issuer.clone(), text(v.iss.to_string())));
+        headers.push((names.issuer.clone(), HeaderData::Bytes(v.iss.as_bytes().to_vec())));
         if let Some(kid) = &v.kid {
-            headers.push((names.kid.clone(), text(kid.to_string())));
+            headers.push((names.kid.clone(), HeaderData::Bytes(kid.as_bytes().to_vec())));
         }
-        headers.push((names.fingerprint.clone(), text(v.fingerprint.to_string())));
+        headers.push((names.fingerprint.clone(), HeaderData::Bytes(v.fingerprint.hex().as_str().as_bytes().to_vec())));
     }
     let id = env.message_id();
     if let (Some(v), Some(a)) = (v, &route.attest) {
