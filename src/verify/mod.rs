@@ -301,11 +301,18 @@ impl Verifier {
     /// (and cached on its second sight while its times hold): what is known of the token, not yet
     /// whether a route takes it now ([`Self::admit`]).
     pub async fn verify_token(&self, token: &str, now: i64) -> Result<Verdict, KeysUnavailable> {
+        let current = |v: &Verified| self.issuers[v.issuer_index].keys.current().generation == v.generation;
+        if let Some(c) = &self.cache
+            && let Some(v) = c.recent(token, now, current)
+        {
+            return Ok(Ok(v));
+        }
         let key = self.cache.as_ref().map(|_| cache::Key::of(token));
         if let (Some(c), Some(key)) = (&self.cache, &key)
             && let Some(v) = c.get(key, now)
         {
-            if self.issuers[v.issuer_index].keys.current().generation == v.generation {
+            if current(&v) {
+                c.remember(token, &v);
                 return Ok(Ok(v));
             }
             c.invalidate(key);
