@@ -145,8 +145,8 @@ async fn latency(ch: &Channel, q_in: &str, q_out: &str, persistent: bool, count:
         h.insert("authorization".into(), AMQPValue::LongString(LongString::from(token.as_bytes().to_vec())));
         h.insert("sent".into(), AMQPValue::LongLongInt(origin.elapsed().as_micros() as i64));
         let props = BasicProperties::default().with_headers(h).with_delivery_mode(if persistent { 2 } else { 1 });
-        // Not awaited for its confirm: a steady rate, whatever the broker's confirm pace.
-        let _ = ch.basic_publish("".into(), q_in.into(), BasicPublishOptions::default(), &body, props).await.unwrap();
+        // The confirm is not awaited: a steady rate, whatever the broker's confirm pace.
+        drop(ch.basic_publish("".into(), q_in.into(), BasicPublishOptions::default(), &body, props).await.unwrap());
     }
     let mut ms = tokio::time::timeout(Duration::from_secs(60), receive).await.expect("every message arrives").unwrap();
     let _ = conn.close(200, "done".into()).await;
