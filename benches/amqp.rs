@@ -304,17 +304,15 @@ async fn main() {
         ("RabbitMQ shovel (on-confirm), transient", Mover::Shovel, false),
     ];
     // TOKENGATE_BENCH_ONLY=transient (say) runs only the runs whose label has every word given
-    // (comma-separated); the shovel runs always run, as the baselines.
-    let only: Vec<String> = std::env::var("TOKENGATE_BENCH_ONLY")
-        .map(|v| v.split(',').map(str::to_owned).filter(|w| !w.is_empty()).collect())
-        .unwrap_or_default();
+    // (comma-separated; '-word' leaves runs out). A shovel run is the baseline of every run of
+    // its kind: only the kind ("persistent", "transient") filters it.
+    let only = common::only_words();
     let mut results = Vec::new();
     for (label, mover, persistent) in runs {
-        // A shovel run is the baseline of every run of its kind: only the kind filters it.
         let shovel = matches!(mover, Mover::Shovel);
         let wanted = only
             .iter()
-            .all(|w| label.contains(w.as_str()) || (shovel && !matches!(w.as_str(), "persistent" | "transient")));
+            .all(|w| common::keeps(w, label) || (shovel && !matches!(w.as_str(), "persistent" | "transient")));
         if wanted {
             results.push((label, run(&url, &ch, label, mover, persistent, n).await));
         }

@@ -348,20 +348,12 @@ async fn main() {
     // TOKENGATE_BENCH_ONLY=RS256,new (say) runs only the runs whose label has every word given
     // (for profiling one run); the table's percentages then need a pass-through run among them.
     // A word with a leading '-' leaves out the runs whose label has it ("-once": no delivery runs).
-    let only: Vec<String> = std::env::var("TOKENGATE_BENCH_ONLY")
-        .map(|v| v.split(',').map(|w| w.trim().to_owned()).filter(|w| !w.is_empty()).collect())
-        .unwrap_or_default();
+    let only = common::only_words();
     let mut results = Vec::new();
     // TOKENGATE_BENCH_DELIVERY_MESSAGES (default 200000): the backlog of the delivery runs.
     let n_delivery: usize =
         std::env::var("TOKENGATE_BENCH_DELIVERY_MESSAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
-    let wanted = |label: &str| {
-        only.iter().all(|w| match w.strip_prefix('-') {
-            Some(w) => !label.contains(w),
-            None => label.contains(w.as_str()),
-        })
-    };
-    for m in modes.into_iter().filter(|m| wanted(&m.label())) {
+    for m in modes.into_iter().filter(|m| only.iter().all(|w| common::keeps(w, &m.label()))) {
         let backlog = if matches!(m, Mode::Delivery(..)) { n_delivery } else { n };
         let r = run(&bootstrap, m, backlog, 2000).await;
         eprintln!("{}: {:.0} msg/s", r.label, r.msgs_per_sec);

@@ -89,8 +89,7 @@ fn select(rules: &RouteRules, filter: &Filter, env: &Envelope, source_header: &s
         return Some(Err(true));
     }
     let Some(source) = get(source_header).filter(|s| !s.is_empty()) else { return Some(Err(false)) };
-    let headers =
-        env.headers.iter().filter(|(n, _)| !n.to_ascii_lowercase().starts_with(&names.prefix)).cloned().collect();
+    let headers = env.headers.iter().filter(|(n, _)| !names.is_own(n)).cloned().collect();
     Some(Ok(Restored { headers, source: source.to_owned() }))
 }
 
@@ -299,7 +298,7 @@ async fn replay_amqp(
         let mut table = FieldTable::default();
         if let Some(t) = &env.amqp_headers {
             for (k, v) in t.inner() {
-                if !k.as_str().to_ascii_lowercase().starts_with(&rules.headers.prefix) {
+                if !rules.headers.is_own(k.as_str()) {
                     table.insert(k.clone(), v.clone());
                 }
             }

@@ -201,6 +201,12 @@ pub struct HeaderNames {
 }
 
 impl HeaderNames {
+    /// Whether `name` is under the gate's prefix, compared without case (and without a copy):
+    /// such a header is the gate's own, never carried over from a producer or a dead letter.
+    pub fn is_own(&self, name: &str) -> bool {
+        name.get(..self.prefix.len()).is_some_and(|p| p.eq_ignore_ascii_case(&self.prefix))
+    }
+
     /// The names under `prefix`.
     pub fn new(prefix: &str) -> HeaderNames {
         let n = |suffix: &str| format!("{prefix}{suffix}");
@@ -225,6 +231,16 @@ impl HeaderNames {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_gates_own_headers_are_recognised_whatever_their_case_and_never_panic() {
+        let names = HeaderNames::new("x-tokengate-");
+        assert!(names.is_own("x-tokengate-sub"));
+        assert!(names.is_own("X-TokenGate-Reason"), "a producer's forgery in another case");
+        assert!(!names.is_own("x-token"), "shorter than the prefix");
+        assert!(!names.is_own("authorization"));
+        assert!(!names.is_own("x-tokengaté-sub"), "a multi-byte character across the prefix's end");
+    }
 
     fn amqp(payload: &[u8], message_id: Option<&str>) -> Envelope {
         let props =

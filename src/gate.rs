@@ -258,11 +258,7 @@ fn kept_headers(route: &RouteRules, env: &Envelope, strip_token: bool) -> Vec<(S
         .iter()
         .filter(|(name, _)| {
             // Compared without case and without allocating (a copy per header per message).
-            let prefix = &route.headers.prefix;
-            let has_prefix = name.len() >= prefix.len()
-                && name.is_char_boundary(prefix.len())
-                && name[..prefix.len()].eq_ignore_ascii_case(prefix);
-            !(has_prefix
+            !(route.headers.is_own(name)
                 || route.identity_headers.iter().any(|(_, h)| h.eq_ignore_ascii_case(name))
                 || (strip_token && name.eq_ignore_ascii_case(&route.token.header)))
         })

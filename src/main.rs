@@ -3,8 +3,8 @@
 use clap::Parser as _;
 
 /// mimalloc instead of the system allocator: the message path allocates per message (envelopes,
-/// headers, the trusted copy), and glibc's malloc took about a fifth of the gate's CPU on Kafka
-/// (BENCHMARKS.md, section 3c).
+/// headers, the trusted copy), and glibc's malloc took about 15% of the CPU samples of a Kafka
+/// route (BENCHMARKS.md, section 3c).
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

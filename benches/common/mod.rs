@@ -103,6 +103,22 @@ pub fn mint_with(alg: Algorithm, extra: serde_json::Map<String, serde_json::Valu
     jsonwebtoken::encode(&h, &c, &key).unwrap()
 }
 
+/// The words of `TOKENGATE_BENCH_ONLY` (comma-separated), which pick the runs of a bench.
+pub fn only_words() -> Vec<String> {
+    std::env::var("TOKENGATE_BENCH_ONLY")
+        .map(|v| v.split(',').map(|w| w.trim().to_owned()).filter(|w| !w.is_empty()).collect())
+        .unwrap_or_default()
+}
+
+/// Whether `word` of `TOKENGATE_BENCH_ONLY` keeps the run labelled `label`: a plain word must be
+/// in the label, a word with a leading '-' must not ("-once": no exactly-once runs).
+pub fn keeps(word: &str, label: &str) -> bool {
+    match word.strip_prefix('-') {
+        Some(w) => !label.contains(w),
+        None => label.contains(word),
+    }
+}
+
 /// Makes the bench binary run on the allocator the `tokengate` binary runs with (see
 /// `src/main.rs`), so that the benches measure the gate as deployed.
 #[macro_export]

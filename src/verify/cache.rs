@@ -106,7 +106,8 @@ fn recent_slot(token: &str) -> usize {
     let mut tail = [0u8; 8];
     let n = b.len().min(8);
     tail[..n].copy_from_slice(&b[b.len() - n..]);
-    (u64::from_le_bytes(tail).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58) as usize % RECENT_SLOTS
+    // The product's high bits mix all eight bytes.
+    (u64::from_le_bytes(tail).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize % RECENT_SLOTS
 }
 
 /// Verified tokens by their key, each until its `exp` (plus leeway).
