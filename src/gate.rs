@@ -192,7 +192,8 @@ impl Gate {
                     t.wait().await;
                 }
                 let claimed = match &self.uses {
-                    Some(uses) => uses.claim(&v, env, now).await,
+                    // Boxed, as the revocation list's round trip is (see `Revocations::check`).
+                    Some(uses) => Box::pin(uses.claim(&v, env, now)).await,
                     None => Err(revocation::Unavailable("no record of single-use tokens (needs [redis])".into())),
                 };
                 match claimed {

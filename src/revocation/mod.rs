@@ -143,7 +143,9 @@ impl Revocations {
         match self.mirrored(&ids(v.jti.as_deref(), v.sub.as_deref(), v.kid.as_deref(), fp.as_str())) {
             Some(present) if present.is_empty() => Ok(None),
             Some(present) => Ok(judge_all(&present, &TokenIds::of(v))),
-            None => self.look_up(&TokenIds::of(v)).await,
+            // Boxed: a Redis round trip's future is large, and every decision's future (moved
+            // per message) would carry its size.
+            None => Box::pin(self.look_up(&TokenIds::of(v))).await,
         }
     }
 
@@ -151,7 +153,7 @@ impl Revocations {
     pub async fn check_ids(&self, v: &TokenIds) -> Result<Option<Rejection>, Unavailable> {
         match self.mirrored(&ids(v.jti.as_deref(), v.sub.as_deref(), v.kid.as_deref(), &v.fingerprint)) {
             Some(present) => Ok(judge_all(&present, v)),
-            None => self.look_up(v).await,
+            None => Box::pin(self.look_up(v)).await,
         }
     }
 

@@ -383,7 +383,8 @@ impl Verifier {
                     Some(kid) if !refetched && issuer.keys.is_remote() => {
                         let seen = set.generation;
                         drop(set);
-                        match issuer.keys.on_unknown_kid(kid, seen).await {
+                        // Boxed: a rare wait, kept out of every decision's future (moved per message).
+                        match Box::pin(issuer.keys.on_unknown_kid(kid, seen)).await {
                             Ok(()) => refetched = true,
                             // Held long enough: one producer's unknown kid must not hold the
                             // route for the whole outage.
