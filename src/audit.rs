@@ -134,6 +134,7 @@ impl Audit {
                     amqp: None,
                     amqp_headers: None,
                     facts: None,
+                    kafka_headers: None,
                 };
                 sink.send(out).await
             }

@@ -58,7 +58,25 @@ pub trait Acks {
 pub struct Item<A> {
     env: Envelope,
     ack: A,
-    decision: Option<Result<Outcome, Hold>>,
+    decision: Option<Result<Ready, Hold>>,
+}
+
+/// A decided message as its destination takes it: fitted, and prepared for the sink.
+struct Ready {
+    out: crate::envelope::Outgoing,
+    /// Why it is a dead letter, if it is one.
+    rejected: Option<Rejection>,
+}
+
+impl Ready {
+    /// `outcome` fitted to its destination and prepared for it, where the decision was made
+    /// (a decision task, not the route's one loop, where it would add to every message).
+    fn of(route: &Route, env: &Envelope, outcome: Outcome) -> Ready {
+        let (mut out, rejected) = fit(route, env, outcome);
+        let sink = if rejected.is_some() { &route.dead_letter } else { &route.trusted };
+        sink.prepare(&mut out);
+        Ready { out, rejected }
+    }
 }
 
 type Chunk<A> = tokio::task::JoinHandle<Vec<Item<A>>>;
@@ -142,6 +160,7 @@ impl<A: Send + 'static> Pipeline<A> {
                 let (route, gate) = (&route, &gate);
                 async move {
                     let decision = gate.handle_in_turn(&route.rules, &env, now, turn).await;
+                    let decision = decision.map(|outcome| Ready::of(route, &env, outcome));
                     Item { env, ack, decision: Some(decision) }
                 }
             });
@@ -199,11 +218,12 @@ impl<A: Send + 'static> Pipeline<A> {
                 // over): decide again before waiting on it.
                 Some(Err(_)) | None => {
                     let gate = self.route.gate.load_full();
-                    gate.handle(&self.route.rules, &item.env, crate::verify::unix_now()).await
+                    let decision = gate.handle(&self.route.rules, &item.env, crate::verify::unix_now()).await;
+                    decision.map(|outcome| Ready::of(&self.route, &item.env, outcome))
                 }
             };
-            let outcome = match decision {
-                Ok(o) => o,
+            let Ready { mut out, rejected } = match decision {
+                Ok(r) => r,
                 Err(hold) => {
                     self.route.set_holding(true);
                     self.route.metrics.held(hold.cause());
@@ -216,7 +236,6 @@ impl<A: Send + 'static> Pipeline<A> {
                     return; // decided again when the retry is due
                 }
             };
-            let (mut out, rejected) = fit(&self.route, &item.env, outcome);
             let facts = out.facts.take();
             let dead = rejected.is_some();
             let sink = if dead { &self.route.dead_letter } else { &self.route.trusted };
@@ -269,8 +288,6 @@ impl<A: Send + 'static> Pipeline<A> {
     }
 }
 
-/// A publish confirmed only once its audit record is too: the message is acknowledged after
-/// both, and read again if either fails.
 /// Runs `futures` together and returns their outputs in order. `join_all` polls up to 30
 /// futures in place but gives each a task of its own past that (an allocation, atomic wake-ups,
 /// outputs reordered and collected into a growing vector); a chunk's decisions nearly all finish
@@ -293,6 +310,8 @@ pub async fn all_in_order<F: Future>(futures: impl IntoIterator<Item = F>) -> Ve
     out
 }
 
+/// A publish confirmed only once its audit record is too: the message is acknowledged after
+/// both, and read again if either fails.
 fn audited(
     publish: crate::sink::Confirm,
     record: Result<crate::sink::Confirm, PublishError>,

@@ -231,6 +231,7 @@ mod tests {
             amqp: None,
             amqp_headers: None,
             facts: None,
+            kafka_headers: None,
         }
     }
 

@@ -106,16 +106,8 @@ impl KafkaSink {
     /// Enqueues without waiting; the confirmation comes through the returned future.
     ///
     /// Header names are written as they are (Kafka takes any bytes); values likewise.
-    pub fn send(&self, out: &Outgoing) -> Result<Confirm, PublishError> {
-        let mut headers = OwnedHeaders::new_with_capacity(out.headers.len());
-        for (name, value) in &out.headers {
-            let value: Option<&[u8]> = match value {
-                HeaderData::Bytes(b) => Some(b),
-                HeaderData::Null => None,
-                HeaderData::Typed { text, .. } => Some(text.as_bytes()),
-            };
-            headers = headers.insert(Header { key: name, value });
-        }
+    pub fn send(&self, mut out: Outgoing) -> Result<Confirm, PublishError> {
+        let headers = out.kafka_headers.take().unwrap_or_else(|| headers(&out.headers));
         let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic).headers(headers);
         if let Some(k) = &out.key {
             record = record.key(k);
@@ -138,6 +130,26 @@ impl KafkaSink {
             Err((e, _)) => Err(PublishError::Failed(e.to_string())),
         }
     }
+}
+
+/// `out`'s headers as librdkafka takes them (one allocation and copy each), built ahead of
+/// [`KafkaSink::send`]; `out.headers` are dropped here too.
+pub fn prepare(out: &mut Outgoing) {
+    out.kafka_headers = Some(headers(&out.headers));
+    out.headers = Vec::new();
+}
+
+fn headers(list: &[(String, HeaderData)]) -> OwnedHeaders {
+    let mut headers = OwnedHeaders::new_with_capacity(list.len());
+    for (name, value) in list {
+        let value: Option<&[u8]> = match value {
+            HeaderData::Bytes(b) => Some(b),
+            HeaderData::Null => None,
+            HeaderData::Typed { text, .. } => Some(text.as_bytes()),
+        };
+        headers = headers.insert(Header { key: name, value });
+    }
+    headers
 }
 
 /// A sink's producer, replaceable, with the config it is made from.

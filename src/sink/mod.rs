@@ -37,8 +37,18 @@ impl Sink {
     /// Enqueues `out`; the returned future resolves on the broker's confirmation.
     pub async fn send(&self, out: Outgoing) -> Result<Confirm, PublishError> {
         match self {
-            Sink::Kafka(k) => k.send(&out),
+            Sink::Kafka(k) => k.send(out),
             Sink::Amqp(a) => a.send(out).await,
+        }
+    }
+
+    /// Builds what the destination writes from `out`, where the caller can afford it (a
+    /// decision task), so that [`Self::send`] on the route's one loop only hands it over. After
+    /// [`Self::check`] and [`Self::make_fit`], which read `out.headers`.
+    pub fn prepare(&self, out: &mut Outgoing) {
+        match self {
+            Sink::Kafka(_) => kafka::prepare(out),
+            Sink::Amqp(_) => {}
         }
     }
 
