@@ -571,11 +571,26 @@ async fn the_daemon_serves_health_ready_metrics_and_stops_cleanly_on_sigterm() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    // The daemon's log, read as it is written: a pipe left unread blocks the daemon once full.
+    let logs = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = std::thread::spawn({
+        let (stderr, logs) = (child.stderr.take().unwrap(), std::sync::Arc::clone(&logs));
+        move || {
+            for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+                let mut logs = logs.lock().unwrap();
+                logs.push_str(&line);
+                logs.push('\n');
+            }
+        }
+    });
     let good = auth(Algorithm::HS256, json!({}));
     let msgs: Vec<Msg> = (0..100).map(|i| (format!("k{}", i % 5), format!("d{i}"), good.clone())).collect();
     produce(&bs, &t.untrusted, &msgs).await;
     produce(&bs, &t.untrusted, &[("bad".into(), "bad".into(), vec![])]).await;
-    consume(&bs, &t.trusted, 100, 60).await;
+    let (b, topic) = (bs.clone(), t.trusted.clone());
+    if tokio::spawn(async move { consume(&b, &topic, 100, 60).await }).await.is_err() {
+        panic!("the daemon forwarded too little; its log:\n{}", logs.lock().unwrap());
+    }
 
     let http = reqwest::Client::new();
     let url = |p: &str| format!("http://127.0.0.1:{port}{p}");
@@ -633,8 +648,8 @@ async fn the_daemon_serves_health_ready_metrics_and_stops_cleanly_on_sigterm() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.success(), "{status:?}");
-    let mut logs = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut logs).unwrap();
+    reader.join().unwrap();
+    let logs = logs.lock().unwrap().clone();
     assert!(logs.contains("route stopped"), "{logs}");
     let (_, sig) = good[0].1.rsplit_once('.').unwrap();
     assert!(!logs.contains(sig), "a token was logged");
