@@ -134,7 +134,7 @@ impl Audit {
                     amqp: None,
                     amqp_headers: None,
                     facts: None,
-                    kafka_headers: None,
+                    prepared: None,
                 };
                 sink.send(out).await
             }

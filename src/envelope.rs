@@ -168,9 +168,9 @@ pub struct Outgoing {
     pub amqp_headers: Option<lapin::types::FieldTable>,
     /// What the decision learned of the token, for the audit trail (only when it is on).
     pub facts: Option<Box<crate::verify::Facts>>,
-    /// `headers` as a Kafka destination writes them, built beside the decision rather than on
-    /// the route's one loop ([`crate::sink::Sink::prepare`]); `headers` is then empty.
-    pub kafka_headers: Option<rdkafka::message::OwnedHeaders>,
+    /// The message in its destination's own form, built beside the decision rather than on the
+    /// route's one loop ([`crate::sink::Sink::prepare`]); `headers` is then empty.
+    pub prepared: Option<crate::sink::Prepared>,
 }
 
 /// The names of the headers the gate adds on a route: its prefix (default `x-tokengate-`) and a

@@ -282,7 +282,7 @@ fn base(env: &Envelope, headers: Vec<(String, HeaderData)>) -> Outgoing {
         amqp: env.amqp.clone(),
         amqp_headers: env.amqp_headers.clone(),
         facts: None,
-        kafka_headers: None,
+        prepared: None,
     }
 }
 

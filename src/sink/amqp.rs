@@ -7,7 +7,7 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 
-use super::{Confirm, PublishError};
+use super::{Confirm, Prepared, PublishError};
 use crate::amqp::MAX_SHORT_STRING;
 use crate::envelope::{HeaderData, Outgoing};
 
@@ -58,6 +58,18 @@ impl AmqpSink {
         }
     }
 
+    /// Builds `out`'s routing key and properties ahead of [`Self::send`] (the headers move into
+    /// the table).
+    pub fn prepare(&self, out: &mut Outgoing) {
+        out.prepared = Some(Prepared::Amqp(Box::new(self.wire(out))));
+    }
+
+    /// The routing key and properties of `out`, its headers moved into the table.
+    fn wire(&self, out: &mut Outgoing) -> (ShortString, BasicProperties) {
+        let key = ShortString::try_new(cut(self.routing_key(out), MAX_SHORT_STRING)).unwrap_or_default();
+        (key, properties(out))
+    }
+
     /// Whether this destination can carry `out` unchanged; if not, why (for a `malformed` detail).
     pub fn check(&self, out: &Outgoing) -> Result<(), String> {
         let key = self.routing_key(out);
@@ -96,7 +108,7 @@ impl AmqpSink {
     /// publishes keep their call order, but it does not wait for them to be written: a run of
     /// publishes is written, and wakes the route, once, not once per message. The future
     /// resolves on the broker's confirm (or fails if the frames were never written).
-    pub async fn send(&self, out: Outgoing) -> Result<Confirm, PublishError> {
+    pub async fn send(&self, mut out: Outgoing) -> Result<Confirm, PublishError> {
         let mut guard = self.channel.lock().await;
         if guard.as_ref().is_none_or(|(c, ch)| !c.status().connected() || !ch.status().connected()) {
             *guard = Some(connect_confirming(&self.url).await.map_err(PublishError::Failed)?);
@@ -104,8 +116,10 @@ impl AmqpSink {
         let (_, channel) = guard.as_ref().expect("just connected");
         let channel = channel.clone();
         let exchange = ShortString::from(self.exchange.as_str());
-        let key = ShortString::try_new(cut(self.routing_key(&out), MAX_SHORT_STRING)).unwrap_or_default();
-        let props = properties(&out);
+        let (key, props) = match out.prepared.take() {
+            Some(Prepared::Amqp(wire)) => *wire,
+            _ => self.wire(&mut out),
+        };
         let payload = out.payload.unwrap_or_default();
         let mut publish = Box::pin(async move {
             let options = BasicPublishOptions { mandatory: true, ..Default::default() };
@@ -178,11 +192,11 @@ pub async fn connect_confirming(url: &str) -> Result<(Connection, Channel), Stri
 
 /// AMQP properties for `out`: the source's (AMQP sources) with headers rebuilt, else persistent
 /// with the Kafka timestamp.
-fn properties(out: &Outgoing) -> BasicProperties {
+fn properties(out: &mut Outgoing) -> BasicProperties {
     let mut table = FieldTable::default();
-    for (name, value) in &out.headers {
+    for (name, value) in std::mem::take(&mut out.headers) {
         let v = match value {
-            HeaderData::Bytes(b) => AMQPValue::LongString(LongString::from(b.clone())),
+            HeaderData::Bytes(b) => AMQPValue::LongString(LongString::from(b)),
             HeaderData::Null => AMQPValue::Void,
             HeaderData::Typed { text, .. } => out
                 .amqp_headers
@@ -231,7 +245,7 @@ mod tests {
             amqp: None,
             amqp_headers: None,
             facts: None,
-            kafka_headers: None,
+            prepared: None,
         }
     }
 
@@ -264,7 +278,7 @@ mod tests {
         ) {
             let s = sink();
             let mut out = outgoing(headers, key, routing_key);
-            let _ = properties(&out);
+            let _ = properties(&mut out.clone());
             let checked = s.check(&out);
             let dropped = s.make_fit(&mut out, "x-tokengate-");
             prop_assert!(checked.is_err() || dropped == 0, "what fits is not cut");
@@ -272,7 +286,12 @@ mod tests {
                 prop_assert!(e.starts_with("routing key"), "{}", e);
             }
             prop_assert!(cut(s.routing_key(&out), MAX_SHORT_STRING).len() <= MAX_SHORT_STRING);
-            let _ = properties(&out);
+            let n = out.headers.len();
+            s.prepare(&mut out);
+            let Some(Prepared::Amqp(wire)) = &out.prepared else { panic!("prepared for AMQP") };
+            let props = &wire.1;
+            prop_assert!(out.headers.is_empty(), "the headers moved into the table");
+            prop_assert!(props.headers().as_ref().map_or(0, |t| t.inner().len()) <= n);
         }
     }
 }

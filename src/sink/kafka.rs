@@ -8,7 +8,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-use super::{Confirm, PublishError};
+use super::{Confirm, Prepared, PublishError};
 use crate::envelope::{HeaderData, Outgoing};
 
 /// Producer settings tokengate insists on; user properties cannot weaken delivery below these.
@@ -107,7 +107,10 @@ impl KafkaSink {
     ///
     /// Header names are written as they are (Kafka takes any bytes); values likewise.
     pub fn send(&self, mut out: Outgoing) -> Result<Confirm, PublishError> {
-        let headers = out.kafka_headers.take().unwrap_or_else(|| headers(&out.headers));
+        let headers = match out.prepared.take() {
+            Some(Prepared::Kafka(h)) => h,
+            _ => headers(&out.headers),
+        };
         let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic).headers(headers);
         if let Some(k) = &out.key {
             record = record.key(k);
@@ -135,7 +138,7 @@ impl KafkaSink {
 /// `out`'s headers as librdkafka takes them (one allocation and copy each), built ahead of
 /// [`KafkaSink::send`]; `out.headers` are dropped here too.
 pub fn prepare(out: &mut Outgoing) {
-    out.kafka_headers = Some(headers(&out.headers));
+    out.prepared = Some(Prepared::Kafka(headers(&out.headers)));
     out.headers = Vec::new();
 }
 

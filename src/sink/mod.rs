@@ -33,6 +33,15 @@ pub enum Sink {
     Amqp(amqp::AmqpSink),
 }
 
+/// A message in its destination's own form, built by [`Sink::prepare`] ahead of [`Sink::send`].
+#[derive(Debug, Clone)]
+pub enum Prepared {
+    /// librdkafka's header list.
+    Kafka(rdkafka::message::OwnedHeaders),
+    /// The routing key and the properties, header table included (boxed: Kafka's is a pointer).
+    Amqp(Box<(lapin::types::ShortString, lapin::BasicProperties)>),
+}
+
 impl Sink {
     /// Enqueues `out`; the returned future resolves on the broker's confirmation.
     pub async fn send(&self, out: Outgoing) -> Result<Confirm, PublishError> {
@@ -48,7 +57,7 @@ impl Sink {
     pub fn prepare(&self, out: &mut Outgoing) {
         match self {
             Sink::Kafka(_) => kafka::prepare(out),
-            Sink::Amqp(_) => {}
+            Sink::Amqp(a) => a.prepare(out),
         }
     }
 
