@@ -111,6 +111,7 @@ async fn peer(bootstrap: &str, reuse: Reuse, n: usize) -> Result {
         .await
         .unwrap_or_else(|e| panic!("{python} (scripts/setup installs it): {e}"));
     assert!(out.status.success(), "peer.py failed: {}", String::from_utf8_lossy(&out.stderr));
+    delete(bootstrap, &[&tin, &tout]).await;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("peer.py prints one JSON line");
     let label = match reuse {
         Reuse::Pool => "hand-written peer (Python), RS256, 10 reused tokens",
@@ -131,6 +132,16 @@ async fn create(bootstrap: &str, names: &[&str]) {
         ClientConfig::new().set("bootstrap.servers", bootstrap).create().unwrap();
     let new: Vec<NewTopic> = names.iter().map(|n| NewTopic::new(n, PARTITIONS, TopicReplication::Fixed(1))).collect();
     for r in admin.create_topics(&new, &AdminOptions::new()).await.unwrap() {
+        r.unwrap();
+    }
+}
+
+/// Deletes a run's topics: a full bench writes several GB, and the broker keeps a topic's
+/// records for a week (a bench run after run filled the disk).
+async fn delete(bootstrap: &str, names: &[&str]) {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", bootstrap).create().unwrap();
+    for r in admin.delete_topics(names, &AdminOptions::new()).await.unwrap() {
         r.unwrap();
     }
 }
@@ -316,6 +327,7 @@ async fn run(bootstrap: &str, mode: Mode, n: usize, latency_n: usize) -> Result 
     producing.await.unwrap();
     cancel.cancel();
     task.await.unwrap().unwrap();
+    delete(bootstrap, &[&tin, &tout, &tdlq]).await;
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let pct = |q: f64| lat[((lat.len() as f64 * q).ceil() as usize).clamp(1, lat.len()) - 1];
     let alg = match mode {

@@ -426,5 +426,7 @@ dead_letter = {{ amqp = {{ broker = "rabbit", exchange = "{ex_dlq}" }} }}
         .arg(format!("{prefix}*"))
         .query_async(&mut redis)
         .await;
+    // The topics too: a 30-minute soak writes gigabytes that the broker would keep for a week.
+    let _ = admin.delete_topics(&[&k_in, &k_ok, &k_dlq], &rdkafka::admin::AdminOptions::new()).await;
     assert_eq!((k_got as u64, a_got as u64), (k_total, a_total), "messages lost in the soak");
 }
