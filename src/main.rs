@@ -4,9 +4,8 @@ use clap::Parser as _;
 
 /// mimalloc instead of the system allocator: the message path allocates per message (envelopes,
 /// headers, the trusted copy), and glibc's malloc took about 15% of the CPU samples of a Kafka
-/// route (BENCHMARKS.md, section 3c). With the `override` feature (Cargo.toml) it is also the C
-/// `malloc` of the whole process, librdkafka's included (each record and header it queues), as
-/// jemalloc is for TiKV (BENCHMARKS.md, section 3f).
+/// route (BENCHMARKS.md, section 3c). Not the C `malloc` (mimalloc's `override`): that saved
+/// librdkafka's allocations but held about 50 MB more at the configured limits (section 3f).
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
