@@ -73,8 +73,7 @@ impl Ready {
     /// (a decision task, not the route's one loop, where it would add to every message).
     fn of(route: &Route, env: &Envelope, outcome: Outcome) -> Ready {
         let (mut out, rejected) = fit(route, env, outcome);
-        let sink = if rejected.is_some() { &route.dead_letter } else { &route.trusted };
-        sink.prepare(&mut out);
+        route.destination(rejected.is_some()).prepare(&mut out);
         Ready { out, rejected }
     }
 }
@@ -238,7 +237,7 @@ impl<A: Send + 'static> Pipeline<A> {
             };
             let facts = out.facts.take();
             let dead = rejected.is_some();
-            let sink = if dead { &self.route.dead_letter } else { &self.route.trusted };
+            let sink = self.route.destination(dead);
             match sink.send(out).await {
                 Ok(confirm) => {
                     // Counted once it is handed over: a refused publish is decided again.
@@ -379,6 +378,11 @@ pub struct Route {
 }
 
 impl Route {
+    /// Where a message goes: the dead-letter destination if it was rejected, else the trusted one.
+    fn destination(&self, dead: bool) -> &Sink {
+        if dead { &self.dead_letter } else { &self.trusted }
+    }
+
     /// Marks the route holding (or not), for readiness and its gauge.
     pub(crate) fn set_holding(&self, on: bool) {
         if self.status.holding.swap(on, Ordering::Relaxed) != on {

@@ -98,6 +98,13 @@ impl KafkaSink {
         dropped
     }
 
+    /// Builds `out`'s headers as librdkafka takes them ahead of [`Self::send`]; `out.headers`
+    /// are dropped here too.
+    pub fn prepare(&self, out: &mut Outgoing) {
+        out.prepared = Some(Prepared::Kafka(headers(&out.headers)));
+        out.headers = Vec::new();
+    }
+
     /// The topic.
     pub fn topic(&self) -> &str {
         &self.topic
@@ -135,13 +142,7 @@ impl KafkaSink {
     }
 }
 
-/// `out`'s headers as librdkafka takes them (one allocation and copy each), built ahead of
-/// [`KafkaSink::send`]; `out.headers` are dropped here too.
-pub fn prepare(out: &mut Outgoing) {
-    out.prepared = Some(Prepared::Kafka(headers(&out.headers)));
-    out.headers = Vec::new();
-}
-
+/// `list` as librdkafka takes it (one allocation and copy per header).
 fn headers(list: &[(String, HeaderData)]) -> OwnedHeaders {
     let mut headers = OwnedHeaders::new_with_capacity(list.len());
     for (name, value) in list {

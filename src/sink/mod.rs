@@ -56,7 +56,7 @@ impl Sink {
     /// [`Self::check`] and [`Self::make_fit`], which read `out.headers`.
     pub fn prepare(&self, out: &mut Outgoing) {
         match self {
-            Sink::Kafka(_) => kafka::prepare(out),
+            Sink::Kafka(k) => k.prepare(out),
             Sink::Amqp(a) => a.prepare(out),
         }
     }
