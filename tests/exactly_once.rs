@@ -20,17 +20,50 @@ fn eos_config(bs: &str, t: &crate::kafka::Topics, group: &str, route: &str, admi
     instance_config(bs, t, group, route, props, None, admin) + "delivery = \"exactly_once\"\n"
 }
 
-/// Every sent record is on the trusted or the dead-letter topic exactly once, as its validity
-/// says, in per-key order (`context` is printed on failure).
-fn assert_each_once(sent: &[Sent], fates: &[Fate], context: &str) {
-    let mut seen: HashMap<&str, usize> = HashMap::new();
+/// The source topic as it is (read back by the same third-party client), to hold the gate's
+/// output against record by record.
+async fn source_records(bs: &str, t: &crate::kafka::Topics, n: usize) -> Vec<Fate> {
+    let src = crate::kafka::Topics { trusted: t.untrusted.clone(), dead_letter: "-".into(), ..t.clone() };
+    fates(bs, &src, n, 120).await
+}
+
+/// Every source record (by partition and offset, from the gate's `x-tokengate-source-*` headers)
+/// is on the trusted or the dead-letter topic exactly once, as its validity says, in per-key order
+/// (`context` is printed on failure). A payload the source topic itself holds twice (the test
+/// producer's retries through an outage) is two records, each written once.
+fn assert_each_once(sent: &[Sent], source: &[Fate], fates: &[Fate], context: &str) {
+    let mut written: HashMap<(String, String), Vec<&Fate>> = HashMap::new();
     for f in fates {
-        *seen.entry(f.payload.as_str()).or_default() += 1;
+        written.entry((f.source_partition.clone(), f.source_offset.clone())).or_default().push(f);
     }
-    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(twice.is_empty(), "{} records written more than once ({context}): {twice:?}", twice.len());
-    assert_eq!(seen.len(), sent.len(), "every record once across trusted and dead-letter ({context})");
-    assert_eq!(assert_fates(sent, fates), 0, "no trusted record twice ({context})");
+    let mut twice: Vec<String> = written
+        .iter()
+        .filter(|(_, w)| w.len() > 1)
+        .map(|((p, o), w)| format!("partition {p} offset {o} ({}) x{}", w[0].payload, w.len()))
+        .collect();
+    twice.sort();
+    assert!(twice.is_empty(), "{} source records written more than once ({context}): {twice:?}", twice.len());
+    let unwritten: Vec<String> = source
+        .iter()
+        .filter(|s| !written.contains_key(&(s.partition.to_string(), s.offset.to_string())))
+        .map(|s| format!("partition {} offset {} ({})", s.partition, s.offset, s.payload))
+        .collect();
+    assert!(unwritten.is_empty(), "{} source records never written ({context}): {unwritten:?}", unwritten.len());
+    assert_eq!(written.len(), source.len(), "every output names a source record ({context})");
+    let mut copies: HashMap<&str, usize> = HashMap::new();
+    for s in source {
+        *copies.entry(s.payload.as_str()).or_default() += 1;
+    }
+    assert_eq!(copies.len(), sent.len(), "the source topic holds every sent record ({context})");
+    let repeated: Vec<_> = copies.iter().filter(|(_, n)| **n > 1).collect();
+    if !repeated.is_empty() {
+        eprintln!(
+            "the source topic holds {} payloads more than once (the test producer's retries): {repeated:?}",
+            repeated.len()
+        );
+    }
+    let repeated_valid = sent.iter().filter(|s| s.valid).map(|s| copies[s.payload().as_str()] - 1).sum::<usize>();
+    assert_eq!(assert_fates(sent, fates), repeated_valid, "no trusted record twice ({context})");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -66,7 +99,8 @@ async fn exactly_once_with_an_instance_killed_five_times_writes_every_record_exa
     let sent = producer.await.unwrap();
 
     let fates = fates(&bs, &t, N as usize, 240).await;
-    assert_each_once(&sent, &fates, &format!("seed {seed}"));
+    let source = source_records(&bs, &t, N as usize).await;
+    assert_each_once(&sent, &source, &fates, &format!("seed {seed}"));
 
     let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.unwrap().text().await.unwrap();
     let committed = metrics
@@ -96,7 +130,11 @@ async fn exactly_once_through_a_broker_stop_and_start_writes_every_record_exactl
     let t = topics("eos-restart");
     create_topics(&bs, &[&t.untrusted, &t.trusted, &t.dead_letter], 3).await;
     let group = format!("gate-{}", uuid::Uuid::new_v4().simple());
-    let gate = GateProcess::spawn(&eos_config(&bs, &t, &group, "orders", None));
+    // Every transaction's offsets in the log, which a failure prints.
+    let gate = GateProcess::spawn_with_env(
+        &eos_config(&bs, &t, &group, "orders", None),
+        &[("RUST_LOG", "info,tokengate::source::transaction=debug")],
+    );
     wait_group(&bs, &group, 1).await;
 
     const N: u64 = 3000;
@@ -107,7 +145,8 @@ async fn exactly_once_through_a_broker_stop_and_start_writes_every_record_exactl
     let broker = broker.started().await;
     let sent = producer.await.unwrap();
     let fates = fates(&bs, &t, N as usize, 180).await;
-    assert_each_once(&sent, &fates, &format!("the gate's log:\n{}", gate.logs()));
+    let source = source_records(&bs, &t, N as usize).await;
+    assert_each_once(&sent, &source, &fates, &format!("the gate's log:\n{}", gate.logs()));
     let log = gate.stop();
     eprintln!("aborted transactions logged: {}", log.matches("transaction failed").count());
     drop(broker);

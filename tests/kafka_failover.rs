@@ -298,6 +298,11 @@ pub struct Fate {
     pub reason: String,
     /// `x-tokengate-sub`.
     pub sub: String,
+    /// `x-tokengate-source-partition` and `-offset`: the source record it was written for.
+    #[serde(default)]
+    pub source_partition: String,
+    #[serde(default)]
+    pub source_offset: String,
 }
 
 /// Every record on the trusted and dead-letter topics, read by the third-party consumer.

@@ -37,6 +37,10 @@ const TXN_TIMEOUT: Duration = Duration::from_secs(10);
 /// the route then restarts on a new producer, which aborts the stuck transaction.
 const END_DEADLINE: Duration = Duration::from_secs(45);
 
+/// How many more times a commit that timed out is resumed (each waits [`TXN_TIMEOUT`]) before the
+/// producer is given up: within [`END_DEADLINE`] with the offsets sent first.
+const COMMIT_RETRIES: u32 = 2;
+
 /// How a message is acknowledged here: its partition, offset and the epoch it was read in.
 type Ack = (TopicPartition, i64, u64);
 
@@ -112,7 +116,8 @@ impl Transactions {
 
     /// Commits the open transaction with its source offsets, or aborts it, and opens the next.
     /// Blocking (librdkafka waits for the broker): call off the async workers. `Err` is a fatal
-    /// producer error (fenced by another producer with the same `transactional.id`).
+    /// producer error (fenced by another producer with the same `transactional.id`) or a commit
+    /// that stayed unconfirmed ([`resumable`]).
     fn end(&self, group: Option<ConsumerGroupMetadata>) -> Result<Ended, KafkaError> {
         let (offsets, records, started, failed) = {
             let mut open = self.lock();
@@ -132,25 +137,22 @@ impl Transactions {
                 for ((topic, partition), (_, last)) in &offsets {
                     tpl.add_partition_offset(topic, *partition, Offset::Offset(last + 1))?;
                 }
-                match self
-                    .producer
-                    .send_offsets_to_transaction(&tpl, &group, TXN_TIMEOUT)
-                    .and_then(|()| self.producer.commit_transaction(TXN_TIMEOUT))
+                match self.producer.send_offsets_to_transaction(&tpl, &group, TXN_TIMEOUT).and_then(|()| self.commit())
                 {
                     Ok(()) => None,
-                    Err(e) if fatal(&e) => return Err(e),
+                    Err(e) if fatal(&e) || resumable(&e) => return Err(e),
                     Err(e) => Some(e.to_string()),
                 }
             }
         };
         let ended = match failure {
             None => {
-                tracing::debug!(route = %self.route, records, commit_ms = began.elapsed().as_millis() as u64, "transaction committed");
+                tracing::debug!(route = %self.route, records, commit_ms = began.elapsed().as_millis() as u64, offsets = %spans(&offsets), "transaction committed");
                 self.metrics.committed(records, started.map_or(began.elapsed(), |s| s.elapsed()));
                 Ended::Committed
             }
             Some(why) => {
-                tracing::warn!(route = %self.route, records, error = %why, "transaction failed; aborting it and reading its records again");
+                tracing::warn!(route = %self.route, records, error = %why, offsets = %spans(&offsets), "transaction failed; aborting it and reading its records again");
                 self.abort()?;
                 self.metrics.aborted();
                 let mut open = self.lock();
@@ -164,6 +166,23 @@ impl Transactions {
         };
         self.producer.begin_transaction()?;
         Ok(ended)
+    }
+
+    /// Commits the open transaction (its offsets already sent). A commit that times out while the
+    /// broker is away may already be decided there, and librdkafka refuses an abort until the
+    /// commit is resumed: it is called again while it fails that way, for at most
+    /// [`COMMIT_RETRIES`] more timeouts; still unresolved, the error is returned ([`resumable`]).
+    fn commit(&self) -> Result<(), KafkaError> {
+        let mut tries = 0;
+        loop {
+            match self.producer.commit_transaction(TXN_TIMEOUT) {
+                Err(e) if resumable(&e) && tries < COMMIT_RETRIES => {
+                    tracing::warn!(route = %self.route, error = %e, "commit not confirmed yet; resuming it");
+                    tries += 1;
+                }
+                done => return done,
+            }
+        }
     }
 
     /// Aborts the open transaction, trying three times while the broker does not answer,
@@ -184,7 +203,7 @@ impl Transactions {
     }
 
     /// [`Self::end`] on a thread of its own, waited for at most [`END_DEADLINE`]. `Err` means the
-    /// producer is unusable: failed fatally, or stuck (then it is closed).
+    /// producer is unusable: failed fatally, its commit unconfirmed, or stuck (then it is closed).
     fn end_bounded(self: &Arc<Self>, group: Option<ConsumerGroupMetadata>) -> Result<Ended, String> {
         if self.closed.load(std::sync::atomic::Ordering::Relaxed) {
             return Err("the producer was given up".into());
@@ -197,26 +216,34 @@ impl Transactions {
                 let _ = tx.send(txns.end(group));
             })
             .map_err(|e| format!("cannot start a thread to end the transaction: {e}"))?;
-        match rx.recv_timeout(END_DEADLINE) {
+        let ended = rx.recv_timeout(END_DEADLINE);
+        if !matches!(ended, Ok(Ok(_))) {
+            self.closed.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        match ended {
             Ok(Ok(ended)) => Ok(ended),
+            Ok(Err(e)) if resumable(&e) => Err(format!(
+                "a transaction's commit stayed unconfirmed; restarting the route on a new producer, which ends it: {e}"
+            )),
             Ok(Err(e)) => Err(format!(
                 "the transactional producer failed fatally (another process with the same transactional.id fenced it?): {e}"
             )),
-            Err(_) => {
-                self.closed.store(true, std::sync::atomic::Ordering::Relaxed);
-                Err(format!(
-                    "ending a transaction took over {}s (librdkafka waits for a group coordinator that does not answer); \
-                     restarting the route on a new producer, which aborts it",
-                    END_DEADLINE.as_secs()
-                ))
-            }
+            Err(_) => Err(format!(
+                "ending a transaction took over {}s (librdkafka waits for a group coordinator that does not answer); \
+                 restarting the route on a new producer, which aborts it",
+                END_DEADLINE.as_secs()
+            )),
         }
     }
 
-    /// Whether the open transaction should commit now: full, old enough, or already failed.
+    /// Whether the open transaction should end now: full, old enough, already failed, or its
+    /// producer given up (ending then fails, and the route restarts).
     fn due(&self) -> bool {
         let open = self.lock();
-        open.records >= self.max_messages || open.failed || open.started.is_some_and(|s| s.elapsed() >= self.max_time)
+        open.records >= self.max_messages
+            || open.failed
+            || open.started.is_some_and(|s| s.elapsed() >= self.max_time)
+            || self.closed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// When the open transaction reaches `max_time`, if it holds a record.
@@ -228,6 +255,22 @@ impl Transactions {
 /// A fatal producer error: the producer cannot write again (fenced, or misconfigured).
 fn fatal(e: &KafkaError) -> bool {
     matches!(e, KafkaError::Transaction(t) if t.is_fatal())
+}
+
+/// A transactional call that may have taken effect and must be called again, not aborted (a
+/// commit that timed out; librdkafka answers an abort with "Conflicting commit_transaction API
+/// call is already in progress" then). Still failing after the retries, the producer is given
+/// up: the route restarts on a new one, whose start completes or aborts the transaction on the
+/// broker, and reads again from the offsets that are committed.
+fn resumable(e: &KafkaError) -> bool {
+    matches!(e, KafkaError::Transaction(t) if t.is_retriable() && !t.txn_requires_abort() && !t.is_fatal())
+}
+
+/// The partitions and offsets of a transaction, for the log: `topic[partition] first..=last`.
+fn spans(offsets: &HashMap<TopicPartition, (i64, i64)>) -> String {
+    let mut s: Vec<String> = offsets.iter().map(|((t, p), (a, b))| format!("{t}[{p}] {a}..={b}")).collect();
+    s.sort();
+    s.join(", ")
 }
 
 /// Commits the open transaction before partitions are taken away, so that their new owner
