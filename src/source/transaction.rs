@@ -507,3 +507,69 @@ impl Loop {
         tracing::info!(route = %name, records, committed = matches!(ended, Ok(Ok(()))), "route stopped");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::ClientConfig;
+    use rdkafka::consumer::BaseConsumer;
+    use rdkafka::producer::{BaseProducer, FutureRecord};
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+    /// A commit answered after the API timeout (the broker slow, or away once the commit was
+    /// sent) is resumed until it is confirmed: not aborted (librdkafka refuses the abort then,
+    /// and the broker may have decided the commit), and the producer not given up.
+    #[test]
+    fn a_commit_that_times_out_is_resumed_until_confirmed() {
+        let owner: BaseProducer = ClientConfig::new().set("test.mock.num.brokers", "1").create().unwrap();
+        let mock = owner.client().mock_cluster().expect("a mock cluster");
+        let bs = mock.bootstrap_servers();
+        for t in ["in", "out"] {
+            mock.create_topic(t, 1, 1).unwrap();
+        }
+        let producer: FutureProducer =
+            ClientConfig::new().set("bootstrap.servers", &bs).set("transactional.id", "resume").create().unwrap();
+        let txns = Transactions {
+            route: "r".into(),
+            producer,
+            open: Mutex::default(),
+            closed: Default::default(),
+            metrics: TransactionMetrics::new("r"),
+            max_messages: 10,
+            max_time: Duration::from_secs(1),
+        };
+        txns.start().unwrap();
+        let sent = txns.producer.send_result(FutureRecord::<[u8], [u8]>::to("out").payload(b"x")).unwrap();
+        assert!(block_on(sent).is_ok(), "the record is written");
+        {
+            let mut open = txns.lock();
+            open.offsets.insert((Arc::from("in"), 0), (0, 0));
+            open.records = 1;
+            open.started = Some(Instant::now());
+        }
+        let consumer: BaseConsumer =
+            ClientConfig::new().set("bootstrap.servers", &bs).set("group.id", "g").create().unwrap();
+        // The next EndTxn is answered after 12 s: the first commit call times out (10 s).
+        let raw = unsafe { rdkafka::bindings::rd_kafka_handle_mock_cluster(owner.client().native_ptr()) };
+        let err = unsafe {
+            rdkafka::bindings::rd_kafka_mock_broker_push_request_error_rtts(
+                raw,
+                1,
+                RDKafkaApiKey::EndTxn as i16,
+                1,
+                RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR,
+                12_000 as std::ffi::c_int,
+            )
+        };
+        assert_eq!(err, RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR);
+        let began = Instant::now();
+        let ended = txns.end(consumer.group_metadata());
+        assert!(matches!(ended, Ok(Ended::Committed)), "committed after resuming: {:?}", ended.err());
+        assert!(began.elapsed() >= TXN_TIMEOUT, "the first call timed out ({:?})", began.elapsed());
+        assert!(txns.lock().records == 0, "a new transaction is open");
+    }
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+    }
+}
