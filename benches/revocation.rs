@@ -13,6 +13,8 @@ use redis::AsyncCommands as _;
 use tokengate::revocation::{Kind, Revocations, TokenIds, key};
 use tokio_util::sync::CancellationToken;
 
+mod common;
+
 /// The allocator the `tokengate` binary runs with (see `src/main.rs`).
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -73,6 +75,32 @@ async fn bench_list(r: &Arc<Revocations>, fresh: Option<usize>) -> (f64, u64) {
     })
     .await;
     (rate, r.round_trips() - before)
+}
+
+const ONE_TOKEN_CHECKS: u32 = 1_000_000;
+
+/// ns per check of one verified token, on one thread: its four keys looked up in the mirror
+/// (`check_ids`), and `check` of the token itself, remembered as absent in the mirror's current
+/// generation after its first check (a reused token while the list does not change).
+async fn one_token(r: &Revocations) -> (f64, f64) {
+    common::set_secret_env();
+    let text = format!("{}\n[routes.r]\n", common::issuer_toml());
+    let s = tokengate::config::parse(&text, &[], std::path::Path::new(".")).unwrap_or_else(|p| panic!("{p:?}"));
+    let verifier = tokengate::verify::Verifier::new(s.issuers, &s.cache);
+    let token = common::mint(jsonwebtoken::Algorithm::HS256, 1).remove(0);
+    let v = verifier.verify_token(&token, tokengate::verify::unix_now()).await.unwrap().unwrap();
+    let ids = TokenIds::of(&v);
+    let time = |f: &dyn Fn() -> bool| {
+        let start = Instant::now();
+        for _ in 0..ONE_TOKEN_CHECKS {
+            assert!(f());
+        }
+        start.elapsed().as_nanos() as f64 / f64::from(ONE_TOKEN_CHECKS)
+    };
+    use futures_util::FutureExt as _;
+    let looked_up = time(&|| r.check_ids(std::hint::black_box(&ids)).now_or_never().unwrap().unwrap().is_none());
+    let remembered = time(&|| r.check(std::hint::black_box(&v)).now_or_never().unwrap().unwrap().is_none());
+    (looked_up, remembered)
 }
 
 /// Runs `CHECKS` lookups with `IN_FLIGHT` concurrent workers; returns lookups per second.
@@ -143,6 +171,7 @@ async fn main() {
     let (per_key_new, per_key_new_trips) = bench_list(&per_key, Some(1_000_000)).await;
     let (mirror_reused, mirror_reused_trips) = bench_list(&cached, None).await;
     let (mirror_new, mirror_new_trips) = bench_list(&cached, Some(2_000_000)).await;
+    let (looked_up_ns, remembered_ns) = one_token(&cached).await;
 
     // Write-to-effect: a steady load checks every token in a loop; we revoke one primed token at
     // a time through a separate connection and time the first rejection the load observes.
@@ -200,6 +229,14 @@ async fn main() {
     );
     println!("| local mirror (tokengate default) | {TOKENS} reused | {mirror_reused:.0} | {mirror_reused_trips} |");
     println!("| local mirror (tokengate default) | every one new | {mirror_new:.0} | {mirror_new_trips} |");
+    println!();
+    println!("one verified token checked {ONE_TOKEN_CHECKS} times on one thread (the gate's check of a reused token):");
+    println!("| check | ns per check |");
+    println!("|---|---:|");
+    println!(
+        "| mirror lookup of its four keys (`check_ids`: every check before issue 13's generations) | {looked_up_ns:.0} |"
+    );
+    println!("| found absent in this generation of the mirror (`check`, a reused token) | {remembered_ns:.0} |");
     println!();
     println!("write-to-effect under load (mirror), {TRIALS} revocations written with SET by another connection:");
     println!("p50 {:?}  p99 {:?}  max {:?}", pct(&latencies, 0.50), pct(&latencies, 0.99), latencies.last().unwrap());

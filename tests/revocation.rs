@@ -420,3 +420,51 @@ async fn revoke_from_file_writes_every_line_or_nothing() {
     let written: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}*")).query_async(&mut conn).await.unwrap();
     let _: () = redis::cmd("DEL").arg(&written).query_async(&mut conn).await.unwrap();
 }
+
+/// Polls `check` of a verified token until it reports a revocation (or not), as the gate checks
+/// every message of a reused token.
+async fn until_verified_is(r: &Revocations, v: &tokengate::verify::Verified, revoked: bool) {
+    for _ in 0..500 {
+        if r.check(v).await.unwrap().is_some() == revoked {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the token never became {}", if revoked { "revoked" } else { "valid again" });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_token_found_absent_is_looked_up_again_after_every_change_of_the_list() {
+    let prefix = unique_prefix("memo");
+    let url = redis_url();
+    let (r, cancel) = tracked(&url, &prefix).await;
+    until_mirrored(&r, 0).await;
+    let (verifier, _) = engine(&issuers_toml());
+    let t = token(jsonwebtoken::Algorithm::HS256, serde_json::json!({"jti": "memo-1", "sub": "memo-user"}));
+    let v = verifier.verify_token(&t, NOW).await.unwrap().unwrap();
+    // Found absent, then answered from that finding while the list is unchanged.
+    for _ in 0..3 {
+        assert!(r.check(&v).await.unwrap().is_none());
+    }
+    let mut c = redis_conn().await;
+    // Each selector of this very token, written with plain Redis, takes effect on the next checks.
+    let (fp, later) = (v.fingerprint.to_string(), (NOW + 3600).to_string());
+    for (kind, id, value) in [
+        (Kind::Jti, "memo-1", "revoked by operator"),
+        (Kind::Sub, "memo-user", later.as_str()), // every token of the subject issued before then
+        (Kind::Kid, "hs", "key leaked"),
+        (Kind::Fp, fp.as_str(), "revoked by operator"),
+    ] {
+        let k = key(&prefix, kind, id);
+        let _: () = c.set(&k, value).await.unwrap();
+        until_verified_is(&r, &v, true).await;
+        let _: () = c.del(&k).await.unwrap();
+        until_verified_is(&r, &v, false).await;
+    }
+    // A change to another key starts a new generation too; the answer for this token stays.
+    let _: () = c.set(key(&prefix, Kind::Jti, "someone-else"), "x").await.unwrap();
+    until_mirrored(&r, 1).await;
+    assert!(r.check(&v).await.unwrap().is_none());
+    // (A reconnect and a Redis restart reload the mirror: the million-entry test covers them.)
+    cancel.cancel();
+}

@@ -43,6 +43,9 @@ pub struct Mirror {
     /// Pushed keys not read again yet -> the push's sequence number.
     pending: Mutex<HashMap<Box<str>, u64>>,
     seq: AtomicU64,
+    /// Changes whenever an answer of [`Self::find`] may change (a push, a load, a refetch, a
+    /// state change), to a value no mirror of this process had before; 0 while not in step.
+    generation: AtomicU64,
     state: Mutex<State>,
     /// Set by a push that could not be queued, or a flush: the mirror must be reloaded whole.
     reload: AtomicBool,
@@ -62,6 +65,7 @@ impl Mirror {
             entries: RwLock::default(),
             pending: Mutex::default(),
             seq: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
             state: Mutex::new(State::Unloaded),
             reload: AtomicBool::new(false),
             queue,
@@ -73,6 +77,19 @@ impl Mirror {
     /// Whether mirroring is on at all.
     pub fn enabled(&self) -> bool {
         self.max_entries > 0
+    }
+
+    /// The current generation: an answer [`Self::find`] gave after it was read holds while it
+    /// is unchanged. 0 when the mirror is not in step (nothing can be vouched for then).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// Starts a new generation, after a change (or, if not in step, none).
+    fn changed(&self) {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let synced = self.state() == State::Synced;
+        self.generation.store(if synced { NEXT.fetch_add(1, Ordering::SeqCst) } else { 0 }, Ordering::SeqCst);
     }
 
     /// Where the mirror stands.
@@ -123,6 +140,7 @@ impl Mirror {
         }
         let seq = self.seq.fetch_add(1, Ordering::SeqCst);
         self.pending.lock().expect("not poisoned").insert(key.into(), seq);
+        self.changed();
         if self.queue.try_send(key.into()).is_err() {
             self.reload_whole();
         }
@@ -134,6 +152,7 @@ impl Mirror {
         // The flag first: a load that finishes meanwhile sees it and does not claim to be in step.
         self.reload.store(true, Ordering::SeqCst);
         *self.state.lock().expect("not poisoned") = State::Unloaded;
+        self.changed();
         self.wake.notify_one();
     }
 
@@ -141,6 +160,7 @@ impl Mirror {
     pub fn disconnected(&self) {
         *self.state.lock().expect("not poisoned") = State::Unloaded;
         self.pending.lock().expect("not poisoned").clear();
+        self.changed();
         crate::telemetry::set_revocation_mirror(false, self.len());
     }
 
@@ -195,6 +215,8 @@ impl Mirror {
                 Entry::WrongType => entries.insert(key, None),
             };
         }
+        drop((entries, pending));
+        self.changed();
         Ok(())
     }
 
@@ -211,6 +233,7 @@ impl Mirror {
             let keys: Vec<String> = keys.into_iter().filter_map(|k| String::from_utf8(k).ok()).collect();
             if map.len() + keys.len() > self.max_entries {
                 *self.state.lock().expect("not poisoned") = State::TooLarge;
+                self.changed();
                 self.entries.write().expect("not poisoned").clear();
                 tracing::warn!(
                     max_entries = self.max_entries,
@@ -246,6 +269,7 @@ impl Mirror {
         }
         *state = State::Synced;
         drop(state);
+        self.changed();
         crate::telemetry::set_revocation_mirror(true, n);
         tracing::info!(entries = n, load_ms = started.elapsed().as_millis() as u64, "revocation list mirrored");
         Ok(())

@@ -138,10 +138,22 @@ impl Revocations {
 
     /// Checks a verified token. `Ok(Some)` is a revocation; `Err` means "cannot tell now".
     pub async fn check(&self, v: &Verified) -> Result<Option<Rejection>, Unavailable> {
+        // A reused token found absent while the mirror has not changed since (no push, no
+        // reload, no reconnect: each starts a new generation) is absent still.
+        let generation = match &self.store {
+            Store::Redis(t) => t.mirror.generation(),
+            Store::Memory(_) => 0,
+        };
+        if generation != 0 && v.unrevoked_in.load(Ordering::Relaxed) == generation {
+            return Ok(None);
+        }
         // The common case, answered by the mirror without copying the token's ids.
         let fp = v.fingerprint.hex();
         match self.mirrored(&ids(v.jti.as_deref(), v.sub.as_deref(), v.kid.as_deref(), fp.as_str())) {
-            Some(present) if present.is_empty() => Ok(None),
+            Some(present) if present.is_empty() => {
+                v.unrevoked_in.store(generation, Ordering::Relaxed);
+                Ok(None)
+            }
             Some(present) => Ok(judge_all(&present, &TokenIds::of(v))),
             // Boxed: a Redis round trip's future is large, and every decision's future (moved
             // per message) would carry its size.

@@ -57,6 +57,10 @@ pub struct Verified {
     /// Unix time after which a cached copy is not used (`exp` plus leeway, or the TTL for tokens
     /// without `exp`).
     cached_until: i64,
+    /// The revocation mirror's generation in which this token was last found absent from the
+    /// list (0: never): while the mirror is unchanged, a reused token is not looked up again
+    /// ([`crate::revocation::Revocations::check`]).
+    pub(crate) unrevoked_in: std::sync::atomic::AtomicU64,
 }
 
 /// What the gate learned of a message's token, carried from the decision to the
@@ -105,6 +109,7 @@ impl Verified {
             issuer_index: 0,
             generation: 0,
             cached_until: unix_now() + 60,
+            unrevoked_in: Default::default(),
         }
     }
 }
@@ -432,6 +437,7 @@ impl Verifier {
             issuer_index: idx,
             generation,
             cached_until,
+            unrevoked_in: Default::default(),
         }))
     }
 }
