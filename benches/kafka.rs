@@ -122,6 +122,7 @@ async fn peer(bootstrap: &str, reuse: Reuse, n: usize) -> Result {
         alg: Some(Algorithm::RS256),
         msgs_per_sec: v["msgs_per_sec"].as_f64().unwrap(),
         cpu_us_per_msg: v["cpu_secs"].as_f64().unwrap() * 1e6 / n as f64,
+        broker_cpu_us_per_msg: None,
         p50_ms: f64::NAN,
         p99_ms: f64::NAN,
     }
@@ -191,17 +192,35 @@ struct Result {
     msgs_per_sec: f64,
     /// Process CPU microseconds per message while the backlog drains.
     cpu_us_per_msg: f64,
+    /// The broker's CPU microseconds per message meanwhile, when its process is known.
+    broker_cpu_us_per_msg: Option<f64>,
     p50_ms: f64,
     p99_ms: f64,
 }
 
 /// CPU seconds this process has used (user + system), from `/proc/self/stat` (ticks of 10 ms).
 fn cpu_secs() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    proc_cpu_secs("self").unwrap_or(0.0)
+}
+
+/// The broker's process on this machine, for its CPU per message: `TOKENGATE_BENCH_BROKER_PID`,
+/// else the project's own broker (scripts/setup's PID file) when the bench runs against it.
+fn broker_pid(bootstrap: &str) -> Option<String> {
+    if let Ok(pid) = std::env::var("TOKENGATE_BENCH_BROKER_PID") {
+        return Some(pid);
+    }
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join(".tokengate/kafka/broker.pid");
+    let pid = std::fs::read_to_string(file).ok().filter(|_| bootstrap == "127.0.0.1:9092")?;
+    Some(pid.trim().to_owned()).filter(|p| proc_cpu_secs(p).is_some())
+}
+
+/// CPU seconds (user + system) of process `pid` ("self" for this one), in ticks of 10 ms.
+fn proc_cpu_secs(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may hold spaces) start at the last ')'.
     let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, r)| r).split_whitespace().collect();
     let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0 // utime, stime: fields 14 and 15 of the whole line
+    Some((ticks(11) + ticks(12)) / 100.0) // utime, stime: fields 14 and 15 of the whole line
 }
 
 /// This thread's CPU time in seconds, to the nanosecond (`/proc/thread-self/schedstat`; the
@@ -265,6 +284,8 @@ async fn run(bootstrap: &str, mode: Mode, n: usize, latency_n: usize) -> Result 
     let text = config(bootstrap, &tin, &tout, &tdlq, &format!("g-{id}"), delivery);
     let mut s = tokengate::config::parse(&text, &[], Path::new(".")).unwrap_or_else(|e| panic!("{e:?}"));
     let cancel = CancellationToken::new();
+    let broker = broker_pid(bootstrap);
+    let broker_start = broker.as_deref().and_then(proc_cpu_secs);
     let cpu_start = cpu_secs();
     let gate = match mode {
         Mode::PassThrough(_) => {
@@ -297,6 +318,10 @@ async fn run(bootstrap: &str, mode: Mode, n: usize, latency_n: usize) -> Result 
     }
     let msgs_per_sec = (hi - lo) as f64 / t_hi.duration_since(t_lo.unwrap()).as_secs_f64().max(1e-3);
     let cpu_us_per_msg = (cpu_secs() - cpu_start) * 1e6 / n as f64;
+    let broker_cpu_us_per_msg = match (broker.as_deref().and_then(proc_cpu_secs), broker_start) {
+        (Some(end), Some(start)) => Some((end - start) * 1e6 / n as f64),
+        _ => None,
+    };
     drop(counter);
     eprintln!("{}: drained at {msgs_per_sec:.0} msg/s", mode.label());
     // Added latency: a steady 1000 msg/s stream, measured from produce time to trusted arrival.
@@ -333,7 +358,15 @@ async fn run(bootstrap: &str, mode: Mode, n: usize, latency_n: usize) -> Result 
     let alg = match mode {
         Mode::PassThrough(a) | Mode::Verify(a, _) | Mode::Delivery(a, _) => Some(a),
     };
-    Result { label: mode.label(), alg, msgs_per_sec, cpu_us_per_msg, p50_ms: pct(0.5), p99_ms: pct(0.99) }
+    Result {
+        label: mode.label(),
+        alg,
+        msgs_per_sec,
+        cpu_us_per_msg,
+        broker_cpu_us_per_msg,
+        p50_ms: pct(0.5),
+        p99_ms: pct(0.99),
+    }
 }
 
 /// The baseline of `results[i]`: the faster of the pass-through runs with tokens of its
@@ -349,6 +382,7 @@ fn baseline(results: &[Result], i: usize) -> Result {
             alg,
             msgs_per_sec: f64::NAN,
             cpu_us_per_msg: f64::NAN,
+            broker_cpu_us_per_msg: None,
             p50_ms: f64::NAN,
             p99_ms: f64::NAN,
         },
@@ -365,33 +399,40 @@ fn print_reused_spread(results: &[Result]) {
     }
     println!();
     println!("Reused tokens, % of the pass-through baseline in each round (CPU µs/msg over the baseline's):");
-    println!("| algorithm | rounds | min | median | max | CPU over pass-through, µs/msg (median) |");
-    println!("|---|---|---:|---:|---:|---:|");
+    println!(
+        "| algorithm | rounds | min | median | max | CPU over pass-through, µs/msg (median) | broker CPU over pass-through, µs/msg (median) |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|");
     for alg in [Algorithm::HS256, Algorithm::RS256, Algorithm::ES256] {
-        let rows: Vec<(f64, f64)> = reused
+        let rows: Vec<(f64, f64, f64)> = reused
             .iter()
             .filter(|(_, r)| r.alg == Some(alg))
             .map(|&(i, r)| {
                 let b = baseline(results, i);
-                (100.0 * r.msgs_per_sec / b.msgs_per_sec, r.cpu_us_per_msg - b.cpu_us_per_msg)
+                let broker = match (r.broker_cpu_us_per_msg, b.broker_cpu_us_per_msg) {
+                    (Some(r), Some(b)) => r - b,
+                    _ => f64::NAN,
+                };
+                (100.0 * r.msgs_per_sec / b.msgs_per_sec, r.cpu_us_per_msg - b.cpu_us_per_msg, broker)
             })
             .collect();
         if rows.is_empty() {
             continue;
         }
-        let each: Vec<String> = rows.iter().map(|(p, _)| format!("{p:.0}%")).collect();
+        let each: Vec<String> = rows.iter().map(|(p, _, _)| format!("{p:.0}%")).collect();
         let median = |mut v: Vec<f64>| {
             v.sort_by(f64::total_cmp);
             v[v.len() / 2]
         };
         let pct: Vec<f64> = rows.iter().map(|r| r.0).collect();
         println!(
-            "| {alg:?} | {} | {:.0}% | {:.0}% | {:.0}% | {:+.1} |",
+            "| {alg:?} | {} | {:.0}% | {:.0}% | {:.0}% | {:+.1} | {:+.1} |",
             each.join(", "),
             pct.iter().copied().fold(f64::INFINITY, f64::min),
             median(pct.clone()),
             pct.iter().copied().fold(0.0, f64::max),
-            median(rows.iter().map(|r| r.1).collect())
+            median(rows.iter().map(|r| r.1).collect()),
+            median(rows.iter().map(|r| r.2).collect())
         );
     }
 }
@@ -464,9 +505,12 @@ async fn main() {
     println!("of the same algorithm (the same message bytes) just before and just after the run, after one");
     println!("unreported pass-through run that warms up the process and the broker.");
     println!("CPU/msg = this process's CPU time while the gate drains the backlog / messages (the gate,");
-    println!("plus the reader counting arrivals, the same in every run).");
-    println!("| run | msg/s | % of pass-through | CPU µs/msg | p50 ms | p99 ms | p50 added ms | p99 added ms |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("plus the reader counting arrivals, the same in every run); broker CPU/msg = the broker process's");
+    println!("meanwhile (when it runs on this machine: the project's own, or TOKENGATE_BENCH_BROKER_PID).");
+    println!(
+        "| run | msg/s | % of pass-through | CPU µs/msg | broker CPU µs/msg | p50 ms | p99 ms | p50 added ms | p99 added ms |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     let ms = |v: f64, signed: bool| match (v.is_nan(), signed) {
         (true, _) => "-".to_owned(),
         (false, true) => format!("{v:+.1}"),
@@ -475,11 +519,12 @@ async fn main() {
     for (i, r) in results.iter().enumerate() {
         let base = base(i);
         println!(
-            "| {} | {:.0} | {:.0}% | {:.1} | {} | {} | {} | {} |",
+            "| {} | {:.0} | {:.0}% | {:.1} | {} | {} | {} | {} | {} |",
             r.label,
             r.msgs_per_sec,
             100.0 * r.msgs_per_sec / base.msgs_per_sec,
             r.cpu_us_per_msg,
+            r.broker_cpu_us_per_msg.map_or("-".to_owned(), |b| format!("{b:.1}")),
             ms(r.p50_ms, false),
             ms(r.p99_ms, false),
             ms(r.p50_ms - base.p50_ms, true),
