@@ -46,10 +46,16 @@ pub struct Key {
     pub algorithms: Vec<Algorithm>,
     /// The key material.
     pub material: DecodingKey,
-    /// The public key parsed once for each pinned algorithm (empty for secrets): verifying
-    /// through `DecodingKey` parses the key again on every token (for RSA, its Montgomery
-    /// context too), which costs a few microseconds per new token.
-    parsed: Vec<(Algorithm, aws_lc_rs::signature::ParsedPublicKey)>,
+    /// The key made ready once for each pinned algorithm: verifying through `DecodingKey` parses
+    /// a public key again on every token (for RSA, its Montgomery context too), and hashes an
+    /// HMAC secret into its inner and outer keys again, per new token.
+    parsed: Vec<(Algorithm, Ready)>,
+}
+
+/// A key ready to verify one algorithm.
+enum Ready {
+    Public(aws_lc_rs::signature::ParsedPublicKey),
+    Hmac(Box<aws_lc_rs::hmac::Key>),
 }
 
 impl std::fmt::Debug for Key {
@@ -82,7 +88,10 @@ impl Key {
             if let (Some(bytes), Some(params)) = (public, verification_params(*alg)) {
                 let key = aws_lc_rs::signature::ParsedPublicKey::new(params, bytes)
                     .map_err(|e| format!("bad {kind:?} key: {e}"))?;
-                parsed.push((*alg, key));
+                parsed.push((*alg, Ready::Public(key)));
+            }
+            if let (KeyKind::Hmac, Some(hash), Ok(secret)) = (kind, hmac_params(*alg), material.try_get_as_bytes()) {
+                parsed.push((*alg, Ready::Hmac(Box::new(aws_lc_rs::hmac::Key::new(hash, secret)))));
             }
         }
         Ok(Key { kid: kid.map(Arc::from), kind, algorithms, material, parsed })
@@ -95,9 +104,13 @@ impl Key {
             return false;
         }
         match self.parsed.iter().find(|(a, _)| *a == alg) {
-            Some((_, key)) => base64::engine::general_purpose::URL_SAFE_NO_PAD
-                .decode(signature)
-                .is_ok_and(|sig| key.verify_sig(message, &sig).is_ok()),
+            Some((_, key)) => {
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(signature).is_ok_and(|sig| match key {
+                    Ready::Public(k) => k.verify_sig(message, &sig).is_ok(),
+                    // Constant-time against the whole tag, as jsonwebtoken compares it.
+                    Ready::Hmac(k) => aws_lc_rs::hmac::verify(k, message, &sig).is_ok(),
+                })
+            }
             None => jsonwebtoken::crypto::verify(signature, message, &self.material, alg).unwrap_or(false),
         }
     }
@@ -117,6 +130,16 @@ fn verification_params(alg: Algorithm) -> Option<&'static dyn aws_lc_rs::signatu
         Algorithm::ES256 => &s::ECDSA_P256_SHA256_FIXED,
         Algorithm::ES384 => &s::ECDSA_P384_SHA384_FIXED,
         Algorithm::EdDSA => &s::ED25519,
+        _ => return None,
+    })
+}
+
+/// The HMAC of an HS* algorithm.
+fn hmac_params(alg: Algorithm) -> Option<aws_lc_rs::hmac::Algorithm> {
+    Some(match alg {
+        Algorithm::HS256 => aws_lc_rs::hmac::HMAC_SHA256,
+        Algorithm::HS384 => aws_lc_rs::hmac::HMAC_SHA384,
+        Algorithm::HS512 => aws_lc_rs::hmac::HMAC_SHA512,
         _ => return None,
     })
 }
