@@ -467,6 +467,10 @@ impl Loop {
     /// Its writes are confirmed first: rdkafka's `commit_transaction` flushes by polling a queue
     /// that the producer's own thread serves, so with writes outstanding it sleeps 100 ms.
     async fn end(&mut self) -> anyhow::Result<()> {
+        if self.txns.closed.load(std::sync::atomic::Ordering::Relaxed) {
+            // Given up (its error is logged): nothing it holds will be confirmed or committed.
+            anyhow::bail!("the transactional producer was given up; the route restarts on a new one");
+        }
         // Sends what lingers at once (librdkafka treats linger.ms as elapsed while flushing); the
         // flush itself returns immediately, unfinished.
         let _ = self.txns.producer.flush(Duration::ZERO);
