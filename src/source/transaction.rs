@@ -94,8 +94,9 @@ struct Transactions {
     route: String,
     producer: FutureProducer,
     open: Mutex<Open>,
-    /// Set once the producer is given up (stuck) or the route stopped: nothing ends a
-    /// transaction any more (the consumer's last rebalance must not block on the producer).
+    /// Set once the producer is given up (failed, its commit unconfirmed, or stuck) or the route
+    /// stopped: nothing ends a transaction any more (the consumer's last rebalance must not
+    /// block on the producer).
     closed: std::sync::atomic::AtomicBool,
     metrics: TransactionMetrics,
     max_messages: usize,
@@ -105,6 +106,11 @@ struct Transactions {
 impl Transactions {
     fn lock(&self) -> std::sync::MutexGuard<'_, Open> {
         self.open.lock().expect("not poisoned")
+    }
+
+    /// Whether the producer was given up (`closed`): callers do not end a transaction then.
+    fn given_up(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Makes the (fresh) producer ready, fencing any earlier one with the same `transactional.id`
@@ -202,12 +208,10 @@ impl Transactions {
         }
     }
 
-    /// [`Self::end`] on a thread of its own, waited for at most [`END_DEADLINE`]. `Err` means the
-    /// producer is unusable: failed fatally, its commit unconfirmed, or stuck (then it is closed).
+    /// [`Self::end`] on a thread of its own, waited for at most [`END_DEADLINE`]; not called once
+    /// [`Self::given_up`]. `Err` means the producer is unusable: failed fatally, its commit
+    /// unconfirmed, or stuck; it is given up then.
     fn end_bounded(self: &Arc<Self>, group: Option<ConsumerGroupMetadata>) -> Result<Ended, String> {
-        if self.closed.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err("the producer was given up".into());
-        }
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let txns = Arc::clone(self);
         std::thread::Builder::new()
@@ -243,7 +247,7 @@ impl Transactions {
         open.records >= self.max_messages
             || open.failed
             || open.started.is_some_and(|s| s.elapsed() >= self.max_time)
-            || self.closed.load(std::sync::atomic::Ordering::Relaxed)
+            || self.given_up()
     }
 
     /// When the open transaction reaches `max_time`, if it holds a record.
@@ -283,7 +287,7 @@ impl ConsumerContext for Ctx {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let Rebalance::Revoke(tpl) = rebalance else { return };
         let txns = &self.0;
-        if !txns.closed.load(std::sync::atomic::Ordering::Relaxed) {
+        if !txns.given_up() {
             match txns.end_bounded(consumer.group_metadata()) {
                 Ok(Ended::Aborted(rewind)) => seek(consumer, &txns.route, rewind),
                 Ok(_) => {}
@@ -467,7 +471,7 @@ impl Loop {
     /// Its writes are confirmed first: rdkafka's `commit_transaction` flushes by polling a queue
     /// that the producer's own thread serves, so with writes outstanding it sleeps 100 ms.
     async fn end(&mut self) -> anyhow::Result<()> {
-        if self.txns.closed.load(std::sync::atomic::Ordering::Relaxed) {
+        if self.txns.given_up() {
             // Given up (its error is logged): nothing it holds will be confirmed or committed.
             anyhow::bail!("the transactional producer was given up; the route restarts on a new one");
         }
