@@ -9,11 +9,10 @@ use std::time::{Duration, Instant};
 
 use futures_util::FutureExt as _;
 use futures_util::StreamExt as _;
-use lapin::Acker;
-use lapin::Connection;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{Channel, Connection};
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp;
@@ -125,11 +124,11 @@ async fn remove_poison(route: &Route, src: &AmqpSourceSettings) -> Result<bool, 
     Ok(true)
 }
 
-/// Turns an AMQP delivery into an envelope and its acker; non-string header values keep their
-/// type name. The body and properties move into the envelope: the header table is copied once
-/// (kept, to republish typed values unchanged), nothing else is.
-pub fn into_envelope(d: Delivery, queue: &str) -> (Envelope, Acker) {
-    let Delivery { delivery_tag, exchange, routing_key, redelivered, properties, data, acker, .. } = d;
+/// Turns an AMQP delivery into an envelope and its delivery tag; non-string header values keep
+/// their type name. The body and properties move into the envelope: the header table is copied
+/// once (kept, to republish typed values unchanged), nothing else is.
+pub fn into_envelope(d: Delivery, queue: &str) -> (Envelope, DeliveryTag) {
+    let Delivery { delivery_tag, exchange, routing_key, redelivered, properties, data, .. } = d;
     let table = properties.headers().clone();
     let headers = table
         .as_ref()
@@ -151,7 +150,7 @@ pub fn into_envelope(d: Delivery, queue: &str) -> (Envelope, Acker) {
         amqp_headers: table,
         defect: None,
     };
-    (env, acker)
+    (env, delivery_tag)
 }
 
 fn header_data(v: &AMQPValue) -> HeaderData {
@@ -170,11 +169,14 @@ fn header_data(v: &AMQPValue) -> HeaderData {
     }
 }
 
+/// A delivery's tag on the session's channel: what acks and nacks it.
+type DeliveryTag = u64;
+
 /// AMQP's publish-time rule is the default: every delivery is published; acks follow confirms.
 struct AmqpAcks;
 
 impl Acks for AmqpAcks {
-    type Ack = Acker;
+    type Ack = DeliveryTag;
 }
 
 async fn session(
@@ -204,7 +206,7 @@ async fn session(
     let mut liveness = tokio::time::interval(Duration::from_secs(1));
     let (session_start, mut prefetch) = (Instant::now(), prefetch);
     route.status.running.store(true, Ordering::Relaxed);
-    let mut pipe: Pipeline<Acker> = Pipeline::new(Arc::clone(route));
+    let mut pipe: Pipeline<DeliveryTag> = Pipeline::new(Arc::clone(route));
     let mut failure = None;
     loop {
         let wake = pipe.wake_at();
@@ -217,7 +219,7 @@ async fn session(
                 while let Some(Some(d)) = pipe.confirmations.next().now_or_never() {
                     settled.push(d);
                 }
-                settle(&mut pipe, settled).await?
+                settle(&mut pipe, &channel, settled)?
             }
             Some(chunk) = pipe.decisions.next(), if !pipe.decisions.is_empty() => pipe.decided(chunk),
             _ = tokio::time::sleep_until(wake.unwrap_or_else(tokio::time::Instant::now)), if wake.is_some() => {}
@@ -265,7 +267,7 @@ async fn session(
     while let Ok(Some(done)) =
         tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), pipe.confirmations.next()).await
     {
-        let _ = settle(&mut pipe, vec![done]).await;
+        let _ = settle(&mut pipe, &channel, vec![done]);
     }
     let _ = channel.close(200, "shutdown".into()).await;
     let _ = conn.close(200, "shutdown".into()).await;
@@ -278,7 +280,7 @@ async fn session(
 /// error that ended the stream, if one did.
 fn take_buffered(
     consumer: &mut lapin::Consumer,
-    batch: &mut Vec<(Envelope, Acker)>,
+    batch: &mut Vec<(Envelope, DeliveryTag)>,
     queue: &str,
 ) -> Option<lapin::Error> {
     while batch.len() < CHUNK {
@@ -294,33 +296,45 @@ fn take_buffered(
 /// AMQP's acknowledgement rule: ack a confirmed republish; nack (requeue) a failed one and
 /// pause intake. `settled` is in read order (confirmations are handed back in publish order,
 /// which is read order), so every delivery before a confirmed one is settled already: one ack
-/// with `multiple` covers a run of confirmed ones, one frame and one wait instead of one each.
-async fn settle(pipe: &mut Pipeline<Acker>, settled: Vec<Settled<Acker>>) -> anyhow::Result<()> {
-    let mut confirmed: Option<Acker> = None;
-    for (acker, result) in settled {
+/// with `multiple` covers a run of confirmed ones.
+///
+/// Acks and nacks are queued on the channel, in order, and not waited for: their frames go out
+/// with the connection's next write, and the route goes on deciding meanwhile (waiting would cost
+/// a round of thread hand-offs per batch: the client's I/O thread writes, then wakes the route).
+/// An ack that never reaches the broker is not a loss: the connection is gone, the session ends
+/// (the liveness check sees it within a second), and the broker redelivers the message.
+fn settle(
+    pipe: &mut Pipeline<DeliveryTag>,
+    channel: &Channel,
+    settled: Vec<Settled<DeliveryTag>>,
+) -> anyhow::Result<()> {
+    let mut confirmed: Option<DeliveryTag> = None;
+    for (tag, result) in settled {
         match result {
-            Ok(()) => confirmed = Some(acker),
+            Ok(()) => confirmed = Some(tag),
             Err(e) => {
                 if let Some(last) = confirmed.take() {
-                    ack_through(&last).await?;
+                    ack_through(channel, last)?;
                 }
                 pipe.pause_after_failure(&e);
                 // If the channel is gone the broker requeues it anyway.
-                let nack = acker.nack(BasicNackOptions { requeue: true, ..Default::default() });
-                let _ = tokio::time::timeout(amqp::TIMEOUT, nack).await;
+                let nack = BasicNackOptions { requeue: true, multiple: false };
+                let _ = channel.basic_nack(tag, nack).now_or_never();
             }
         }
     }
     match confirmed {
-        Some(last) => ack_through(&last).await,
+        Some(last) => ack_through(channel, last),
         None => Ok(()),
     }
 }
 
-/// Acks `last` and every delivery before it on its channel that is not settled yet.
-async fn ack_through(last: &Acker) -> anyhow::Result<()> {
-    tokio::time::timeout(amqp::TIMEOUT, last.ack(BasicAckOptions { multiple: true }))
-        .await
-        .map_err(|_| anyhow::anyhow!("ack timed out"))??;
-    Ok(())
+/// Queues the ack of `last` and of every delivery before it on `channel` not settled yet.
+fn ack_through(channel: &Channel, last: DeliveryTag) -> anyhow::Result<()> {
+    // The first poll queues the frame (or fails at once on a closed channel); the rest of the
+    // future only waits for the write.
+    match channel.basic_ack(last, BasicAckOptions { multiple: true }).now_or_never() {
+        Some(Err(e)) => Err(anyhow::anyhow!("ack: {e}")),
+        _ => Ok(()),
+    }
 }
