@@ -90,14 +90,14 @@ pub struct Audit {
 }
 
 enum Dest {
-    Broker(Sink),
+    Broker(Box<Sink>),
     File(Mutex<JsonLines>),
 }
 
 impl Audit {
     /// Records to a broker destination.
     pub fn broker(sink: Sink, instance: Option<String>) -> Audit {
-        Audit { instance, dest: Dest::Broker(sink) }
+        Audit { instance, dest: Dest::Broker(Box::new(sink)) }
     }
 
     /// Records to a JSON-lines file (opened now: a file that cannot be opened is a start error).

@@ -330,7 +330,7 @@ pub struct MintArgs {
 /// Arguments of `token fetch`.
 #[derive(Debug, Args)]
 pub struct FetchArgs {
-    /// The token endpoint, e.g. https://idp.example/realms/x/protocol/openid-connect/token.
+    /// The token endpoint, e.g. `https://idp.example/realms/x/protocol/openid-connect/token`.
     #[arg(long)]
     pub token_url: String,
     /// The client id.

@@ -33,6 +33,8 @@ pub struct Uses {
     store: Store,
 }
 
+// One per process: not boxed.
+#[allow(clippy::large_enum_variant)]
 enum Store {
     Redis {
         client: redis::Client,

@@ -78,7 +78,9 @@ async fn hostile_kafka_records_each_meet_their_documented_fate_and_the_route_flo
     let binary: Vec<u8> = b"binary|".iter().copied().chain(0..=255u8).collect();
     let many: RawHeaders =
         (0..2000u32).map(|i| (format!("h{i}").into_bytes(), Some(i.to_be_bytes().to_vec()))).collect();
-    let cases: Vec<(&str, Vec<u8>, Vec<u8>, RawHeaders, &str)> = vec![
+    // label, key, payload, headers, expected reason
+    type Case = (&'static str, Vec<u8>, Vec<u8>, RawHeaders, &'static str);
+    let cases: Vec<Case> = vec![
         (
             "non-utf8-name",
             b"k".to_vec(),

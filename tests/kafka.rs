@@ -242,7 +242,9 @@ fn mix(valid_per_key: usize) -> (Vec<Msg>, BTreeMap<String, &'static str>) {
         }
     }
     let now = tokengate::verify::unix_now();
-    let mut bad: Vec<(&str, Vec<(String, String)>, &'static str)> = vec![
+    // label, headers, expected reason
+    type Case = (&'static str, Vec<(String, String)>, &'static str);
+    let mut bad: Vec<Case> = vec![
         ("expired", auth(Algorithm::HS256, json!({"exp": now - 3600})), "expired"),
         ("wrong-scope", auth(Algorithm::HS256, json!({"scope": "orders:read"})), "forbidden"),
         ("no-token", vec![], "missing_token"),

@@ -216,6 +216,9 @@ impl OwnRedis {
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
+        let mut child = child;
+        let _ = child.kill();
+        let _ = child.wait();
         panic!("redis-server on port {port} did not start");
     }
 

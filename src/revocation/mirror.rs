@@ -35,11 +35,14 @@ pub enum State {
     TooLarge,
 }
 
+/// The mirrored entries, by whole Redis key.
+type Entries = HashMap<Box<str>, Option<Box<[u8]>>>;
+
 /// The mirror: every entry of the list, and the keys pushed since they were read.
 pub struct Mirror {
     max_entries: usize,
     /// Key (whole Redis key) -> value; `None` for a key of an unexpected type.
-    entries: RwLock<HashMap<Box<str>, Option<Box<[u8]>>>>,
+    entries: RwLock<Entries>,
     /// Pushed keys not read again yet -> the push's sequence number.
     pending: Mutex<HashMap<Box<str>, u64>>,
     seq: AtomicU64,
@@ -225,7 +228,7 @@ impl Mirror {
     async fn load(&self, conn: &mut MultiplexedConnection, prefix: &str) -> Result<(), String> {
         let started = std::time::Instant::now();
         let first_seq = self.seq.load(Ordering::SeqCst);
-        let mut map: HashMap<Box<str>, Option<Box<[u8]>>> = HashMap::new();
+        let mut map: Entries = HashMap::new();
         let mut cursor = 0u64;
         loop {
             let (next, keys) = scan(conn, prefix, None, cursor).await.map_err(|e| e.to_string())?;

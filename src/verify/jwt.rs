@@ -200,8 +200,11 @@ pub fn shorten(s: &str) -> String {
     out
 }
 
+/// A token's header and claims, decoded and not verified.
+pub type Unverified = (Map<String, Value>, Map<String, Value>);
+
 /// Decodes header and claims without checking anything but the shape (for `token inspect`).
-pub fn decode_unverified(token: &str) -> Result<(Map<String, Value>, Map<String, Value>), Rejection> {
+pub fn decode_unverified(token: &str) -> Result<Unverified, Rejection> {
     let mut parts = token.split('.');
     let (Some(h), Some(p)) = (parts.next(), parts.next()) else {
         return Err(malformed("expected 3 dot-separated segments"));

@@ -224,7 +224,8 @@ mod tests {
     #[test]
     fn extraction_table() {
         let big = vec![b'a'; 17];
-        let cases: Vec<(Vec<(&str, HeaderValue)>, Result<&str, Reason>)> = vec![
+        type Case<'a> = (Vec<(&'a str, HeaderValue<'a>)>, Result<&'a str, Reason>);
+        let cases: Vec<Case> = vec![
             (vec![("authorization", HeaderValue::Bytes(b"abc"))], Ok("abc")),
             (vec![("Authorization", HeaderValue::Bytes(b"Bearer abc"))], Ok("abc")),
             (vec![("AUTHORIZATION", HeaderValue::Bytes(b"bEaReR   abc "))], Ok("abc")),
