@@ -6,6 +6,9 @@
 //! (section 2 of BENCHMARKS.md has its lookups).
 //!
 //! cargo bench --bench message
+//! For a profile or a CPU count of one case: `TOKENGATE_BENCH_COUNT=N` runs each case picked by
+//! `TOKENGATE_BENCH_ONLY` (say `HS256,new`) N times, untimed, under `perf record` or `perf stat`
+//! (`-e task-clock`; `instructions:u` where the host has counters); N = 0 gives the set-up's share.
 
 use std::hint::black_box;
 use std::path::Path;
@@ -74,9 +77,25 @@ fn bench(c: &mut Criterion) {
     let pass = Gate::pass_through(Arc::clone(&verifier));
     let reused = Gate::new(verifier, None, OnUnavailable::Hold);
     let new = Gate::new(small, None, OnUnavailable::Hold);
+    let count: Option<usize> = std::env::var("TOKENGATE_BENCH_COUNT").ok().and_then(|v| v.parse().ok());
+    let only = common::only_words();
     for alg in [Algorithm::HS256, Algorithm::RS256] {
         let now = verify::unix_now();
         let template = envelope(&common::mint(alg, 1).remove(0));
+        if let Some(n) = count {
+            let picked = |case: &str| only.iter().all(|w| common::keeps(w, &format!("{alg:?} {case}")));
+            let pool: Vec<Envelope> = match picked("new") {
+                true => common::mint(alg, 5000).iter().map(|t| envelope(t)).collect(),
+                false => Vec::new(),
+            };
+            for (case, gate) in [("pass_through", &pass), ("reused", &reused)] {
+                if picked(case) {
+                    (0..n).for_each(|_| one(gate, &rules, &sink, &template, now));
+                }
+            }
+            pool.iter().cycle().take(n).for_each(|e| one(&new, &rules, &sink, e, now));
+            continue;
+        }
         let mut g = c.benchmark_group(format!("{alg:?}"));
         g.bench_function("pass_through", |b| b.iter(|| one(&pass, &rules, &sink, &template, now)));
         g.bench_function("reused", |b| b.iter(|| one(&reused, &rules, &sink, &template, now)));
