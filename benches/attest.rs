@@ -14,7 +14,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use futures_util::FutureExt as _;
 use jsonwebtoken::Algorithm;
 use tokengate::config;
-use tokengate::envelope::{Envelope, HeaderData, Origin};
+use tokengate::envelope::HeaderData;
 use tokengate::verify::{self, Verifier};
 
 mod common;
@@ -58,16 +58,7 @@ fn bench(c: &mut Criterion) {
     let now = verify::unix_now();
     let policy = s.routes[0].rules.policy.clone();
     let v = verifier.verify(&policy, &token, now).now_or_never().unwrap().unwrap().unwrap();
-    let env = Envelope {
-        key: Some(b"order-42".to_vec()),
-        payload: Some(vec![b'x'; 256]),
-        headers: vec![("authorization".into(), HeaderData::Bytes(format!("Bearer {token}").into_bytes()))],
-        timestamp_ms: Some(1),
-        origin: Origin::Kafka { topic: Arc::from("orders"), partition: 3, offset: 12345 },
-        amqp: None,
-        amqp_headers: None,
-        defect: None,
-    };
+    let env = common::record(vec![b'x'; 256], vec![common::bearer(&token)]);
     let mut g = c.benchmark_group("forward");
     // The pass-through copy (no verified token: no identity headers), what a reused token's
     // trusted copy is held against.
@@ -124,17 +115,8 @@ fn proof_bench(c: &mut Criterion) {
             extra.insert("msg_sha256".into(), serde_json::json!(verify::sha256_hex(&payload)));
         }
         let token = common::mint_with(Algorithm::RS256, extra);
-        headers.push(("authorization".into(), HeaderData::Bytes(format!("Bearer {token}").into_bytes())));
-        let env = Envelope {
-            key: Some(b"order-42".to_vec()),
-            payload: Some(payload.clone()),
-            headers,
-            timestamp_ms: Some(1),
-            origin: Origin::Kafka { topic: Arc::from("orders"), partition: 3, offset: 12345 },
-            amqp: None,
-            amqp_headers: None,
-            defect: None,
-        };
+        headers.push(common::bearer(&token));
+        let env = common::record(payload.clone(), headers);
         let rules = &s.routes.iter().find(|r| r.rules.name == route).expect("the route").rules;
         // Seen twice first: the token is cached, as a reused token is.
         for _ in 0..2 {

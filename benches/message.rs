@@ -19,7 +19,7 @@ use futures_util::FutureExt as _;
 use jsonwebtoken::Algorithm;
 use rdkafka::ClientConfig;
 use tokengate::config::{OnUnavailable, RouteRules};
-use tokengate::envelope::{Envelope, HeaderData, Origin};
+use tokengate::envelope::Envelope;
 use tokengate::gate::{Gate, Outcome};
 use tokengate::sink::Sink;
 use tokengate::sink::kafka::KafkaSink;
@@ -44,16 +44,7 @@ fn route(cache_entries: u64) -> (Arc<Verifier>, RouteRules) {
 
 /// A record as the Kafka source makes it: key, 256 B payload, the producer's token header.
 fn envelope(token: &str) -> Envelope {
-    Envelope {
-        key: Some(b"k-17".to_vec()),
-        payload: Some(vec![b'x'; 256]),
-        headers: vec![("authorization".into(), HeaderData::Bytes(format!("Bearer {token}").into_bytes()))],
-        timestamp_ms: Some(1_764_000_000_000),
-        origin: Origin::Kafka { topic: Arc::from("orders-untrusted"), partition: 2, offset: 123_456 },
-        amqp: None,
-        amqp_headers: None,
-        defect: None,
-    }
+    common::record(vec![b'x'; 256], vec![common::bearer(token)])
 }
 
 /// The source's copy, the decision and the trusted copy's headers, as the route does them.

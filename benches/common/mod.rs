@@ -128,3 +128,30 @@ macro_rules! deployed_allocator {
         static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
     };
 }
+
+/// The producer's token header: `authorization: Bearer <token>`.
+pub fn bearer(token: &str) -> (String, tokengate::envelope::HeaderData) {
+    ("authorization".into(), tokengate::envelope::HeaderData::Bytes(format!("Bearer {token}").into_bytes()))
+}
+
+/// A Kafka record as the Kafka source makes it (key `order-42`, topic `orders`), with `payload`
+/// and `headers`.
+pub fn record(
+    payload: Vec<u8>,
+    headers: Vec<(String, tokengate::envelope::HeaderData)>,
+) -> tokengate::envelope::Envelope {
+    tokengate::envelope::Envelope {
+        key: Some(b"order-42".to_vec()),
+        payload: Some(payload),
+        headers,
+        timestamp_ms: Some(1),
+        origin: tokengate::envelope::Origin::Kafka {
+            topic: std::sync::Arc::from("orders"),
+            partition: 3,
+            offset: 12345,
+        },
+        amqp: None,
+        amqp_headers: None,
+        defect: None,
+    }
+}
